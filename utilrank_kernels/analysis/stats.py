@@ -1,0 +1,279 @@
+"""One streaming pass over the data: per-layer input second moments ``C_in = sum_t x_t x_t^T``.
+
+Forward pre-hooks on every analyzable layer feed ``covariance_update`` (``nn.Linear``, any leading
+dims) or ``conv_covariance_update`` (``nn.Conv2d`` with groups=1, implicit im2col). Accumulators are
+fp64 and the statistics are sums, so they save, merge, all-reduce under ``torch.distributed`` and
+resume from a checkpoint to exactly what one uninterrupted pass gives.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._cache import atomic_path
+from ..ops import conv_covariance_update, covariance_update
+
+STATS_FORMAT = "utilrank.stats/1"
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+@dataclass
+class LayerStats:
+    """Sufficient statistics of one layer's inputs; ``in_features`` is the covariance dimension
+    (``C * kh * kw`` for a conv)."""
+
+    name: str
+    kind: str  # "linear" | "conv2d"
+    in_features: int
+    out_features: int
+    cov: torch.Tensor  # [in_features, in_features], fp64
+    tokens: int = 0
+    conv: dict | None = None  # kernel_size, stride, padding, dilation, in_channels
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "conv": self.conv}
+
+
+@dataclass
+class Statistics:
+    layers: dict[str, LayerStats]
+    skipped: list[dict] = field(default_factory=list)
+    batches: int = 0
+    meta: dict = field(default_factory=dict)  # model, dataset: free-form provenance
+
+    @property
+    def tokens(self) -> int:
+        return max((s.tokens for s in self.layers.values()), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.cov.numel() * s.cov.element_size() for s in self.layers.values())
+
+    def save(self, path: str | Path) -> None:
+        """Write to ``path`` (safetensors) atomically: an interrupted write leaves the old file."""
+        tensors = {}
+        for name, s in self.layers.items():
+            tensors[f"{name}::cov"] = s.cov.detach().cpu().contiguous()
+            tensors[f"{name}::tokens"] = torch.tensor([s.tokens], dtype=torch.int64)
+        header = {"format": STATS_FORMAT, "batches": self.batches, "skipped": self.skipped, "meta": self.meta,
+                  "layers": {name: s.meta() for name, s in self.layers.items()}}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"utilrank": json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Statistics:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"statistics {path}: no such file")
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header = json.loads((f.metadata() or {}).get("utilrank", "{}"))
+            if header.get("format") != STATS_FORMAT:
+                raise ValueError(f"statistics {path}: not a {STATS_FORMAT} file")
+            layers = {}
+            for name, m in header["layers"].items():
+                layers[name] = LayerStats(
+                    name, m["kind"], m["in_features"], m["out_features"], f.get_tensor(f"{name}::cov"),
+                    int(f.get_tensor(f"{name}::tokens")[0]), m["conv"],
+                )
+        return cls(layers, header["skipped"], header["batches"], header["meta"])
+
+    def merge(self, other: Statistics) -> Statistics:
+        """The statistics of both passes together (sums); layers must match."""
+        if self.layers.keys() != other.layers.keys():
+            diff = sorted(self.layers.keys() ^ other.layers.keys())
+            raise ValueError(f"cannot merge statistics: layers differ ({', '.join(diff[:8])})")
+        merged = {}
+        for name, a in self.layers.items():
+            b = other.layers[name]
+            if a.cov.shape != b.cov.shape or a.kind != b.kind:
+                raise ValueError(f"cannot merge statistics: layer {name} has shape {tuple(a.cov.shape)} "
+                                 f"vs {tuple(b.cov.shape)}")
+            merged[name] = LayerStats(name, a.kind, a.in_features, a.out_features,
+                                      a.cov + b.cov.to(a.cov.device), a.tokens + b.tokens, a.conv)
+        return Statistics(merged, self.skipped, self.batches + other.batches, self.meta)
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over all processes of the default group, in place."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        counts = torch.tensor([s.tokens for s in self.layers.values()] + [self.batches], dtype=torch.int64)
+        for t in [counts] + [s.cov for s in self.layers.values()]:
+            buf = t if comm_device is None else t.to(comm_device)
+            dist.all_reduce(buf)
+            if buf is not t:
+                t.copy_(buf)
+        for s, n in zip(self.layers.values(), counts.tolist()):
+            s.tokens = n
+        self.batches = counts[-1].item()
+
+
+def analyzable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> tuple[dict[str, nn.Module], list[dict]]:
+    """``nn.Linear`` and groups=1 ``nn.Conv2d`` layers (passing ``filter_fn``), and the skipped ones."""
+    layers, skipped = {}, []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if filter_fn is not None and not filter_fn(module, name):
+            skipped.append({"name": name, "reason": "excluded by filter"})
+        elif isinstance(module, nn.Conv2d) and module.groups != 1:
+            skipped.append({"name": name, "reason": f"grouped conv (groups={module.groups}) is not analyzed"})
+        else:
+            layers[name] = module
+    return layers, skipped
+
+
+def _empty_layer_stats(name: str, module: nn.Module, device: torch.device) -> LayerStats:
+    weight = module.weight
+    out_features, in_features = weight.shape[0], weight[0].numel()
+    conv = None
+    if isinstance(module, nn.Conv2d):
+        conv = {"kernel_size": list(module.kernel_size), "stride": list(module.stride),
+                "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
+                "dilation": list(module.dilation), "in_channels": module.in_channels,
+                "padding_mode": module.padding_mode}
+    cov = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+    return LayerStats(name, "conv2d" if conv else "linear", in_features, out_features, cov, 0, conv)
+
+
+class NonFiniteInputError(RuntimeError):
+    pass
+
+
+class _Collector:
+    """Owns the hooks of one pass; ``mask`` is the current batch's token mask (or None)."""
+
+    def __init__(self, modules: dict[str, nn.Module], stats: Statistics, backend: str, stats_device):
+        self.stats, self.backend, self.stats_device = stats, backend, stats_device
+        self.mask: torch.Tensor | None = None
+        self.batch_index = 0
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, inputs) -> None:
+            with torch.no_grad():
+                self._update(name, module, inputs[0].detach())
+        return hook
+
+    def _update(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        s = self.stats.layers[name]
+        # with --stats-on-cpu, the batch's product is formed on the input's device and moved once
+        acc = s.cov if s.cov.device == x.device else torch.zeros_like(s.cov, device=x.device)
+        if isinstance(module, nn.Conv2d):
+            padding = module.padding
+            if isinstance(padding, str) or module.padding_mode != "zeros":
+                mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+                x, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0, 0)
+            conv_covariance_update(acc, x, module.kernel_size, module.stride, padding, module.dilation,
+                                   backend=self.backend)
+            out_h = (x.shape[2] + 2 * padding[0] - module.dilation[0] * (module.kernel_size[0] - 1) - 1) // module.stride[0] + 1
+            out_w = (x.shape[3] + 2 * padding[1] - module.dilation[1] * (module.kernel_size[1] - 1) - 1) // module.stride[1] + 1
+            tokens = x.shape[0] * out_h * out_w
+        else:
+            mask = self.mask
+            if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
+                mask = None  # the mask applies to token tensors of its own shape, not to pooled features
+            covariance_update(acc, x, None if mask is None else mask.to(x.device), backend=self.backend)
+            tokens = int(mask.sum()) if mask is not None else x.numel() // x.shape[-1]
+        if acc is not s.cov:
+            s.cov.add_(acc.to(s.cov.device))
+        # a NaN or Inf anywhere in the input reaches the diagonal (sums of squares): d values to check
+        if not torch.isfinite(s.cov.diagonal()).all():
+            raise NonFiniteInputError(
+                f"layer {name}: NaN or Inf in its input at batch {self.batch_index}; statistics stopped"
+            )
+        s.tokens += tokens
+
+
+def _split_batch(batch):
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable,
+    *,
+    filter_fn: FilterFn | None = None,
+    mask_fn: Callable[[object], torch.Tensor | None] | None = None,
+    device: str | torch.device | None = None,
+    stats_on_cpu: bool = False,
+    max_batches: int | None = None,
+    resume: Statistics | None = None,
+    skip_resumed: bool = True,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int = 0,
+    backend: str = "auto",
+    progress: bool = True,
+    meta: dict | None = None,
+    total: int | None = None,
+) -> Statistics:
+    """One forward pass per batch updates every analyzable layer's input statistics.
+
+    ``batches`` yields tensors or ``(inputs, ...)`` tuples. ``mask_fn(batch)`` returns a bool token
+    mask of shape ``(B, T)`` for sequence models (masked tokens are excluded in every Linear whose
+    input is ``(B, T, d)``). ``resume`` continues a checkpoint: its first ``resume.batches`` batches
+    are skipped (``skip_resumed=False`` when the caller already started ``batches`` after them).
+    ``checkpoint_every`` writes the statistics to ``checkpoint_path`` every N batches, atomically.
+    Under ``torch.distributed`` the result is all-reduced: each process passes its own shard.
+    """
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device(device)
+    stats_device = torch.device("cpu") if stats_on_cpu else device
+    modules, skipped = analyzable_layers(model, filter_fn)
+    if not modules:
+        raise ValueError("collect_stats: the model has no nn.Linear or nn.Conv2d (groups=1) layer to analyze")
+    if resume is not None:
+        stats = resume
+        missing = sorted(modules.keys() ^ stats.layers.keys())
+        if missing:
+            raise ValueError(f"cannot resume: checkpoint and model differ in layers {', '.join(missing[:8])}")
+        for s in stats.layers.values():
+            s.cov = s.cov.to(stats_device)
+    else:
+        stats = Statistics({n: _empty_layer_stats(n, m, stats_device) for n, m in modules.items()}, skipped,
+                           0, dict(meta or {}))
+    if progress:
+        print(f"statistics: {len(modules)} layers, accumulators {stats.nbytes / 2**20:.1f} MiB fp64 on {stats_device}")
+    iterator = iter(batches)
+    if resume is not None and skip_resumed:
+        iterator = itertools.islice(iterator, stats.batches, None)
+    if max_batches is not None:
+        iterator = itertools.islice(iterator, max(0, max_batches - stats.batches))
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    collector = _Collector(modules, stats, backend, stats_device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(iterator, desc="statistics", unit="batch", initial=stats.batches,
+                                          total=total, disable=not progress) as bar:
+            for batch in bar:
+                collector.batch_index = stats.batches
+                collector.mask = mask_fn(batch) if mask_fn is not None else None
+                model(_split_batch(batch).to(device, non_blocking=True))
+                stats.batches += 1
+                if checkpoint_every and checkpoint_path and stats.batches % checkpoint_every == 0:
+                    stats.save(checkpoint_path)
+    finally:
+        collector.remove()
+        model.train(was_training)
+    stats.all_reduce()
+    return stats

@@ -1,0 +1,85 @@
+"""Built-in ``digits`` and user ImageFolder data, as train/val/test splits.
+
+``digits`` is scikit-learn's 1,797 handwritten 8x8 digits, upsampled to 16x16 and standardized,
+split 70/15/15 by a fixed seed. An ImageFolder directory ``DIR`` is used as ``DIR/train``,
+``DIR/val`` (and ``DIR/test``) when those folders exist; otherwise ``DIR`` itself is split 70/15/15
+by the same seed. Images get timm's eval transforms for the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+SPLIT_SEED = 0
+DIGITS_SIZE = 16
+DIGITS_MEAN, DIGITS_STD = 0.3, 0.4  # of the upsampled images scaled to [0, 1]
+
+
+@dataclass
+class DataSplits:
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    in_chans: int
+    img_size: int
+
+
+def _split_indices(n: int, seed: int = SPLIT_SEED) -> tuple[list[int], list[int], list[int]]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_train, n_val = int(0.7 * n), int(0.15 * n)
+    return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
+
+
+def load_digits_splits() -> DataSplits:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8]
+    images = F.interpolate(images, size=(DIGITS_SIZE, DIGITS_SIZE), mode="bilinear", align_corners=False)
+    images = (images - DIGITS_MEAN) / DIGITS_STD
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    train, val, test = _split_indices(len(labels))
+    full = TensorDataset(images, labels)
+    return DataSplits(
+        "digits", Subset(full, train), Subset(full, val), Subset(full, test), 10, 1, DIGITS_SIZE
+    )
+
+
+def load_imagefolder_splits(root: str | Path, model: torch.nn.Module) -> DataSplits:
+    import timm.data
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data {root}: no such directory")
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    img_size = timm.data.resolve_data_config({}, model=model)["input_size"][-1]
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train = ImageFolder(root / "train", transform=transform)
+        val = ImageFolder(root / "val", transform=transform)
+        test = ImageFolder(root / "test", transform=transform) if (root / "test").is_dir() else val
+        if val.classes != train.classes:
+            raise ValueError(f"--data {root}: train/ and val/ have different class folders")
+    else:
+        full = ImageFolder(root, transform=transform)
+        tr, va, te = _split_indices(len(full))
+        train, val, test = Subset(full, tr), Subset(full, va), Subset(full, te)
+        train.classes = full.classes
+    in_chans = 3
+    return DataSplits(str(root), train, val, test, len(train.classes), in_chans, img_size)
+
+
+def load_data(data: str | None, model: torch.nn.Module | None = None) -> DataSplits:
+    """``None`` or ``"digits"``: the built-in set; anything else: an ImageFolder directory."""
+    if data in (None, "digits"):
+        return load_digits_splits()
+    if model is None:
+        raise ValueError("an ImageFolder dataset needs the model, for its eval transforms")
+    return load_imagefolder_splits(data, model)

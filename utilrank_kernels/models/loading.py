@@ -1,0 +1,107 @@
+"""Build a model by name (built-in or timm) and load weights without unpickling."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .._cache import atomic_path, cache_dir
+from .builtin import BUILTIN_MODELS, build_builtin
+
+_STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` file, or a torch file with ``weights_only=True`` (never unpickles code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"checkpoint {path}: not a safetensors or weights-only torch file ({exc})") from exc
+        for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"checkpoint {path}: expected a mapping of tensor names to tensors")
+    for prefix in _STRIP_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    state = load_state_dict_file(path)
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {', '.join(result.missing_keys[:8])}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {', '.join(result.unexpected_keys[:8])}")
+    if problems:
+        raise ValueError(f"checkpoint {path} does not fit the model: {'; '.join(problems)}")
+    return model
+
+
+def _builtin_cache_path(name: str) -> Path:
+    _, kwargs, recipe = BUILTIN_MODELS[name]
+    from ..data.datasets import SPLIT_SEED
+
+    key = json.dumps({"name": name, "kwargs": kwargs, "recipe": recipe, "split": SPLIT_SEED, "v": 1}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{name}-{digest}.safetensors"
+
+
+def trained_builtin(name: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The built-in model trained on the built-in data: from the cache, or trained now and cached."""
+    model = build_builtin(name)
+    path = _builtin_cache_path(name)
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    from ..data import load_data
+    from ..train import train
+
+    recipe = BUILTIN_MODELS[name][2]
+    print(f"training built-in {name} on digits (first use; cached at {path})")
+    train(model, load_data("digits").train, augment=True, device=device, desc=f"train {name}", **recipe)
+    model.cpu()
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    return model.eval()
+
+
+def build_model(
+    name: str, checkpoint: str | Path | None = None, num_classes: int | None = None, device: str = "cpu",
+    **model_kwargs,
+) -> tuple[nn.Module, dict]:
+    """Return ``(model, config)``; ``config`` (arch, source, num_classes, model kwargs) rebuilds it."""
+    if name in BUILTIN_MODELS:
+        kwargs = dict(BUILTIN_MODELS[name][1])
+        if checkpoint is None:
+            model = trained_builtin(name, device=device)
+        else:
+            model = load_checkpoint(build_builtin(name), checkpoint)
+        return model.eval(), {"arch": name, "source": "builtin", "num_classes": kwargs["num_classes"], "model_kwargs": kwargs}
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(
+            f"--model {name}: neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a timm model name"
+        )
+    kwargs = dict(model_kwargs) if num_classes is None else {**model_kwargs, "num_classes": num_classes}
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    config = {"arch": name, "source": "timm", "num_classes": model.num_classes, "model_kwargs": kwargs}
+    return model.eval(), config

@@ -1,0 +1,197 @@
+"""Streaming second-moment updates: ``acc += X^T X`` over the tokens (or im2col patches) of a batch.
+
+The torch path is the ground truth for tests and the CPU path: the per-batch product is formed in
+fp32 (on CPU by BLAS ``ssyrk``, which computes only one triangle: measured 1.9x faster than
+``addmm_`` at 8192 x 1536) and added into the fp64 accumulator, so rounding does not grow with the
+number of batches. The Triton path (``utilrank_kernels.triton.covariance``) plugs in behind the same
+ops.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from scipy.linalg import blas
+
+from ._backend import check_backend, require_triton, triton_runs_on
+
+_IM2COL_CHUNK_BYTES = int(os.environ.get("UTILRANK_IM2COL_CHUNK_BYTES", 64 << 20))
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _check_acc(op: str, acc: torch.Tensor, d: int) -> None:
+    if acc.dim() != 2 or acc.shape[0] != acc.shape[1] or acc.shape[0] != d:
+        raise ValueError(f"{op}: accumulator has shape {tuple(acc.shape)}, expected ({d}, {d})")
+    if acc.dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"{op}: accumulator must be float64 (or float32), got {acc.dtype}")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch reference
+# ---------------------------------------------------------------------------------------------
+def _gram_fp32(x2d: torch.Tensor) -> torch.Tensor:
+    """``x^T x`` in fp32 for a 2-D ``x``: one triangle by BLAS syrk on CPU, mirrored; a GEMM elsewhere."""
+    x32 = x2d.to(torch.float32)
+    if x32.device.type == "cpu" and x32.shape[0] > 0:
+        xt = x32.contiguous().numpy().T  # (d, N), Fortran-ordered view: syrk reads it without a copy
+        upper = torch.from_numpy(blas.ssyrk(1.0, xt, trans=0, lower=0))
+        full = upper + upper.T
+        full.diagonal().copy_(upper.diagonal())
+        return full
+    return x32.T @ x32
+
+
+def covariance_update_reference(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    x2d = x.reshape(-1, x.shape[-1])
+    if mask is not None:
+        x2d = x2d[mask.reshape(-1)]
+    if x2d.shape[0] == 0:
+        return
+    acc.add_(_gram_fp32(x2d).to(acc.dtype))
+
+
+def conv_covariance_update_reference(
+    acc: torch.Tensor,
+    x: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> None:
+    """im2col in chunks of images so that the unfolded patches stay under a fixed memory budget."""
+    n_img, channels, h, w = x.shape
+    kh, kw = kernel_size
+    k = channels * kh * kw
+    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    per_image = max(1, out_h * out_w * k * 4)
+    chunk = max(1, _IM2COL_CHUNK_BYTES // per_image)
+    for start in range(0, n_img, chunk):
+        cols = F.unfold(
+            x[start : start + chunk].float(), (kh, kw), dilation=dilation, padding=padding, stride=stride
+        )  # [b, K, L]
+        covariance_update_reference(acc, cols.transpose(1, 2).reshape(-1, k))
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops and dispatch
+# ---------------------------------------------------------------------------------------------
+def _use_triton(op: str, x: torch.Tensor, backend: str) -> bool:
+    if backend == "triton":
+        require_triton(op, x)
+        return True
+    if backend == "cuda":
+        raise RuntimeError(f"{op}: no CUDA-extension kernel for this op; use backend='triton' or 'torch'")
+    return backend == "auto" and x.is_cuda and triton_runs_on(x)
+
+
+@torch.library.custom_op("utilrank::covariance_update", mutates_args={"acc"})
+def _covariance_update_op(
+    acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, backend: str, allow_tf32: bool
+) -> None:
+    if _use_triton("covariance_update", x, backend):
+        from utilrank_kernels.triton.covariance import covariance_update_triton
+
+        covariance_update_triton(acc, x, mask, allow_tf32=allow_tf32)
+    else:
+        covariance_update_reference(acc, x, mask)
+
+
+@_covariance_update_op.register_fake
+def _(acc, x, mask, backend, allow_tf32) -> None:
+    return None
+
+
+@torch.library.custom_op("utilrank::conv_covariance_update", mutates_args={"acc"})
+def _conv_covariance_update_op(
+    acc: torch.Tensor,
+    x: torch.Tensor,
+    kernel_size: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    backend: str,
+) -> None:
+    if _use_triton("conv_covariance_update", x, backend):
+        from utilrank_kernels.triton.covariance import conv_covariance_update_triton
+
+        conv_covariance_update_triton(acc, x, kernel_size, stride, padding, dilation)
+    else:
+        conv_covariance_update_reference(acc, x, kernel_size, stride, padding, dilation)
+
+
+@_conv_covariance_update_op.register_fake
+def _(acc, x, kernel_size, stride, padding, dilation, backend) -> None:
+    return None
+
+
+def covariance_update(
+    acc: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    allow_tf32: bool = False,
+) -> None:
+    """``acc += x^T x`` in place, summed over all leading dims of ``x`` (shape ``(..., d)``).
+
+    ``mask`` (bool, shape ``x.shape[:-1]``) excludes tokens where it is False (padding). The
+    per-batch product is accumulated in fp32 and added into ``acc`` (fp64 recommended).
+    ``allow_tf32`` lets the Triton path use TF32 for fp32 inputs (faster, less exact).
+    """
+    check_backend("covariance_update", backend)
+    if x.dim() < 1:
+        raise ValueError("covariance_update: x must have at least one dimension (..., d)")
+    _check_acc("covariance_update", acc, x.shape[-1])
+    if mask is not None:
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(
+                f"covariance_update: mask must be bool of shape {tuple(x.shape[:-1])}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+    if acc.device != x.device:
+        raise ValueError(f"covariance_update: acc is on {acc.device} but x is on {x.device}")
+    _covariance_update_op(acc, x, mask, backend, allow_tf32)
+
+
+def conv_covariance_update(
+    acc: torch.Tensor,
+    x: torch.Tensor,
+    kernel_size: int | Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    *,
+    backend: str = "auto",
+) -> None:
+    """``acc += P^T P`` for the im2col patches ``P`` (one row per output pixel) of a 2-D conv input.
+
+    ``x`` is ``(N, C, H, W)`` in NCHW or channels_last memory; ``acc`` is ``(C*kh*kw)^2`` with the
+    patch laid out as ``F.unfold`` does (channel-major, then kernel row, then kernel column), which
+    matches ``conv.weight.reshape(out, -1)``. Padding is zero padding.
+    """
+    check_backend("conv_covariance_update", backend)
+    if x.dim() != 4:
+        raise ValueError(f"conv_covariance_update: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    kh, kw = _pair(kernel_size)
+    _check_acc("conv_covariance_update", acc, x.shape[1] * kh * kw)
+    if acc.device != x.device:
+        raise ValueError(f"conv_covariance_update: acc is on {acc.device} but x is on {x.device}")
+    _conv_covariance_update_op(
+        acc, x, [kh, kw], list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), backend
+    )
+
+
+__all__ = [
+    "conv_covariance_update",
+    "conv_covariance_update_reference",
+    "covariance_update",
+    "covariance_update_reference",
+]
+

@@ -1,0 +1,75 @@
+"""The one training loop: pre-training the built-in models and fine-tuning compressed ones."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+
+def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (edge-padded): cheap augmentation for digits."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
+    shifts = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts.tolist())])
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float = 0.05,
+    batch_size: int = 64,
+    seed: int = 0,
+    augment: bool = False,
+    device: torch.device | str = "cpu",
+    desc: str = "train",
+) -> nn.Module:
+    """AdamW with a cosine schedule and label smoothing; deterministic for a given seed and device."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    total = max(1, epochs * len(loader))
+    warmup = min(len(loader), total // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / max(1, warmup) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
+    )
+    with tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
+        for _ in range(epochs):
+            for images, labels in loader:
+                if augment:
+                    images = random_shift(images, generator)
+                images, labels = images.to(device), labels.to(device)
+                loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                bar.update()
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy as a fraction in [0, 1]."""
+    model.eval()
+    correct = total = 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        logits = model(images.to(device))
+        correct += (logits.argmax(-1).cpu() == labels).sum().item()
+        total += labels.numel()
+    if total == 0:
+        raise ValueError("evaluate: the dataset is empty")
+    return correct / total
