@@ -1,5 +1,6 @@
 """Ops of utilrank_kernels. Each takes ``backend="auto"|"torch"|"triton"|"cuda"``."""
 
 from .covariance import conv_covariance_update, covariance_update
+from .lowrank import lowrank_conv2d, lowrank_linear
 
-__all__ = ["conv_covariance_update", "covariance_update"]
+__all__ = ["conv_covariance_update", "covariance_update", "lowrank_conv2d", "lowrank_linear"]

@@ -1,0 +1,93 @@
+"""Factored layers' forward: ``y = act(b (a x) + bias)`` for linear and conv layers.
+
+The torch path (two ``F.linear`` / ``F.conv2d`` calls) is the reference, the CPU path and the
+training path: it is plain autograd-, ``torch.compile``- and ``FlopCounterMode``-friendly torch.
+Kernel backends (Triton, the CUDA extension) are inference paths behind the same functions; "auto"
+uses them only where they are eligible (device, dtype, no gradient needed) and falls back otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import check_backend
+
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
+
+
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation is None:
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+
+
+def lowrank_linear_reference(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    return apply_activation(F.linear(F.linear(x, a), b, bias), activation)
+
+
+def lowrank_conv2d_reference(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+    stride: Sequence[int], padding: Sequence[int] | str, dilation: Sequence[int],
+) -> torch.Tensor:
+    return F.conv2d(F.conv2d(x, a, None, stride, padding, dilation), b, bias)
+
+
+def _kernel_backend(op: str, x: torch.Tensor, backend: str, needs_grad: bool) -> str:
+    """Which implementation runs: "torch" unless a kernel backend is asked for or eligible."""
+    check_backend(op, backend)
+    if backend == "torch":
+        return "torch"
+    if backend in ("triton", "cuda") and needs_grad:
+        raise RuntimeError(f"{op}: backend={backend!r} is inference-only; use backend='torch' to train")
+    from . import _lowrank_dispatch
+
+    return _lowrank_dispatch.select(op, x, backend, needs_grad)
+
+
+def lowrank_linear(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+    activation: str | None = None, *, backend: str = "auto",
+) -> torch.Tensor:
+    """``act(x a^T b^T + bias)`` for ``a`` of shape ``(r, in)``, ``b`` of shape ``(out, r)``."""
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or x.shape[-1] != a.shape[1]:
+        raise ValueError(
+            f"lowrank_linear: shapes do not chain: x {tuple(x.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
+        )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, a, b, bias)
+    )
+    impl = _kernel_backend("lowrank_linear", x, backend, needs_grad)
+    if impl == "torch":
+        return lowrank_linear_reference(x, a, b, bias, activation)
+    from . import _lowrank_dispatch
+
+    return _lowrank_dispatch.lowrank_linear(impl, x, a, b, bias, activation)
+
+
+def lowrank_conv2d(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+    stride: Sequence[int] = (1, 1), padding: Sequence[int] | str = (0, 0), dilation: Sequence[int] = (1, 1),
+    *, backend: str = "auto",
+) -> torch.Tensor:
+    """An ``r``-filter conv ``a`` (``(r, C, kh, kw)``) followed by the 1x1 conv ``b`` (``(out, r, 1, 1)``)."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, a, b, bias)
+    )
+    impl = _kernel_backend("lowrank_conv2d", x, backend, needs_grad)
+    if impl == "torch":
+        return lowrank_conv2d_reference(x, a, b, bias, stride, padding, dilation)
+    from . import _lowrank_dispatch
+
+    return _lowrank_dispatch.lowrank_conv2d(impl, x, a, b, bias, stride, padding, dilation)
