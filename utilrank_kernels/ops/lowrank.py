@@ -1,4 +1,5 @@
-"""Factored layers' forward: ``y = act(b (a x) + bias)`` for linear and conv layers.
+"""Factored layers' forward: ``y = act(b (a x) + bias)`` for linear and conv layers, and timm's ``Mlp`` with
+both layers factored (``lowrank_mlp``).
 
 The torch path (two ``F.linear`` / ``F.conv2d`` calls) is the reference, the CPU path and the
 training path: it is plain autograd-, ``torch.compile``- and ``FlopCounterMode``-friendly torch.
@@ -35,6 +36,13 @@ def lowrank_linear_reference(
     activation: str | None = None,
 ) -> torch.Tensor:
     return apply_activation(F.linear(F.linear(x, a), b, bias), activation)
+
+
+def lowrank_mlp_reference(
+    x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, bias1: torch.Tensor | None,
+    a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, activation: str | None = "gelu",
+) -> torch.Tensor:
+    return lowrank_linear_reference(lowrank_linear_reference(x, a1, b1, bias1, activation), a2, b2, bias2)
 
 
 def lowrank_conv2d_reference(
@@ -74,6 +82,33 @@ def lowrank_linear(
     from . import _lowrank_dispatch
 
     return _lowrank_dispatch.lowrank_linear(impl, x, a, b, bias, activation)
+
+
+def lowrank_mlp(
+    x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, bias1: torch.Tensor | None,
+    a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, activation: str | None = "gelu",
+    *, backend: str = "auto",
+) -> torch.Tensor:
+    """timm's ``Mlp`` with both layers factored: ``act(x a1^T b1^T + bias1) a2^T b2^T + bias2``.
+
+    ``a1``: ``(r1, in)``, ``b1``: ``(hidden, r1)``, ``a2``: ``(r2, hidden)``, ``b2``: ``(out, r2)``. The
+    Triton kernel keeps the hidden activations on chip."""
+    chained = (a1.dim() == b1.dim() == a2.dim() == b2.dim() == 2 and x.shape[-1] == a1.shape[1]
+               and b1.shape[1] == a1.shape[0] and a2.shape[1] == b1.shape[0] and b2.shape[1] == a2.shape[0])
+    if not chained:
+        raise ValueError(
+            f"lowrank_mlp: shapes do not chain: x {tuple(x.shape)}, a1 {tuple(a1.shape)}, "
+            f"b1 {tuple(b1.shape)}, a2 {tuple(a2.shape)}, b2 {tuple(b2.shape)}"
+        )
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, a1, b1, bias1, a2, b2, bias2)
+    )
+    impl = _kernel_backend("lowrank_mlp", x, backend, needs_grad)
+    if impl == "torch":
+        return lowrank_mlp_reference(x, a1, b1, bias1, a2, b2, bias2, activation)
+    from . import _lowrank_dispatch
+
+    return _lowrank_dispatch.lowrank_mlp(impl, x, a1, b1, bias1, a2, b2, bias2, activation)
 
 
 def lowrank_conv2d(

@@ -1,0 +1,362 @@
+"""Triton low-rank kernels (linear, MLP, conv) against fp64 references.
+
+Rule (flash-attention's): the kernel's error against fp64 is at most twice the error of the torch path at
+the same precision, plus a small floor. Shapes are odd on purpose: M in {1, 17, 145}, ranks that are not
+multiples of 16, widths that are not multiples of the blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+from utilrank_kernels.nn import LowRankLinear, LowRankMlp, fuse_lowrank_mlps
+from utilrank_kernels.ops import lowrank_conv2d, lowrank_linear, lowrank_mlp
+from utilrank_kernels.ops._lowrank_dispatch import select
+from utilrank_kernels.ops.lowrank import (
+    lowrank_conv2d_reference,
+    lowrank_linear_reference,
+    lowrank_mlp_reference,
+)
+from utilrank_kernels.triton.lowrank_linear import lowrank_linear_triton
+from utilrank_kernels.triton.lowrank_mlp import lowrank_mlp_triton
+
+# GELU-tanh's sigmoid(2u) overflows exp to inf (and gives the right 0) for large negative inputs: numpy in
+# the interpreter warns where the GPU silently does the same
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DTYPE_ID = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@pytest.fixture(autouse=True)
+def _nan_empty(monkeypatch):
+    """fla's habit: torch.empty returns NaN, so a tile that a kernel forgets to write fails the test."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def assert_fp64_close(out: torch.Tensor, ref64: torch.Tensor, ref_same: torch.Tensor, dtype: torch.dtype):
+    assert out.shape == ref64.shape and out.dtype == dtype
+    assert torch.isfinite(out).all(), "non-finite output (a tile left unwritten?)"
+    err = (out.double() - ref64).abs().max().item()
+    err_torch = (ref_same.double() - ref64).abs().max().item()
+    assert err <= 2 * err_torch + FLOOR[dtype], f"error {err:.3g} vs torch's {err_torch:.3g}"
+
+
+def factors(k: int, n: int, r: int, dtype, device, bias: bool = True, seed: int = 0):
+    """``a`` (r, k), ``b`` (n, r) and bias scaled so that outputs are O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(r, k, generator=g) / k**0.5
+    b = torch.randn(n, r, generator=g) / r**0.5
+    c = torch.randn(n, generator=g) if bias else None
+    return [None if t is None else t.to(device=device, dtype=dtype) for t in (a, b, c)]
+
+
+def _double(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.double()
+
+
+def linear_refs(x, a, b, bias, act):
+    ref64 = lowrank_linear_reference(x.double(), a.double(), b.double(), _double(bias), act)
+    return ref64, lowrank_linear_reference(x, a, b, bias, act)
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_linear
+# ---------------------------------------------------------------------------------------------
+EPILOGUES = [(True, None), (False, "relu"), (True, "gelu"), (True, "gelu_tanh")]
+LINEAR_CASES = [
+    pytest.param(m, k, n, r, bias, act, dtype,
+                 id=f"M{m}-K{k}-N{n}-R{r}-{DTYPE_ID[dtype]}-{'bias' if bias else 'nobias'}-{act}")
+    for m in (1, 17, 145)
+    for (k, n, r) in ((40, 72, 5), (72, 40, 24))
+    for dtype in (torch.float32, torch.float16)
+    for bias, act in EPILOGUES
+]
+
+
+@pytest.mark.parametrize("m,k,n,r,bias,act,dtype", LINEAR_CASES)
+def test_lowrank_linear(device, m, k, n, r, bias, act, dtype):
+    x = torch.randn(m, k, device=device).to(dtype)
+    a, b, c = factors(k, n, r, dtype, device, bias)
+    out = lowrank_linear(x, a, b, c, act, backend="triton")
+    assert_fp64_close(out, *linear_refs(x, a, b, c, act), dtype)
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("m", [1, 17, 145])
+def test_lowrank_linear_paths(device, path, m):
+    """Both paths at every M, whichever "auto" would pick."""
+    if path == "split" and m == 145:
+        m = 70  # the split path's large-M tables, at a size the interpreter runs quickly
+    x = torch.randn(m, 72, device=device)
+    a, b, c = factors(72, 40, 24, torch.float32, device)
+    out = lowrank_linear_triton(x, a, b, c, "gelu", path=path)
+    assert_fp64_close(out, *linear_refs(x, a, b, c, "gelu"), torch.float32)
+
+
+def _noncontiguous_inputs(device):
+    base = torch.randn(5, 9, 80, device=device)
+    yield "3d", torch.randn(2, 9, 40, device=device)
+    yield "3d-permuted", torch.randn(9, 2, 40, device=device).transpose(0, 1)  # rows not mergeable
+    yield "3d-strided-k", base[..., ::2]  # stride 2 along K
+    yield "2d-transposed", torch.randn(40, 17, device=device).T
+    yield "4d-permuted", torch.randn(3, 2, 5, 40, device=device).permute(1, 0, 2, 3)
+    yield "1d", torch.randn(40, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_ID.get)
+def test_lowrank_linear_layouts(device, dtype):
+    a, b, c = factors(40, 72, 5, dtype, device)
+    a_t = a.T.contiguous().T  # column-major factor: strides are honoured for the weights too
+    for name, x in _noncontiguous_inputs(device):
+        x = x.to(dtype)
+        for path in ("fused", "split"):
+            out = lowrank_linear_triton(x, a_t, b, c, "gelu_tanh", path=path)
+            assert out.is_contiguous(), name
+            assert_fp64_close(out, *linear_refs(x, a, b, c, "gelu_tanh"), dtype)
+
+
+def test_lowrank_linear_empty_and_errors(device):
+    a, b, c = factors(40, 72, 5, torch.float32, device)
+    assert lowrank_linear(torch.randn(0, 40, device=device), a, b, c, backend="triton").shape == (0, 72)
+    with pytest.raises(ValueError, match="dtype"):
+        lowrank_linear(torch.randn(3, 40, device=device, dtype=torch.float16), a, b, c, backend="triton")
+    with pytest.raises(ValueError, match="activation"):
+        lowrank_linear(torch.randn(3, 40, device=device), a, b, c, "swish", backend="triton")
+    with pytest.raises(RuntimeError, match="inference-only"):
+        lowrank_linear(torch.randn(3, 40, device=device, requires_grad=True), a, b, c, backend="triton")
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_mlp and LowRankMlp
+# ---------------------------------------------------------------------------------------------
+ACT_LAYERS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
+
+
+def factored_timm_mlp(k: int, hidden: int, r1: int, r2: int, act: str, bias=(True, True), seed: int = 0,
+                      ) -> Mlp:
+    """A timm Mlp whose fc1 and fc2 are LowRankLinear (torch backend) with random factors (outputs O(1))."""
+    torch.manual_seed(seed)
+    mlp = Mlp(k, hidden, act_layer=ACT_LAYERS[act], bias=bias)
+    for name, r in (("fc1", r1), ("fc2", r2)):
+        dense = getattr(mlp, name)
+        a, b, _ = factors(dense.in_features, dense.out_features, r, torch.float32, "cpu", seed=seed + r)
+        layer = LowRankLinear.from_dense(dense, a, b)
+        layer.backend = "torch"  # the reference: the fused module picks its own backend
+        if layer.bias is not None:
+            nn.init.normal_(layer.bias, std=0.5)
+        setattr(mlp, name, layer)
+    return mlp.eval()
+
+
+MLP_CASES = [
+    pytest.param(m, k, hidden, r1, r2, act, bias, dtype,
+                 id=f"M{m}-K{k}-H{hidden}-R{r1}x{r2}-{act}-{DTYPE_ID[dtype]}-bias{int(bias[0])}{int(bias[1])}")
+    for m in (1, 17, 145)
+    for (k, hidden, r1, r2, act, bias) in ((40, 72, 5, 24, "gelu", (True, True)),
+                                           (72, 136, 24, 5, "gelu_tanh", (True, False)),
+                                           (40, 96, 16, 8, "relu", (False, True)))
+    for dtype in (torch.float32, torch.float16)
+]
+
+
+@pytest.mark.parametrize("m,k,hidden,r1,r2,act,bias,dtype", MLP_CASES)
+def test_lowrank_mlp_module(device, m, k, hidden, r1, r2, act, bias, dtype):
+    """LowRankMlp (Triton) against the timm Mlp with factored layers it was made from."""
+    mlp = factored_timm_mlp(k, hidden, r1, r2, act, bias)
+    ref64 = copy.deepcopy(mlp).double()
+    mlp = mlp.to(device=device, dtype=dtype)
+    fused = LowRankMlp.from_mlp(copy.deepcopy(mlp), backend="triton")
+    x = torch.randn(1, m, k, device=device).to(dtype)
+    with torch.no_grad():
+        out = fused(x)
+        assert_fp64_close(out, ref64(x.double().cpu()).to(device), mlp(x), dtype)
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("m", [1, 20])
+def test_lowrank_mlp_paths(device, path, m):
+    mlp = factored_timm_mlp(72, 136, 24, 5, "gelu")
+    fc1, fc2 = mlp.fc1, mlp.fc2
+    params = [None if t is None else t.detach().to(device)
+              for t in (fc1.weight_a, fc1.weight_b, fc1.bias, fc2.weight_a, fc2.weight_b, fc2.bias)]
+    x = torch.randn(9, m, 80, device=device)[:, :, 4:76].transpose(0, 1)  # 3-D, permuted, sliced
+    out = lowrank_mlp_triton(x, *params, "gelu", path=path)
+    ref64 = lowrank_mlp_reference(x.double(), *[None if p is None else p.double() for p in params], "gelu")
+    assert_fp64_close(out, ref64, lowrank_mlp_reference(x, *params, "gelu"), torch.float32)
+
+
+def test_lowrank_mlp_module_paths_and_grad(device):
+    """Hooks and gradients take the modules path; inference takes the op."""
+    mlp = factored_timm_mlp(40, 72, 5, 24, "gelu").to(device)
+    fused = LowRankMlp.from_mlp(copy.deepcopy(mlp))
+    fused.backend = "triton"
+    x = torch.randn(5, 40, device=device)
+    with torch.no_grad():
+        ref = mlp(x)
+        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
+    seen = []
+    handle = fused.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert seen == [(5, 72)]
+    fused.backend = "auto"  # a gradient is needed: auto takes the torch path
+    fused(x).sum().backward()
+    mlp(x).sum().backward()
+    torch.testing.assert_close(fused.fc1.weight_a.grad, mlp.fc1.weight_a.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank_conv2d
+# ---------------------------------------------------------------------------------------------
+CONV_CASES = [  # (C, H, W, out, r, kernel, stride, padding, dilation, bias)
+    pytest.param(3, 9, 7, 10, 5, (3, 3), (1, 1), (1, 1), (1, 1), True, id="3x3-pad1"),
+    pytest.param(4, 11, 10, 6, 5, (3, 2), (2, 1), (0, 1), (1, 2), False, id="3x2-stride2-dil2-nobias"),
+    pytest.param(3, 8, 8, 7, 6, (3, 3), (1, 1), "same", (1, 1), True, id="same"),
+    pytest.param(5, 6, 6, 9, 3, (1, 1), (1, 1), "valid", (1, 1), True, id="1x1-valid"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("c,h,w,n_out,r,kernel,stride,padding,dilation,bias", CONV_CASES)
+def test_lowrank_conv2d(device, c, h, w, n_out, r, kernel, stride, padding, dilation, bias, dtype):
+    x = torch.randn(2, c, h, w, device=device).to(dtype)
+    a = (torch.randn(r, c, *kernel, device=device) / (c * kernel[0] * kernel[1]) ** 0.5).to(dtype)
+    b = (torch.randn(n_out, r, 1, 1, device=device) / r**0.5).to(dtype)
+    bias_t = torch.randn(n_out, device=device).to(dtype) if bias else None
+    out = lowrank_conv2d(x, a, b, bias_t, stride, padding, dilation, backend="triton")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ref64 = lowrank_conv2d_reference(*map(_double, (x, a, b, bias_t)), stride, padding, dilation)
+    if dtype == torch.float16 and device == "cpu":  # CPU conv has no fp16 kernel everywhere: fp32, rounded
+        ref_same = lowrank_conv2d_reference(x.float(), a.float(), b.float(), None if bias_t is None else
+                                            bias_t.float(), stride, padding, dilation).to(dtype)
+    else:
+        ref_same = lowrank_conv2d_reference(x, a, b, bias_t, stride, padding, dilation)
+    assert_fp64_close(out, ref64, ref_same, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: opcheck, FlopCounterMode, torch.compile
+# ---------------------------------------------------------------------------------------------
+def test_opcheck(device):
+    x = torch.randn(2, 9, 40, device=device)
+    a, b, c = factors(40, 72, 5, torch.float32, device)
+    a2, b2, c2 = factors(72, 40, 24, torch.float32, device)
+    ops = torch.ops.utilrank
+    torch.library.opcheck(ops.lowrank_linear.default, (x, a, b, c, "gelu", "triton"))
+    torch.library.opcheck(ops.lowrank_linear.default, (x[0].T.contiguous().T, a, b, None, None, "triton"))
+    torch.library.opcheck(ops.lowrank_mlp.default, (x, a, b, c, a2, b2, c2, "gelu_tanh", "triton"))
+    xc = torch.randn(2, 3, 9, 7, device=device)
+    ac, bc = torch.randn(5, 3, 3, 3, device=device), torch.randn(6, 5, 1, 1, device=device)
+    bias_c = torch.randn(6, device=device)
+    conv = ops.lowrank_conv2d.default
+    torch.library.opcheck(conv, (xc, ac, bc, bias_c, [2, 1], [1, 0], "", [1, 1], "triton"))
+    torch.library.opcheck(conv, (xc, ac, bc, None, [1, 1], [0, 0], "same", [1, 2], "triton"))
+
+
+def test_flop_counter(device):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randn(3, 7, 40, device=device)
+    a, b, c = factors(40, 72, 5, torch.float32, device)
+    a2, b2, c2 = factors(72, 40, 24, torch.float32, device)
+    xc = torch.randn(2, 3, 9, 7, device=device)
+    ac, bc = torch.randn(5, 3, 3, 3, device=device), torch.randn(6, 5, 1, 1, device=device)
+    counts = {}
+    for backend in ("torch", "triton"):
+        with FlopCounterMode(display=False) as counter:
+            lowrank_linear(x, a, b, c, backend=backend)
+            lowrank_mlp(x, a, b, c, a2, b2, c2, backend=backend)
+            lowrank_conv2d(xc, ac, bc, None, (2, 1), (1, 0), (1, 1), backend=backend)
+        counts[backend] = counter.get_total_flops()
+    m = 21
+    expected = (2 * m * 5 * (40 + 72) + 2 * m * (5 * (40 + 72) + 24 * (72 + 40))
+                + 2 * 2 * 5 * 5 * 5 * (3 * 9 + 6))  # conv: 5 x 5 output pixels
+    assert counts == {"torch": expected, "triton": expected}
+
+
+def test_compile_fullgraph(device):
+    """Dynamo traces the dispatch and keeps the custom ops as single nodes: no graph break."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = LowRankLinear(40, 72, 5, backend="triton")
+            self.mlp = Mlp(72, 136, 40)
+            self.mlp.fc1 = LowRankLinear(72, 136, 24)
+            self.mlp.fc2 = LowRankLinear(136, 40, 8)
+
+        def forward(self, x):
+            return self.mlp(self.proj(x))
+
+    net = Net().to(device).eval()
+    assert fuse_lowrank_mlps(net) == 1
+    net.mlp.backend = "triton"
+    x = torch.randn(2, 9, 40, device=device)
+    with torch.no_grad():
+        eager = net(x)
+        compiled = torch.compile(net, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bf16 and ViT-B/L shapes (never in the interpreter)
+# ---------------------------------------------------------------------------------------------
+VIT_SHAPES = [  # (M, in, out, r)
+    (197 * 8, 768, 2304, 128), (197, 768, 3072, 256), (16, 3072, 768, 256), (1, 1024, 4096, 384),
+    (197 * 8, 4096, 1024, 384), (64, 1024, 4096, 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("m,k,n,r", VIT_SHAPES, ids=[f"M{m}-K{k}-N{n}-R{r}" for m, k, n, r in VIT_SHAPES])
+@pytest.mark.parametrize("path", ["auto", "fused", "split"])
+def test_lowrank_linear_gpu(device, path, m, k, n, r, dtype):
+    x = torch.randn(m, k, device=device).to(dtype)
+    a, b, c = factors(k, n, r, dtype, device)
+    out = lowrank_linear_triton(x, a, b, c, "gelu", path=path)
+    assert_fp64_close(out, *linear_refs(x, a, b, c, "gelu"), dtype)
+    assert select("lowrank_linear", x, "auto", needs_grad=False) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_ID.get)
+@pytest.mark.parametrize("m", [1, 197, 197 * 16])
+@pytest.mark.parametrize("width,r", [(768, 256), (1024, 384)])
+def test_lowrank_mlp_gpu(device, dtype, m, width, r):
+    mlp = factored_timm_mlp(width, 4 * width, r, r, "gelu")
+    ref64 = copy.deepcopy(mlp).double().to(device)
+    mlp = mlp.to(device=device, dtype=dtype)
+    fused = LowRankMlp.from_mlp(copy.deepcopy(mlp), backend="auto")  # auto: Triton on CUDA
+    x = torch.randn(m, width, device=device).to(dtype)
+    with torch.no_grad():
+        assert_fp64_close(fused(x), ref64(x.double()), mlp(x), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=DTYPE_ID.get)
+def test_lowrank_conv2d_gpu(device, dtype):
+    x = torch.randn(8, 64, 56, 56, device=device).to(dtype)
+    a = (torch.randn(48, 64, 3, 3, device=device) / 24).to(dtype)
+    b = (torch.randn(128, 48, 1, 1, device=device) / 7).to(dtype)
+    bias = torch.randn(128, device=device).to(dtype)
+    out = lowrank_conv2d(x, a, b, bias, (1, 1), (1, 1), (1, 1))
+    ref64 = lowrank_conv2d_reference(*(t.double() for t in (x, a, b, bias)), (1, 1), (1, 1), (1, 1))
+    ref_same = lowrank_conv2d_reference(x, a, b, bias, (1, 1), (1, 1), (1, 1))
+    assert_fp64_close(out, ref64, ref_same, dtype)

@@ -1,0 +1,347 @@
+"""Triton kernels of the factored linear ``y = act(x a^T b^T + bias)``.
+
+``a``: ``(r, in)``, ``b``: ``(out, r)``. Two paths, chosen by ``M`` (the number of rows once the leading
+dims are flattened):
+
+- **fused** (``M > SMALL_M``): one launch. Each program owns ``BM`` rows, computes ``t = x a^T``
+  (``[BM, BR]``, ``BR`` = the rank rounded up to a power of two >= 16, fp32) over the K loop, keeps it
+  in registers, then walks its output tiles with ``t b^T``, bias and activation in the epilogue. ``t``
+  never goes through memory and is computed once per row block. ``N_SPLIT > 1`` (an autotune column)
+  splits the output tiles of a row block over ``N_SPLIT`` programs, each recomputing the block's ``t``:
+  more programs where ``M / BM`` alone would leave most SMs idle (M = 197), at the price of the
+  recomputation; the autotuner decides.
+- **split** (``M <= SMALL_M``, or ranks above ``MAX_FUSED_R``): with a handful of rows the fused
+  kernel would run on ``M / BM`` programs, each streaming all of ``a`` and ``b`` through one SM. Here
+  the first GEMM is a split-K "shrink" over ``(row blocks, rank tiles, K splits)`` programs that adds
+  its partial products into a zeroed fp32 ``t`` (``[M, r]``, at most 64 x r: it stays in L2), and the
+  second is a GEMM over ``(row blocks, output tiles)`` with bias and activation in the epilogue.
+
+``SMALL_M`` and the autotune tables were set without a GPU to measure on: they are to be tuned on one
+(``benchmarks/lowrank_results.py`` measures both paths through ``path=``).
+
+Rows are addressed through two strides (``x`` seen as ``[B, L, K]``), so a transposed, sliced or
+permuted 2-D/3-D ``x`` is read in place; a higher-rank ``x`` is first reshaped to 3-D (a copy only
+where its strides cannot be merged). The output is a fresh contiguous tensor of ``x``'s dtype.
+
+Rounding follows the torch two-call path: ``t`` is accumulated in fp32 and rounded to the input dtype
+before the second GEMM, whose fp32 result gets the bias and activation before the final rounding.
+fp32 inputs use IEEE dots unless ``torch.set_float32_matmul_precision`` allows TF32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._autotune import make_configs
+
+SMALL_M = 64
+MAX_FUSED_R = 1024
+ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared device helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _activation(y, ACT: tl.constexpr):
+    """``y`` is fp32. 1: ReLU, 2: GELU (erf), 3: GELU (tanh); 0: identity."""
+    if ACT == 1:
+        y = tl.maximum(y, 0.0)
+    elif ACT == 2:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 3:
+        # 0.5 y (1 + tanh(u)) == y sigmoid(2u): no tanh needed, and exact in fp32 for large |u|
+        u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+        y = y * tl.sigmoid(2.0 * u)
+    return y
+
+
+@triton.jit
+def _row_offsets(o_m, L, stride_0, stride_1):
+    """Element offsets of rows ``o_m`` of an ``[B, L, K]`` view; int64 so that large inputs do not wrap."""
+    return (o_m // L).to(tl.int64) * stride_0 + (o_m % L).to(tl.int64) * stride_1
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _lowrank_linear_fused_kernel(
+    x, a, b, bias, y,
+    M, N, K, R, L,
+    stride_x0, stride_x1, stride_xk, stride_ar, stride_ak, stride_bn, stride_br,
+    M_KEY,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, BR: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, N_SPLIT: tl.constexpr,
+):
+    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_r = tl.arange(0, BR)
+    m_r = o_r < R
+    o_xm = _row_offsets(o_m, L, stride_x0, stride_x1)
+
+    # t = x a^T over the K loop; padded rank columns load zeros from a and stay zero
+    b_t = tl.zeros([BM, BR], dtype=tl.float32)  # [BM, BR]
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        p_x = x + o_xm[:, None] + o_k[None, :].to(tl.int64) * stride_xk
+        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+        p_a = a + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak
+        b_a = tl.load(p_a, mask=m_r[None, :] & m_k[:, None], other=0.0)  # [BK, BR]
+        b_t = tl.dot(b_x, b_a, b_t, input_precision=PRECISION)
+    # rounded to the input dtype, as the two-call path rounds its intermediate: the second GEMM runs
+    # on the tensor cores at the input precision
+    b_tc = b_t.to(y.dtype.element_ty)  # [BM, BR]
+
+    o_ym = o_m.to(tl.int64) * N
+    for n0 in range(i_n * BN, N, BN * N_SPLIT):
+        o_n = n0 + tl.arange(0, BN)
+        m_n = o_n < N
+        p_b = b + o_n[None, :] * stride_bn + o_r[:, None] * stride_br
+        b_b = tl.load(p_b, mask=m_r[:, None] & m_n[None, :], other=0.0)  # [BR, BN]
+        b_y = tl.dot(b_tc, b_b, input_precision=PRECISION)  # [BM, BN]
+        if HAS_BIAS:
+            b_y += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+        b_y = _activation(b_y, ACT)
+        p_y = y + o_ym[:, None] + o_n[None, :]
+        tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _shrink_splitk_kernel(
+    x, a, t,
+    M, K, R, L,
+    stride_x0, stride_x1, stride_xk, stride_ar, stride_ak,
+    M_KEY,
+    PRECISION: tl.constexpr,
+    BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """``t += x[:, ks] a[:, ks]^T`` for this program's K slice ``ks``; ``t``: fp32 ``[M, R]``, zeroed by the
+    caller."""
+    i_m, i_r, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_r = i_r * BR + tl.arange(0, BR)
+    m_r = o_r < R
+    o_xm = _row_offsets(o_m, L, stride_x0, stride_x1)
+
+    # K slices are whole BK blocks, so that no block straddles two programs
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
+    k_start = i_s * k_per
+    k_end = tl.minimum(k_start + k_per, K)
+    b_t = tl.zeros([BM, BR], dtype=tl.float32)  # [BM, BR]
+    for k0 in range(k_start, k_end, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < k_end
+        p_x = x + o_xm[:, None] + o_k[None, :].to(tl.int64) * stride_xk
+        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+        p_a = a + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak
+        b_a = tl.load(p_a, mask=m_r[None, :] & m_k[:, None], other=0.0)  # [BK, BR]
+        b_t = tl.dot(b_x, b_a, b_t, input_precision=PRECISION)
+    p_t = t + o_m.to(tl.int64)[:, None] * R + o_r[None, :]
+    tl.atomic_add(p_t, b_t, mask=m_m[:, None] & m_r[None, :])
+
+
+@triton.jit
+def _linear_epilogue_kernel(
+    t, w, bias, y,
+    M, N, K, L,
+    stride_t0, stride_t1, stride_tk, stride_wn, stride_wk,
+    M_KEY,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """``y = act(t w^T + bias)`` for ``t`` ``[M, K]`` (rows through two strides, any float dtype: rounded
+    to ``w``'s dtype before the dot) and ``w`` ``[N, K]``; ``y`` contiguous ``[M, N]`` of ``w``'s dtype."""
+    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    o_tm = _row_offsets(o_m, L, stride_t0, stride_t1)
+
+    b_y = tl.zeros([BM, BN], dtype=tl.float32)  # [BM, BN]
+    for k0 in range(0, K, BK):
+        o_k = k0 + tl.arange(0, BK)
+        m_k = o_k < K
+        p_t = t + o_tm[:, None] + o_k[None, :].to(tl.int64) * stride_tk
+        b_t = tl.load(p_t, mask=m_m[:, None] & m_k[None, :], other=0.0).to(w.dtype.element_ty)  # [BM, BK]
+        p_w = w + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk
+        b_w = tl.load(p_w, mask=m_n[None, :] & m_k[:, None], other=0.0)  # [BK, BN]
+        b_y = tl.dot(b_t, b_w, b_y, input_precision=PRECISION)
+    if HAS_BIAS:
+        b_y += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    b_y = _activation(b_y, ACT)
+    p_y = y + o_m.to(tl.int64)[:, None] * N + o_n[None, :]
+    tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# autotune tables (data). The first row of each table is what UTILRANK_TRITON_CONFIG=first and the
+# interpreter run; it must be valid for every shape the table serves. Untuned: set without a GPU.
+# ---------------------------------------------------------------------------------------------
+_FUSED_KEYS = ("BM", "BN", "BK", "N_SPLIT", "num_warps", "num_stages")
+# by BR (the padded rank): t is BM x BR fp32 in registers, so BM shrinks as the rank grows
+_FUSED_ROWS = {
+    64: [(64, 64, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 4),
+         (64, 64, 64, 2, 4, 3), (64, 64, 128, 4, 4, 3), (32, 64, 64, 4, 4, 3)],
+    128: [(64, 64, 64, 1, 4, 3), (128, 64, 64, 1, 8, 3), (64, 128, 32, 1, 8, 3), (64, 64, 64, 2, 4, 3),
+          (32, 128, 64, 4, 4, 3), (32, 64, 64, 8, 4, 3)],
+    256: [(64, 64, 32, 1, 8, 3), (64, 128, 32, 1, 8, 2), (32, 64, 64, 1, 4, 3), (64, 64, 32, 2, 8, 3),
+          (32, 64, 64, 4, 4, 3), (32, 64, 64, 8, 4, 3)],
+    512: [(32, 64, 32, 1, 8, 2), (64, 32, 32, 1, 8, 2), (16, 64, 64, 1, 4, 2), (32, 64, 32, 2, 8, 2),
+          (16, 64, 64, 4, 4, 2)],
+    1024: [(16, 32, 32, 1, 8, 2), (16, 64, 32, 1, 8, 2), (32, 32, 32, 1, 8, 2), (16, 32, 32, 4, 8, 2)],
+}
+_SHRINK_KEYS = ("BM", "BR", "BK", "SPLIT_K", "num_warps", "num_stages")
+# split-K is the point: with M <= 64 rows the parallelism has to come from K and r
+_SHRINK_ROWS = [(16, 64, 64, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 64, 8, 4, 3), (32, 64, 64, 4, 4, 3),
+                (64, 64, 64, 2, 4, 3), (16, 32, 128, 16, 4, 3), (64, 128, 64, 1, 8, 3), (16, 64, 64, 1, 4, 3)]
+_EPILOGUE_KEYS = ("BM", "BN", "BK", "num_warps", "num_stages")
+_EPILOGUE_ROWS = {
+    "small": [(16, 64, 64, 4, 3), (16, 128, 64, 4, 4), (16, 32, 128, 4, 3), (32, 64, 64, 4, 3),
+              (64, 64, 64, 4, 3), (16, 256, 64, 8, 3)],
+    "large": [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3),
+              (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)],
+}
+_KEY = ["M_KEY", "N", "K", "R"]
+
+
+def _tuned(fn, keys: tuple[str, ...], rows: list[tuple], key: list[str], **kwargs):
+    configs = make_configs(keys, rows, num_warps_index=len(keys) - 2, num_stages_index=len(keys) - 1)
+    return triton.autotune(configs=configs, key=key, **kwargs)(fn)
+
+
+_FUSED = {br: _tuned(_lowrank_linear_fused_kernel, _FUSED_KEYS, rows, _KEY)
+          for br, rows in _FUSED_ROWS.items()}
+# the autotuner runs the kernel once per candidate: t has to be zeroed before each of those runs
+_SHRINK = _tuned(_shrink_splitk_kernel, _SHRINK_KEYS, _SHRINK_ROWS, ["M_KEY", "K", "R"], reset_to_zero=["t"])
+_EPILOGUE = {size: _tuned(_linear_epilogue_kernel, _EPILOGUE_KEYS, rows, ["M_KEY", "N", "K"])
+             for size, rows in _EPILOGUE_ROWS.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+def padded_rank(r: int) -> int:
+    """The on-chip width of ``t``: ``tl.arange`` needs a power of two, ``tl.dot`` at least 16."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def m_key(m: int) -> int:
+    """Autotune bucket of the row count: one tuning per power of two, not per batch size."""
+    return min(triton.next_power_of_2(max(m, 1)), 1 << 16)
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """IEEE fp32 dots unless torch allows TF32 for fp32 matmuls; None (Triton's default) otherwise."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return None
+
+
+def activation_code(activation: str | None) -> int:
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {tuple(ACTIVATION_CODES)}")
+    return ACTIVATION_CODES[activation]
+
+
+def rows_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple[int, int, int]]:
+    """``x`` (``(..., K)``) as ``[B, L, K]`` rows: ``(tensor, M, L, (stride_0, stride_1, stride_k))``.
+
+    2-D and 3-D inputs are read in place whatever their strides; higher ranks are reshaped to 3-D,
+    which copies only where the leading strides cannot be merged."""
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() == 2:
+        m = x.shape[0]
+        return x, m, max(m, 1), (0, x.stride(0), x.stride(1))
+    x3 = x if x.dim() == 3 else x.reshape(-1, x.shape[-2], x.shape[-1])
+    return x3, x3.shape[0] * x3.shape[1], max(x3.shape[1], 1), tuple(x3.stride())
+
+
+def check_operands(op: str, x: torch.Tensor, *weights: torch.Tensor | None) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op}: triton path supports {SUPPORTED_DTYPES}, got {x.dtype}")
+    for w in weights:
+        if w is None:
+            continue
+        if w.dtype != x.dtype:
+            raise ValueError(f"{op}: all operands must share x's dtype {x.dtype}; got {w.dtype}")
+        if w.device != x.device:
+            raise ValueError(f"{op}: all operands must be on {x.device}; got {w.device}")
+
+
+def _bias_arg(bias: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    return y if bias is None else bias.contiguous()  # y stands in for an absent bias: never read
+
+
+def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x a^T`` in fp32 as ``[M, r]`` by the split-K kernel (``x`` of shape ``(..., K)``)."""
+    x3, m, seq, (s0, s1, sk) = rows_view(x)
+    r, k = a.shape
+    t = torch.zeros(m, r, device=x.device, dtype=torch.float32)
+    if m == 0 or r == 0:
+        return t
+
+    def grid(meta):
+        return triton.cdiv(m, meta["BM"]), triton.cdiv(r, meta["BR"]), meta["SPLIT_K"]
+
+    _SHRINK[grid](x3, a, t, m, k, r, seq, s0, s1, sk, a.stride(0), a.stride(1), m_key(m),
+                  PRECISION=dot_precision(x.dtype))
+    return t
+
+
+def linear_epilogue(t: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+                    activation: str | None = None) -> torch.Tensor:
+    """``act(t w^T + bias)`` (``t``: ``(..., K)``, any float dtype; ``w``: ``(N, K)``), contiguous,
+    of ``w``'s dtype, shaped ``t.shape[:-1] + (N,)``."""
+    t3, m, seq, (s0, s1, sk) = rows_view(t)
+    n, k = w.shape
+    y = torch.empty(m, n, device=w.device, dtype=w.dtype)
+    if m and n:
+        def grid(meta):
+            return triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"])
+
+        kernel = _EPILOGUE["small" if m <= SMALL_M else "large"]
+        kernel[grid](t3, w, _bias_arg(bias, y), y, m, n, k, seq, s0, s1, sk, w.stride(0), w.stride(1),
+                     m_key(m), HAS_BIAS=bias is not None, ACT=activation_code(activation),
+                     PRECISION=dot_precision(w.dtype))
+    return y.view(*t.shape[:-1], n)
+
+
+def lowrank_linear_triton(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+                          activation: str | None = None, *, path: str = "auto") -> torch.Tensor:
+    """``act(x a^T b^T + bias)`` as a fresh contiguous tensor of shape ``x.shape[:-1] + (out,)``.
+
+    ``path``: "auto" (by ``M``, see the module docstring), "fused" or "split" (tests, benchmarks)."""
+    check_operands("lowrank_linear", x, a, b, bias)
+    r, k = a.shape
+    n = b.shape[0]
+    code = activation_code(activation)
+    x3, m, seq, (s0, s1, sk) = rows_view(x)
+    if path == "auto":
+        path = "split" if m <= SMALL_M or padded_rank(r) > MAX_FUSED_R else "fused"
+    if path == "split":
+        return linear_epilogue(shrink(x, a), b, bias, activation).view(*x.shape[:-1], n)
+    if path != "fused":
+        raise ValueError(f"lowrank_linear_triton: unknown path {path!r}")
+    br = padded_rank(r)
+    if br > MAX_FUSED_R:
+        raise ValueError(f"lowrank_linear_triton: fused path holds ranks up to {MAX_FUSED_R}, got {r}")
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if m and n:
+        def grid(meta):
+            return triton.cdiv(m, meta["BM"]), meta["N_SPLIT"]
+
+        _FUSED[max(br, 64)][grid](
+            x3, a, b, _bias_arg(bias, y), y, m, n, k, r, seq, s0, s1, sk,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), m_key(m),
+            HAS_BIAS=bias is not None, ACT=code, PRECISION=dot_precision(x.dtype), BR=br,
+        )
+    return y.view(*x.shape[:-1], n)
