@@ -19,10 +19,14 @@ def cuda_extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 or C++20).
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo"]  # -lineinfo: source lines in profilers
+    if os.environ.get("UTILRANK_PTXAS_VERBOSE", "0") == "1":
+        nvcc.append("-Xptxas=-v")  # registers and spills per kernel
     ext = CUDAExtension(
         name="utilrank_kernels._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc},
     )
     return [ext], {"build_ext": BuildExtension}
 
