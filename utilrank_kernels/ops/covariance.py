@@ -157,6 +157,9 @@ def covariance_update(
             )
     if acc.device != x.device:
         raise ValueError(f"covariance_update: acc is on {acc.device} but x is on {x.device}")
+    if mask is not None and mask.device != x.device:
+        # the Triton kernel reads the mask through a raw pointer: a host mask would fault on the GPU
+        raise ValueError(f"covariance_update: mask is on {mask.device} but x is on {x.device}")
     _covariance_update_op(acc, x, mask, backend, allow_tf32)
 
 

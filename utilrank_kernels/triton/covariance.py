@@ -1,0 +1,428 @@
+"""Triton kernels for the data pass: ``acc += X^T X`` as a symmetric rank-k update.
+
+Two kernels share one scheme:
+
+- ``_syrk_kernel``: ``X`` is the ``(N, d)`` token matrix, read through its strides (up to two
+  leading dims, so a transposed or sliced ``(B, T, d)`` input needs no copy); a token mask is applied
+  in the load (masked rows read as zero), so padding is never gathered away.
+- ``_conv_syrk_kernel``: ``X`` is the im2col patch matrix of a conv input, formed on the fly from the
+  NCHW or channels_last tensor (implicit im2col): no unfolded tensor ever exists.
+
+The grid is ``(tile pairs i <= j, splits)``. Only the upper-triangle tile pairs of the ``d x d``
+result are computed (half the work of a GEMM); each tile is added into ``acc`` at ``(i, j)`` and,
+transposed, at ``(j, i)``. Tall inputs (``N >> d``, few tiles) are split along ``N`` so every SM
+works: each split sums its chunk of rows in fp32 and adds it into the fp64 ``acc`` with an atomic
+add, so rounding never accumulates across chunks or batches (fp32 within a chunk, fp64 across).
+With one split the tile is added with a plain load/store: deterministic. With several, the order
+of the fp64 atomic adds varies from run to run (differences at the 1e-16 level).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._autotune import make_configs
+
+# Rows of dot products that cost as much as one tile's fp64 epilogue; both scale with BD^2, so the
+# ratio holds for every tile size. Estimated from H100 per-SM rates, not yet measured: the epilogue
+# sends 2 x BD^2 x 8 B to L2 at ~40 GB/s, a row costs 2 x BD^2 flops at ~7.5 bf16 TFLOP/s (about
+# 1500 rows; 1024 as Triton reaches ~2/3 of peak) or ~0.5 fp32 FMA TFLOP/s (about 100 rows).
+# Retune them with benchmarks/covariance_results.py.
+_EPILOGUE_ROWS_TENSOR_CORE = 1024
+_EPILOGUE_ROWS_FMA = 128
+_MIN_ROWS_PER_SPLIT = 256
+_MAX_SPLITS = 128
+# An SM count for the CPU interpreter, so that the split path is exercised there too.
+_INTERPRETER_SMS = 4
+_DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# BLOCK_D (square output tile), BLOCK_K (rows per step), num_warps, num_stages. The first row is the
+# one the interpreter and UTILRANK_TRITON_CONFIG=first use: its operand buffers fit the shared
+# memory of every dtype on A100 and H100 (fp32: 2 x 128 x 32 x 4 B x 3 stages = 96 KiB).
+_SYRK_ROWS = [
+    (128, 32, 8, 3),
+    (128, 64, 8, 3),
+    (128, 64, 4, 4),
+    (128, 32, 4, 4),
+    (64, 64, 4, 4),
+    (64, 32, 4, 3),
+    (64, 128, 4, 3),
+    (32, 64, 4, 3),
+    (32, 128, 4, 3),
+]
+_CONV_ROWS = [
+    (128, 32, 8, 3),
+    (128, 64, 8, 3),
+    (128, 32, 4, 4),
+    (64, 64, 4, 4),
+    (64, 32, 4, 3),
+    (32, 64, 4, 3),
+]
+_KEYS = ("BLOCK_D", "BLOCK_K", "num_warps", "num_stages")
+
+
+def _prune_tiles(configs, named_args, **kwargs):
+    """Tiles wider than the (power-of-two rounded) dimension only add padding work."""
+    d = named_args["d"]
+    fits = [c for c in configs if c.kwargs["BLOCK_D"] <= max(32, triton.next_power_of_2(d))]
+    return fits or [min(configs, key=lambda c: c.kwargs["BLOCK_D"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_pair(i_t):
+    """Upper-triangle tile pair ``(i_m, i_n)``, ``i_m <= i_n``, of linear index
+    ``i_t = i_n (i_n + 1) / 2 + i_m``: consecutive programs share the column block ``i_n``, so its
+    rows of X are read from L2."""
+    i_n = ((tl.sqrt(8.0 * i_t.to(tl.float32) + 1.0) - 1.0) * 0.5).to(tl.int32)
+    # the fp32 square root may land one off next to a perfect square
+    i_n = tl.where(i_n * (i_n + 1) // 2 > i_t, i_n - 1, i_n)
+    i_n = tl.where((i_n + 1) * (i_n + 2) // 2 <= i_t, i_n + 1, i_n)
+    i_m = i_t - i_n * (i_n + 1) // 2
+    return i_m, i_n
+
+
+@triton.jit
+def _split_rows(n_rows, BLOCK_K: tl.constexpr):
+    """Row range ``[start, end)`` of this program's split, in whole BLOCK_K steps."""
+    i_s, n_s = tl.program_id(1), tl.num_programs(1)
+    rows = tl.cdiv(tl.cdiv(n_rows, BLOCK_K), n_s) * BLOCK_K
+    start = i_s * rows
+    end = tl.minimum(start + rows, n_rows)
+    return start, end
+
+
+@triton.jit
+def _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1):
+    """``acc[idx_m, idx_n] += b_c`` on and above the diagonal, and the same values mirrored below it.
+
+    A diagonal tile's dot product is not bitwise symmetric (its two halves sum the same products in
+    different orders), so only its upper half is used, for both halves: the result is exactly
+    symmetric. Off-diagonal tiles (``o_m < o_n`` everywhere) are written whole, twice.
+    """
+    b_c = b_c.to(acc_ptr.dtype.element_ty)
+    m_c = m_m[:, None] & m_n[None, :]
+    m_up = m_c & (o_m[:, None] <= o_n[None, :])  # [BD, BD]
+    m_lo = m_c & (o_m[:, None] < o_n[None, :])  # [BD, BD]
+    p_c = acc_ptr + idx_m[:, None].to(tl.int64) * stride_a0 + idx_n[None, :] * stride_a1  # [BD, BD]
+    # the mirror stores the same registers through transposed addresses (no tl.trans of the tile)
+    p_ct = acc_ptr + idx_n[None, :].to(tl.int64) * stride_a0 + idx_m[:, None] * stride_a1  # [BD, BD]
+    if tl.num_programs(1) == 1:
+        # this program is the only writer of both tiles
+        tl.store(p_c, tl.load(p_c, mask=m_up, other=0.0) + b_c, mask=m_up)
+        tl.store(p_ct, tl.load(p_ct, mask=m_lo, other=0.0) + b_c, mask=m_lo)
+    else:
+        tl.atomic_add(p_c, b_c, mask=m_up, sem="relaxed")
+        tl.atomic_add(p_ct, b_c, mask=m_lo, sem="relaxed")
+
+
+@triton.autotune(
+    configs=make_configs(_KEYS, _SYRK_ROWS, num_warps_index=2, num_stages_index=3),
+    key=["d", "n_bucket", "HAS_MASK", "TWO_LEVEL", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_tiles},
+    # tuning runs the kernel several times on the live accumulator
+    restore_value=["acc_ptr"],
+)
+@triton.jit
+def _syrk_kernel(
+    x_ptr, mask_ptr, acc_ptr,
+    n_rows, d, R1,
+    stride_x0, stride_x1, stride_xd, stride_a0, stride_a1,
+    n_bucket,
+    HAS_MASK: tl.constexpr, TWO_LEVEL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # token r sits at x_ptr + (r // R1) * stride_x0 + (r % R1) * stride_x1 (TWO_LEVEL) or
+    # x_ptr + r * stride_x1: two leading dims of any strides are read in place
+    i_m, i_n = _tile_pair(tl.program_id(0))
+    start, end = _split_rows(n_rows, BLOCK_K)
+
+    o_m = i_m * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = i_n * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_m = o_m < d
+    m_n = o_n < d
+    p_m = x_ptr + o_m[None, :].to(tl.int64) * stride_xd  # [1, BD]
+    p_n = x_ptr + o_n[None, :].to(tl.int64) * stride_xd  # [1, BD]
+
+    b_c = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < end
+        if HAS_MASK:
+            # masked tokens read as zero rows: nothing is gathered
+            m_k = m_k & (tl.load(mask_ptr + o_k, mask=m_k, other=0) != 0)
+        if TWO_LEVEL:
+            o_row = (o_k // R1).to(tl.int64) * stride_x0 + (o_k % R1).to(tl.int64) * stride_x1
+        else:
+            o_row = o_k.to(tl.int64) * stride_x1
+        b_a = tl.load(p_m + o_row[:, None], mask=m_k[:, None] & m_m[None, :], other=0.0)  # [BK, BD]
+        b_b = tl.load(p_n + o_row[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BD]
+        b_c = tl.dot(tl.trans(b_a), b_b, b_c, input_precision=INPUT_PRECISION)  # [BD, BD]
+
+    _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, o_m, o_n, stride_a0, stride_a1)
+
+
+@triton.jit
+def _patch_columns(o_k, C, stride_xc, stride_xh, stride_xw,
+                   KH: tl.constexpr, KW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                   TAP_MAJOR: tl.constexpr):
+    """For kernel column ``o_k``: its input offset, kernel-tap displacement ``(dh, dw)`` and its
+    index in the F.unfold layout ``c * KH * KW + i * KW + j``.
+
+    TAP_MAJOR orders the columns ``tap * C + c`` instead, so that consecutive columns are consecutive
+    channels: contiguous in channels_last memory. The F.unfold index is where the tile is stored.
+    """
+    if TAP_MAJOR:
+        tap = o_k // C
+        c = o_k % C
+        idx = c * (KH * KW) + tap
+    else:
+        c = o_k // (KH * KW)
+        tap = o_k % (KH * KW)
+        idx = o_k
+    dh = (tap // KW) * DH
+    dw = (tap % KW) * DW
+    off = c.to(tl.int64) * stride_xc + dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
+    return off, dh, dw, idx
+
+
+@triton.jit
+def _patch_tile(x_ptr, off_k, dh, dw, m_k, off_p, ih0, iw0, m_p, H, W, PIXEL_FAST: tl.constexpr):
+    """One operand tile of the patch matrix, zero outside the image (zero padding): ``[BD, BK]``
+    (pixels along the fast axis) if PIXEL_FAST, else ``[BK, BD]``."""
+    if PIXEL_FAST:
+        ih = dh[:, None] + ih0[None, :]
+        iw = dw[:, None] + iw0[None, :]
+        m = m_k[:, None] & m_p[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        return tl.load(x_ptr + off_k[:, None] + off_p[None, :], mask=m, other=0.0)  # [BD, BK]
+    else:
+        ih = ih0[:, None] + dh[None, :]
+        iw = iw0[:, None] + dw[None, :]
+        m = m_p[:, None] & m_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        return tl.load(x_ptr + off_p[:, None] + off_k[None, :], mask=m, other=0.0)  # [BK, BD]
+
+
+@triton.autotune(
+    configs=make_configs(_KEYS, _CONV_ROWS, num_warps_index=2, num_stages_index=3),
+    key=["d", "n_bucket", "C", "KH", "KW", "SH", "SW", "TAP_MAJOR", "PIXEL_FAST"],
+    prune_configs_by={"early_config_prune": _prune_tiles},
+    restore_value=["acc_ptr"],
+)
+@triton.jit
+def _conv_syrk_kernel(
+    x_ptr, acc_ptr,
+    n_rows, d, C, H, W, OH, OW,
+    stride_xn, stride_xc, stride_xh, stride_xw, stride_a0, stride_a1,
+    n_bucket,
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    TAP_MAJOR: tl.constexpr, PIXEL_FAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # rows are output pixels r = (n * OH + oh) * OW + ow; columns are kernel taps (c, i, j); the
+    # patch element is x[n, c, oh * SH - PH + i * DH, ow * SW - PW + j * DW], zero outside the image
+    i_m, i_n = _tile_pair(tl.program_id(0))
+    start, end = _split_rows(n_rows, BLOCK_K)
+
+    o_m = i_m * BLOCK_D + tl.arange(0, BLOCK_D)
+    o_n = i_n * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_m = o_m < d
+    m_n = o_n < d
+    # the column parts of the addresses are fixed for the whole loop
+    off_m, dh_m, dw_m, idx_m = _patch_columns(o_m, C, stride_xc, stride_xh, stride_xw,
+                                              KH, KW, DH, DW, TAP_MAJOR)
+    off_n, dh_n, dw_n, idx_n = _patch_columns(o_n, C, stride_xc, stride_xh, stride_xw,
+                                              KH, KW, DH, DW, TAP_MAJOR)
+
+    b_c = tl.zeros([BLOCK_D, BLOCK_D], dtype=tl.float32)
+    for k0 in range(start, end, BLOCK_K):
+        o_p = k0 + tl.arange(0, BLOCK_K)
+        m_p = o_p < end
+        i_img = o_p // (OH * OW)
+        o_hw = o_p % (OH * OW)
+        ih0 = (o_hw // OW) * SH - PH
+        iw0 = (o_hw % OW) * SW - PW
+        off_p = i_img.to(tl.int64) * stride_xn + ih0.to(tl.int64) * stride_xh + iw0.to(tl.int64) * stride_xw
+        b_a = _patch_tile(x_ptr, off_m, dh_m, dw_m, m_m, off_p, ih0, iw0, m_p, H, W, PIXEL_FAST)
+        b_b = _patch_tile(x_ptr, off_n, dh_n, dw_n, m_n, off_p, ih0, iw0, m_p, H, W, PIXEL_FAST)
+        if PIXEL_FAST:
+            b_c = tl.dot(b_a, tl.trans(b_b), b_c, input_precision=INPUT_PRECISION)  # [BD, BD]
+        else:
+            b_c = tl.dot(tl.trans(b_a), b_b, b_c, input_precision=INPUT_PRECISION)  # [BD, BD]
+
+    _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_splits(tiles: int, n_rows: int, epilogue_rows: int, device: torch.device) -> int:
+    """Splits along N: enough programs to fill the SMs, few enough that the epilogues stay cheap.
+
+    ``s`` splits take ``ceil(tiles * s / SMs)`` waves, each of ``ceil(N / s)`` rows of dot products
+    plus one epilogue (adding a tile into the fp64 accumulator, twice), which costs about as much as
+    ``epilogue_rows`` rows of dot products. d = 384, N = 8192, 16-bit input on 132 SMs: 6 tiles of
+    128 take 22 splits (one wave); d = 4096 (528 tiles) takes none.
+    """
+    slots = _sm_count(device)
+    s_max = max(1, min(_MAX_SPLITS, n_rows // _MIN_ROWS_PER_SPLIT))
+
+    def cost(s: int) -> int:
+        return math.ceil(tiles * s / slots) * (math.ceil(n_rows / s) + epilogue_rows)
+
+    return min(range(1, s_max + 1), key=lambda s: (cost(s), s))
+
+
+def _grid(d: int, n_rows: int, epilogue_rows: int, device: torch.device, splits: int | None):
+    def grid(meta):
+        n_t = triton.cdiv(d, meta["BLOCK_D"])
+        tiles = n_t * (n_t + 1) // 2
+        return tiles, splits or _num_splits(tiles, n_rows, epilogue_rows, device)
+
+    return grid
+
+
+def _collapse(sizes: Sequence[int], strides: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The fewest dims addressing the same elements in the same row-major order (size-1 dims
+    dropped, dims merged where ``stride[i] == size[i+1] * stride[i+1]``)."""
+    out_sizes: list[int] = []
+    out_strides: list[int] = []
+    for size, stride in zip(sizes, strides, strict=True):
+        if size == 1:
+            continue
+        if out_sizes and out_strides[-1] == size * stride:
+            out_sizes[-1] *= size
+            out_strides[-1] = stride
+        else:
+            out_sizes.append(size)
+            out_strides.append(stride)
+    return out_sizes, out_strides
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def covariance_update_triton(
+    acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, allow_tf32: bool = False, *,
+    splits: int | None = None,
+) -> None:
+    """``acc += x^T x`` summed over the leading dims of ``x`` (``(..., d)``); rows where ``mask`` is
+    False are skipped. ``acc`` is ``(d, d)`` fp64 (or fp32). fp32 inputs use IEEE fp32 products
+    unless ``allow_tf32``. ``splits`` forces the number of chunks along N (tests); None picks it.
+    """
+    d = x.shape[-1]
+    n_rows = x.numel() // d if d else 0
+    if n_rows == 0 or d == 0:
+        return
+    if x.dtype not in _DOT_DTYPES:
+        # e.g. fp64 input: the torch reference also forms the product in fp32
+        x = x.to(torch.float32)
+    sizes, strides = _collapse(x.shape[:-1], x.stride()[:-1])
+    if len(sizes) > 2:
+        # three or more leading dims that do not merge: one copy, as reshape would make
+        x = x.reshape(n_rows, d)
+        sizes, strides = [n_rows], [x.stride(0)]
+    if len(sizes) == 2:
+        two_level, r1, stride_x0, stride_x1 = True, sizes[1], strides[0], strides[1]
+    else:
+        two_level, r1, stride_x0, stride_x1 = False, n_rows, 0, strides[0] if strides else d
+    if mask is not None:
+        # a copy only if the mask itself is strided: N bytes, never the tokens
+        mask_arg = mask.reshape(-1).view(torch.uint8)
+    else:
+        mask_arg = x  # never read (HAS_MASK=False)
+    precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
+    fma = x.dtype == torch.float32 and precision == "ieee"
+    epilogue_rows = _EPILOGUE_ROWS_FMA if fma else _EPILOGUE_ROWS_TENSOR_CORE
+    with _device_guard(x):
+        _syrk_kernel[_grid(d, n_rows, epilogue_rows, x.device, splits)](
+            x, mask_arg, acc,
+            n_rows, d, r1,
+            stride_x0, stride_x1, x.stride(-1), acc.stride(0), acc.stride(1),
+            triton.next_power_of_2(n_rows),
+            HAS_MASK=mask is not None, TWO_LEVEL=two_level, INPUT_PRECISION=precision,
+        )
+
+
+def _conv_layout(x: torch.Tensor, kw: int, stride_w: int, dilation_w: int, out_w: int) -> tuple[bool, bool]:
+    """``(tap_major, pixel_fast)``: the column order and the tile orientation whose fast (lane) axis
+    walks the longest contiguous run of ``x``. NCHW 3x3 stride 1: pixels (runs of OW). ViT's 16x16
+    stride-16 patchify in NCHW: kernel columns (runs of 16). channels_last: channels (runs of C, or
+    KW * C where the taps of a kernel row are adjacent)."""
+    _, channels, _, _ = x.shape
+    _, sc, _, sw = x.stride()
+    run_pixels = out_w if sw == 1 and stride_w == 1 else 1
+    run_channel_major = kw if sw == 1 and dilation_w == 1 else 1
+    run_tap_major = channels * (kw if sw == channels and dilation_w == 1 else 1) if sc == 1 else 1
+    tap_major = run_tap_major > run_channel_major
+    pixel_fast = run_pixels > max(run_tap_major, run_channel_major)
+    return tap_major, pixel_fast
+
+
+def conv_covariance_update_triton(
+    acc: torch.Tensor,
+    x: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    *,
+    splits: int | None = None,
+    layout: tuple[bool, bool] | None = None,
+) -> None:
+    """``acc += P^T P`` for the im2col patches ``P`` of ``x`` (``(N, C, H, W)``, any strides), with
+    the patch laid out as F.unfold does. ``splits`` and ``layout`` (``(tap_major, pixel_fast)``)
+    force the split count and the load orientation (tests); None picks them."""
+    n_img, channels, h, w = x.shape
+    kh, kw = (int(v) for v in kernel_size)
+    sh, sw = (int(v) for v in stride)
+    ph, pw = (int(v) for v in padding)
+    dh, dw = (int(v) for v in dilation)
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    d = channels * kh * kw
+    n_rows = n_img * max(out_h, 0) * max(out_w, 0)
+    if n_rows == 0 or d == 0:
+        return
+    if x.dtype not in _DOT_DTYPES:
+        x = x.to(torch.float32)
+    tap_major, pixel_fast = layout if layout is not None else _conv_layout(x, kw, sw, dw, out_w)
+    epilogue_rows = _EPILOGUE_ROWS_FMA if x.dtype == torch.float32 else _EPILOGUE_ROWS_TENSOR_CORE
+    with _device_guard(x):
+        _conv_syrk_kernel[_grid(d, n_rows, epilogue_rows, x.device, splits)](
+            x, acc,
+            n_rows, d, channels, h, w, out_h, out_w,
+            *x.stride(), acc.stride(0), acc.stride(1),
+            triton.next_power_of_2(n_rows),
+            KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
+            TAP_MAJOR=tap_major, PIXEL_FAST=pixel_fast,
+            # fp32 activations keep IEEE products: TF32 would degrade the statistics
+            INPUT_PRECISION="ieee",
+        )
+
+
+__all__ = ["conv_covariance_update_triton", "covariance_update_triton"]
