@@ -1,6 +1,7 @@
 """Small-M results of the CUDA extension, written to ``benchmarks/results/<device>-cuda.json``.
 
     .ci/build_cuda_ext.sh && python benchmarks/cuda_results.py [--dtypes bfloat16,float16] [--no-vit]
+    python benchmarks/cuda_results.py --quick    # ViT-B shapes, bf16, M in {1, 16}: checks the script
 
 1. Per call, for ViT-B/L layer shapes at ~50% parameters and M in {1, 4, 16}: the CUDA extension's
    one-launch kernel, the Triton kernel (``lowrank_linear(..., backend="triton")``) and the two-call
@@ -121,11 +122,11 @@ def nbytes(*ts: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def linear_rows(dtype: torch.dtype, ce, lowrank_linear) -> list[dict]:
+def linear_rows(dtype: torch.dtype, ce, lowrank_linear, layers=LAYERS, ms=MS) -> list[dict]:
     rows = []
-    for model, layer, n_in, n_out in LAYERS:
+    for model, layer, n_in, n_out in layers:
         r = half_rank(n_in, n_out)
-        for m in MS:
+        for m in ms:
             x = torch.randn(m, n_in, device="cuda", dtype=dtype)
             w_bytes = (r * n_in + n_out * r + n_out) * x.element_size()
             copies = max(2, min(256, L2_OVERFLOW_BYTES // w_bytes))
@@ -163,11 +164,11 @@ def linear_rows(dtype: torch.dtype, ce, lowrank_linear) -> list[dict]:
     return rows
 
 
-def mlp_rows(dtype: torch.dtype, ce, lowrank_mlp) -> list[dict]:
+def mlp_rows(dtype: torch.dtype, ce, lowrank_mlp, mlps=MLPS, ms=MS) -> list[dict]:
     rows = []
-    for model, d, hidden in MLPS:
+    for model, d, hidden in mlps:
         r1, r2 = half_rank(d, hidden), half_rank(hidden, d)
-        for m in MS:
+        for m in ms:
             x = torch.randn(m, d, device="cuda", dtype=dtype)
             w_bytes = (r1 * d + hidden * r1 + hidden + r2 * hidden + d * r2 + d) * x.element_size()
             copies = max(2, min(128, L2_OVERFLOW_BYTES // w_bytes))
@@ -287,6 +288,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", default="bfloat16,float16")
     parser.add_argument("--no-vit", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="ViT-B shapes, bfloat16, M in {1, 16}, no ViT")
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/results/<device>-cuda.json")
     args = parser.parse_args()
@@ -313,10 +315,14 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.cuda.get_device_name()
     dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",") if d.strip()]
+    layers, mlps, ms = LAYERS, MLPS, MS
+    if args.quick:
+        dtypes, ms, args.no_vit = [torch.bfloat16], (1, 16), True
+        layers, mlps = [row for row in LAYERS if row[0] == "vit_b"], MLPS[:1]
     rows: list[dict] = []
     for dtype in dtypes:
-        rows += linear_rows(dtype, ce, lowrank_linear)
-        rows += mlp_rows(dtype, ce, lowrank_mlp)
+        rows += linear_rows(dtype, ce, lowrank_linear, layers, ms)
+        rows += mlp_rows(dtype, ce, lowrank_mlp, mlps, ms)
     result = {
         "format": "utilrank.cuda_bench/1", "device": device, "torch_version": torch.__version__,
         "triton_version": triton_version, "cuda_version": torch.version.cuda,
