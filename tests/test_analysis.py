@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from _models import TokenMLP
+
 from utilrank_kernels.analysis import analyze, collect_stats, energy_rank, symmetric_eigh
 from utilrank_kernels.cli import main
 

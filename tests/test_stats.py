@@ -8,9 +8,8 @@ import textwrap
 
 import pytest
 import torch
-
-
 from _models import ConvNet, TokenMLP
+
 from utilrank_kernels.analysis import NonFiniteInputError, Statistics, collect_stats
 
 

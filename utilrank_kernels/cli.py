@@ -112,7 +112,8 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                         "folder split 70/15/15)")
     p.add_argument("--energy", type=float, default=0.99,
                    help="fraction of each covariance's trace the kept eigenvectors must hold (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size of the statistics pass (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="batch size of the statistics pass (default: %(default)s)")
     p.add_argument("--max-batches", type=int, default=None, help="stop the statistics pass after N batches")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
@@ -205,7 +206,8 @@ def cmd_compress(args) -> int:
                   "latency_ms": latency_ms(copy.deepcopy(model).cpu(), bench_input)},
         "projected": {"params": projected_params, "flops": projected_flops, "accuracy": projected_acc},
         "compressed": {"params": count_params(compressed), "flops": count_flops(compressed, example),
-                       "accuracy": compressed_acc, "latency_ms": latency_ms(copy.deepcopy(compressed).cpu(), bench_input)},
+                       "accuracy": compressed_acc,
+                       "latency_ms": latency_ms(copy.deepcopy(compressed).cpu(), bench_input)},
         "mlu": report["mlu"], "finetune_epochs": args.finetune_epochs,
     }
     report["dense"] = [{"name": n, "reason": r} for n, r in dense.items()]

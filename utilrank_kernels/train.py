@@ -41,10 +41,13 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     total = max(1, epochs * len(loader))
     warmup = min(len(loader), total // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / max(1, warmup) if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
-    )
+
+    def warmup_cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
     with tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
         for _ in range(epochs):
             for images, labels in loader:

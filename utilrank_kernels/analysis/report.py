@@ -49,7 +49,8 @@ def analyze(
             "weight_rank": int(torch.linalg.matrix_rank(sub.weight)),
             "utilization": rank / full_rank,
             "params_dense": params_dense,
-            "params_factored": params_factored if factored_pays(rank, s.in_features, s.out_features) else params_dense,
+            "params_factored": (params_factored if factored_pays(rank, s.in_features, s.out_features)
+                                else params_dense),
         })
     mlu = sum(r["utilization"] for r in rows) / len(rows) if rows else 0.0
     report = {
@@ -61,7 +62,8 @@ def analyze(
 
 
 def format_table(report: dict) -> str:
-    head = f"{'layer':<28} {'kind':<6} {'in':>6} {'out':>6} {'k_in':>5} {'k_out':>5} {'rank':>5} {'W rank':>6} {'util':>6}"
+    head = (f"{'layer':<28} {'kind':<6} {'in':>6} {'out':>6} {'k_in':>5} {'k_out':>5} {'rank':>5} {'W rank':>6} "
+            f"{'util':>6}")
     lines = [head, "-" * len(head)]
     for r in report["layers"]:
         lines.append(
@@ -90,7 +92,8 @@ def plot_utilization(report: dict, path: str | Path) -> None:
     xs = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 4.2))
     ax.plot(xs, [r["weight_rank"] for r in rows], ":o", color="tab:gray", ms=4, label="rank of W")
-    ax.plot(xs, [r["rank"] for r in rows], "-o", color="tab:blue", ms=4, label=f"utilized rank (energy {report['energy']})")
+    ax.plot(xs, [r["rank"] for r in rows], "-o", color="tab:blue", ms=4,
+            label=f"utilized rank (energy {report['energy']})")
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["name"] for r in rows], rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("rank")

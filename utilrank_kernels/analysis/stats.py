@@ -116,7 +116,7 @@ class Statistics:
             dist.all_reduce(buf)
             if buf is not t:
                 t.copy_(buf)
-        for s, n in zip(self.layers.values(), counts.tolist()):
+        for s, n in zip(self.layers.values(), counts.tolist()[:-1], strict=True):
             s.tokens = n
         self.batches = counts[-1].item()
 
@@ -160,6 +160,7 @@ class _Collector:
         self.stats, self.backend, self.stats_device = stats, backend, stats_device
         self.mask: torch.Tensor | None = None
         self.batch_index = 0
+        self.pending: list[tuple[str, int | torch.Tensor]] = []
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def remove(self) -> None:
@@ -183,23 +184,38 @@ class _Collector:
                 x, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0, 0)
             conv_covariance_update(acc, x, module.kernel_size, module.stride, padding, module.dilation,
                                    backend=self.backend)
-            out_h = (x.shape[2] + 2 * padding[0] - module.dilation[0] * (module.kernel_size[0] - 1) - 1) // module.stride[0] + 1
-            out_w = (x.shape[3] + 2 * padding[1] - module.dilation[1] * (module.kernel_size[1] - 1) - 1) // module.stride[1] + 1
-            tokens = x.shape[0] * out_h * out_w
+            out_hw = [(size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in
+                      zip(x.shape[2:], padding, module.dilation, module.kernel_size, module.stride, strict=True)]
+            tokens = x.shape[0] * out_hw[0] * out_hw[1]
         else:
             mask = self.mask
             if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
                 mask = None  # the mask applies to token tensors of its own shape, not to pooled features
-            covariance_update(acc, x, None if mask is None else mask.to(x.device), backend=self.backend)
-            tokens = int(mask.sum()) if mask is not None else x.numel() // x.shape[-1]
+            if mask is not None:
+                mask = mask.to(x.device)
+            covariance_update(acc, x, mask, backend=self.backend)
+            tokens = mask.sum() if mask is not None else x.numel() // x.shape[-1]
         if acc is not s.cov:
             s.cov.add_(acc.to(s.cov.device))
-        # a NaN or Inf anywhere in the input reaches the diagonal (sums of squares): d values to check
-        if not torch.isfinite(s.cov.diagonal()).all():
-            raise NonFiniteInputError(
-                f"layer {name}: NaN or Inf in its input at batch {self.batch_index}; statistics stopped"
-            )
-        s.tokens += tokens
+        self.pending.append((name, tokens))
+
+    def finish_batch(self) -> None:
+        """Token counts and the NaN/Inf check of every layer, with one host sync per batch (not one per
+        layer): a NaN or Inf anywhere in an input reaches the diagonal (sums of squares)."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        layers = self.stats.layers
+        finite = torch.stack([torch.isfinite(layers[n].cov.diagonal()).all() for n, _ in pending]).tolist()
+        for (name, _), ok in zip(pending, finite, strict=True):
+            if not ok:
+                raise NonFiniteInputError(
+                    f"layer {name}: NaN or Inf in its input at batch {self.batch_index}; statistics stopped"
+                )
+        counted = [t for _, t in pending if isinstance(t, torch.Tensor)]
+        counts = iter(torch.stack(counted).tolist()) if counted else iter(())
+        for name, t in pending:
+            layers[name].tokens += next(counts) if isinstance(t, torch.Tensor) else t
 
 
 def _split_batch(batch):
@@ -269,6 +285,7 @@ def collect_stats(
                 collector.batch_index = stats.batches
                 collector.mask = mask_fn(batch) if mask_fn is not None else None
                 model(_split_batch(batch).to(device, non_blocking=True))
+                collector.finish_batch()
                 stats.batches += 1
                 if checkpoint_every and checkpoint_path and stats.batches % checkpoint_every == 0:
                     stats.save(checkpoint_path)

@@ -92,7 +92,8 @@ def build_model(
             model = trained_builtin(name, device=device)
         else:
             model = load_checkpoint(build_builtin(name), checkpoint)
-        return model.eval(), {"arch": name, "source": "builtin", "num_classes": kwargs["num_classes"], "model_kwargs": kwargs}
+        config = {"arch": name, "source": "builtin", "num_classes": kwargs["num_classes"], "model_kwargs": kwargs}
+        return model.eval(), config
     import timm
 
     if not timm.is_model(name):

@@ -14,7 +14,8 @@ import triton
 
 
 def single_config() -> bool:
-    return os.environ.get("UTILRANK_TRITON_CONFIG", "") == "first" or os.environ.get("TRITON_INTERPRET") == "1"
+    forced = os.environ.get("UTILRANK_TRITON_CONFIG", "") == "first"
+    return forced or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def make_configs(keys: Sequence[str], rows: Sequence[tuple], *, num_warps_index: int | None = None,
@@ -23,7 +24,8 @@ def make_configs(keys: Sequence[str], rows: Sequence[tuple], *, num_warps_index:
     may be trailing columns (give their indices)."""
     configs = []
     for row in rows[:1] if single_config() else rows:
-        meta = {k: v for i, (k, v) in enumerate(zip(keys, row)) if i not in (num_warps_index, num_stages_index)}
+        special = (num_warps_index, num_stages_index)
+        meta = {k: v for i, (k, v) in enumerate(zip(keys, row, strict=False)) if i not in special}
         kwargs = {}
         if num_warps_index is not None:
             kwargs["num_warps"] = row[num_warps_index]
