@@ -39,24 +39,32 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def step_times(fn, *, warmup: int = 10, iters: int = 40, device: torch.device | None = None) -> list[float]:
-    """Seconds per call of ``fn``: timm's benchmark protocol (10 warm-up, 40 timed calls)."""
+def step_times(fn, *, warmup: int = 10, iters: int = 40, device: torch.device | None = None,
+               max_seconds: float | None = None) -> list[float]:
+    """Seconds per call of ``fn``: timm's benchmark protocol (10 warm-up, 40 timed calls).
+
+    ``max_seconds`` stops the timed calls early (after at least 5) for slow models where a summary
+    needs a median, not a benchmark."""
     sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
-    times = []
+    times: list[float] = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
+        if max_seconds is not None and len(times) >= 5 and sum(times) > max_seconds:
+            break
     return times
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, example: torch.Tensor, *, warmup: int = 10, iters: int = 40) -> float:
-    """Median milliseconds of one forward pass on ``example``."""
+def latency_ms(model: nn.Module, example: torch.Tensor, *, warmup: int = 3, iters: int = 40,
+               max_seconds: float = 3.0) -> float:
+    """Median milliseconds of one forward pass on ``example`` (within a time budget)."""
     model.eval()
-    return 1e3 * statistics.median(step_times(lambda: model(example), warmup=warmup, iters=iters,
-                                              device=example.device))
+    times = step_times(lambda: model(example), warmup=warmup, iters=iters, device=example.device,
+                       max_seconds=max_seconds)
+    return 1e3 * statistics.median(times)
