@@ -50,6 +50,9 @@ def _load_model_and_data(args, device: torch.device):
 
     try:
         if args.model in BUILTIN_MODELS:
+            if args.data not in (None, "digits"):
+                raise ValueError(f"--model {args.model} is built for the digits data (1x16x16); "
+                                 f"with --data {args.data} use a timm model name")
             model, config = build_model(args.model, args.checkpoint, device=str(device))
             data = load_data(args.data, model)
         else:
@@ -188,6 +191,14 @@ def cmd_compress(args) -> int:
     val_accuracy = lambda m: evaluate(m, data.val, device=device)
     layers, dense = plan_ranks(model, report, subspaces, energy=args.energy, tolerance=args.tolerance,
                                evaluate=val_accuracy, filter_fn=name_filter(args.include, args.exclude))
+    if args.target_device:  # latency-aware plan, decided by timings measured on the target
+        from .compress.latency import latency_aware
+
+        try:
+            layers, dense = latency_aware(model, layers, dense, data.test[0][0][None], args.target_device,
+                                          args.target_batch, progress=True)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
     plan = make_plan(args.model, layers, dense, method=args.method,
                      tolerance=args.tolerance, energy=args.energy)
     compressed = decompose(model, subspaces, plan, method=args.method)
@@ -250,8 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep layers whose name matches dense (repeatable), e.g. --exclude head")
     p.add_argument("--stats", default=None,
                    help="reuse a stats.safetensors from an earlier analyze instead of a new pass")
+    p.add_argument("--target-device", choices=("cpu", "cuda"), default=None,
+                   help="keep a layer dense where factoring is not faster on this device, and round ranks up "
+                        "to tile multiples where that costs no time (measured; timings cached per device)")
+    p.add_argument("--target-batch", type=int, default=32,
+                   help="with --target-device: the batch size to be fast at (default: %(default)s)")
     p.set_defaults(func=cmd_compress)
-    # -- more commands: each module adds its subparsers (one line per module) --
+    # Commands that live in their own modules; imported here because they import this module's helpers.
+    from . import bench
+    from .weightspace import cli as weightspace_cli
+
+    bench.add_parsers(sub)  # utilrank bench
+    weightspace_cli.add_parsers(sub)  # utilrank spectrum, utilrank soup
     return parser
 
 

@@ -1,0 +1,195 @@
+"""Soups of compressed models: averaged in the dense space, re-factored on the soup's own statistics.
+
+Compressed models that share a plan have factors of equal shapes, but averaging them factor by factor
+is meaningless: ``B A = (B G)(G^-1 A)`` for any invertible ``r x r`` ``G``, and models compressed on
+their own data subspaces (or fine-tuned apart) differ by exactly such mixings, so the mean of the
+``A``'s and the mean of the ``B``'s multiply to a matrix that is not the mean of the ``B A``'s. The
+sound soup averages what the factors represent:
+
+1. each ingredient's factored layers are expanded to their dense weights ``W_i = B_i A_i`` (every other
+   tensor is taken as is) and the dense state dicts are averaged (uniform, weighted or greedy);
+2. the averaged dense model is factored again at the plan's ranks, ``W' = P_out W P_in = B A``
+   (DESIGN §1 step 5), on the subspaces of **statistics recollected on the averaged dense model**.
+
+Why recollect rather than merge the ingredients' statistics (``Statistics.merge``): the projections
+must span the inputs the *soup's* layers receive, and those come from the soup's earlier layers, which
+are averages, not any ingredient's (activations are not linear in the weights). Merged statistics
+describe the mixture of the ingredients' inputs; for ingredients in one basin they are close, but only
+the soup's own pass is exact, and it costs one forward pass over the data, the price of compressing
+any dense model. Merged statistics are accepted (``stats=``) for when the data is no longer at hand.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..analysis import Statistics, collect_stats, layer_subspaces
+from ..compress.factor import data_factors, factored_layer
+from ..compress.plan import apply_plan, replace_module
+from .average import (
+    GreedySoup,
+    Ingredient,
+    average_state_dicts,
+    describe,
+    greedy_soup,
+    load_soup,
+    state_dict_of,
+)
+
+
+def dense_state_dict(ingredient: Ingredient, plan: dict, index: int = 0) -> dict[str, torch.Tensor]:
+    """The compressed ingredient's state dict with every planned layer's ``weight_a`` / ``weight_b``
+    replaced by its dense ``weight = B @ A`` (formed in fp64, shaped as the dense layer's weight)."""
+    state = state_dict_of(ingredient, index)
+    label = describe(ingredient, index)
+    for name, entry in plan["layers"].items():
+        ka, kb = f"{name}.weight_a", f"{name}.weight_b"
+        if ka not in state or kb not in state:
+            raise ValueError(f"{label}: planned layer {name} is not factored (no {ka} / {kb}); "
+                             "was it compressed with this plan?")
+        a, b = state.pop(ka), state.pop(kb)
+        rank = a.shape[0]
+        if rank != entry["rank"] or b.shape[1] != rank:
+            raise ValueError(f"{label}: {name} has rank {rank} (weight_a {tuple(a.shape)}, weight_b "
+                             f"{tuple(b.shape)}), the plan says {entry['rank']}")
+        w = b.reshape(b.shape[0], rank).double() @ a.reshape(rank, -1).double()
+        state[f"{name}.weight"] = w.reshape(b.shape[0], *a.shape[1:]).to(a.dtype)
+    return state
+
+
+def dense_equivalent(ingredient: Ingredient, plan: dict, dense_model: nn.Module) -> nn.Module:
+    """A copy of ``dense_model`` holding the compressed ingredient's weights, ``W = B A`` per planned
+    layer: the same function, with plain layers that statistics hooks see."""
+    return _dense_model(dense_model, dense_state_dict(ingredient, plan))
+
+
+def planned_stats(model: nn.Module, plan: dict, batches: Iterable, **collect_kwargs) -> Statistics:
+    """One statistics pass over ``batches`` on the planned layers of a dense ``model`` (for a compressed
+    one, pass its ``dense_equivalent``: each layer receives exactly the inputs it does there)."""
+    layers = set(plan["layers"])
+    collect_kwargs.setdefault("progress", False)
+    return collect_stats(model, batches, filter_fn=lambda m, name: name in layers, **collect_kwargs)
+
+
+def refactor(model: nn.Module, plan: dict, stats: Statistics) -> nn.Module:
+    """A factored copy of the dense ``model``: each planned layer projected onto the subspaces of
+    ``stats`` at the plan's ``k_in`` / ``k_out`` (both the rank where the plan has no ``k_in``/``k_out``).
+
+    The architecture is exactly the plan's: where the small SVD finds ``M = U_out^T W U_in`` rank
+    deficient, the factors are padded with zeros to the planned rank (the same function)."""
+    model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    missing = [n for n in plan["layers"] if n not in stats.layers]
+    if missing:
+        raise ValueError(f"no statistics for planned layers {', '.join(missing[:8])}")
+    for name, entry in plan["layers"].items():
+        dense = modules.get(name)
+        if not isinstance(dense, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"planned layer {name} is {type(dense).__name__ if dense else 'missing'} in the "
+                             "model, not a dense nn.Linear / nn.Conv2d")
+        rank = entry["rank"]
+        k_in, k_out = entry.get("k_in", rank), entry.get("k_out", rank)
+        if min(k_in, k_out) != rank:
+            raise ValueError(f"plan entry {name}: rank {rank} is not min(k_in={k_in}, k_out={k_out})")
+        a, b = data_factors(layer_subspaces(stats.layers[name], dense.weight), k_in, k_out)
+        if a.shape[0] < rank:
+            a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
+        device = dense.weight.device
+        replace_module(model, name, factored_layer(dense, a.to(device), b.to(device)))
+    return model
+
+
+@dataclass
+class CompressedSoup:
+    model: nn.Module  # factored per the plan
+    dense: nn.Module  # the averaged dense model it was factored from
+    stats: Statistics | None  # the statistics the factors were computed on (None: an ingredient as is)
+    selected: list[int] | None = None  # greedy soups: the ingredients it holds
+    greedy: GreedySoup | None = None
+
+
+def _dense_model(template: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
+    return load_soup(copy.deepcopy(template), state)
+
+
+def compressed_soup(
+    ingredients: Sequence[Ingredient],
+    plan: dict,
+    dense_model: nn.Module,
+    *,
+    batches: Iterable | None = None,
+    stats: Statistics | None = None,
+    weights: Sequence[float] | None = None,
+    **collect_kwargs,
+) -> CompressedSoup:
+    """The uniform (or ``weights``-weighted) soup of compressed models sharing ``plan``: their dense
+    weights ``B_i A_i`` averaged into a copy of ``dense_model`` (the uncompressed architecture), then
+    factored at the plan's ranks on statistics recollected over ``batches`` on that averaged model (or
+    on ``stats``, e.g. the ingredients' merged statistics; see the module docstring)."""
+    if stats is None and batches is None:
+        raise ValueError("compressed_soup needs batches (to collect the soup's statistics) or stats")
+    states = [dense_state_dict(x, plan, i) for i, x in enumerate(ingredients)]
+    dense = _dense_model(dense_model, average_state_dicts(states, weights))
+    if stats is None:
+        stats = planned_stats(dense, plan, batches, **collect_kwargs)
+    return CompressedSoup(refactor(dense, plan, stats), dense, stats)
+
+
+def compressed_module(ingredient: Ingredient, plan: dict, dense_model: nn.Module) -> nn.Module:
+    """The ingredient as a factored module (a module is returned as is; weights are loaded into
+    ``dense_model``'s architecture with the plan applied)."""
+    if isinstance(ingredient, nn.Module):
+        return ingredient
+    model = apply_plan(copy.deepcopy(dense_model), plan)
+    return load_soup(model, state_dict_of(ingredient))
+
+
+def greedy_compressed_soup(
+    ingredients: Sequence[Ingredient],
+    plan: dict,
+    dense_model: nn.Module,
+    evaluate: Callable[[nn.Module], float],
+    *,
+    batches: Iterable,
+    scores: Sequence[float] | None = None,
+    progress: bool = True,
+    **collect_kwargs,
+) -> CompressedSoup:
+    """The greedy soup of compressed models: ingredients sorted by ``evaluate`` (held-out accuracy of the
+    compressed ingredient itself, or ``scores``), each candidate soup built as ``compressed_soup`` does
+    (dense average, statistics of the averaged model, re-factored) and scored as the compressed model it
+    is; an ingredient stays only if the score does not drop. A soup of one ingredient is that ingredient."""
+    ingredients = list(ingredients)
+    if scores is None:
+        scores = [float(evaluate(compressed_module(x, plan, dense_model))) for x in ingredients]
+    scores = [float(s) for s in scores]
+    states = [dense_state_dict(x, plan, i) for i, x in enumerate(ingredients)]
+    # the soup greedy_soup ends with is the last candidate whose score reached the best so far (its
+    # acceptance rule): keep that one built, not every candidate
+    kept = {"score": max(scores), "state": None, "soup": None}
+
+    def score_candidate(state) -> float:
+        dense = _dense_model(dense_model, state)
+        stats = planned_stats(dense, plan, batches, **collect_kwargs)
+        soup = CompressedSoup(refactor(dense, plan, stats), dense, stats)
+        score = float(evaluate(soup.model))
+        if score >= kept["score"]:
+            kept.update(score=score, state=state, soup=soup)
+        return score
+
+    result = greedy_soup(states, score_candidate, scores=scores, progress=progress)
+    if len(result.selected) == 1:
+        only = result.selected[0]
+        model = copy.deepcopy(compressed_module(ingredients[only], plan, dense_model))
+        soup = CompressedSoup(model, _dense_model(dense_model, result.state_dict), None)
+    else:
+        assert kept["state"] is result.state_dict
+        soup = kept["soup"]
+    soup.selected, soup.greedy = result.selected, result
+    return soup
