@@ -9,6 +9,8 @@ ops.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from collections.abc import Sequence
 
@@ -35,12 +37,29 @@ def _check_acc(op: str, acc: torch.Tensor, d: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # torch reference
 # ---------------------------------------------------------------------------------------------
+# Below this many multiply-adds (N d^2 / 2) syrk runs on one BLAS thread: the built-in ViT's updates
+# (2,200 x 256 and smaller) take ~1 ms, and on a 2-core machine a second thread's barriers cost more than
+# it computes (benchmarks/stats_pass.py, vit-digits: statistics pass 8.6x the forward with 2 BLAS
+# threads, see the closing note for the ratio with 1).
+SYRK_ONE_THREAD_MACS = 2**27
+
+
+@functools.cache
+def _blas_threads():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def _gram_fp32(x2d: torch.Tensor) -> torch.Tensor:
     """``x^T x`` in fp32 for a 2-D ``x``: one triangle by BLAS syrk on CPU, mirrored; a GEMM elsewhere."""
     x32 = x2d.to(torch.float32)
     if x32.device.type == "cpu" and x32.shape[0] > 0:
         xt = x32.contiguous().numpy().T  # (d, N), Fortran-ordered view: syrk reads it without a copy
-        upper = torch.from_numpy(blas.ssyrk(1.0, xt, trans=0, lower=0))
+        n, d = x32.shape
+        small = n * d * d // 2 < SYRK_ONE_THREAD_MACS
+        with _blas_threads().limit(limits=1, user_api="blas") if small else contextlib.nullcontext():
+            upper = torch.from_numpy(blas.ssyrk(1.0, xt, trans=0, lower=0))
         full = upper + upper.T
         full.diagonal().copy_(upper.diagonal())
         return full
