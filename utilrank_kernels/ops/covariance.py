@@ -38,9 +38,9 @@ def _check_acc(op: str, acc: torch.Tensor, d: int) -> None:
 # torch reference
 # ---------------------------------------------------------------------------------------------
 # Below this many multiply-adds (N d^2 / 2) syrk runs on one BLAS thread: the built-in ViT's updates
-# (2,200 x 256 and smaller) take ~1 ms, and on a 2-core machine a second thread's barriers cost more than
-# it computes (benchmarks/stats_pass.py, vit-digits: statistics pass 8.6x the forward with 2 BLAS
-# threads, see the closing note for the ratio with 1).
+# (2,200 x 256 and smaller) take ~1 ms, and between torch ops torch's OpenMP threads still spin on the
+# cores, which starves a second BLAS thread (benchmarks/stats_pass.py, vit-digits on 2 cores: statistics
+# pass 8.6x the forward with 2 BLAS threads, 2.3x with 1).
 SYRK_ONE_THREAD_MACS = 2**27
 
 
