@@ -181,15 +181,10 @@ def dense_twin(compressed: nn.Module, plan: dict, config: dict) -> nn.Module:
     """The architecture of ``config`` with every factored layer of ``compressed`` multiplied back into a
     dense weight: the dense model that computes what ``compressed`` computes."""
     from .compress.io import _build_architecture
+    from .weightspace import dense_state_dict
 
-    modules = dict(compressed.named_modules())
-    state = dict(compressed.state_dict())
-    for name in plan["layers"]:
-        state.pop(f"{name}.weight_a")
-        state.pop(f"{name}.weight_b")
-        state[f"{name}.weight"] = modules[name].weight
     dense = _build_architecture(config)
-    dense.load_state_dict(state, strict=True)
+    dense.load_state_dict(dense_state_dict(compressed, plan), strict=True)
     return dense.eval()
 
 
