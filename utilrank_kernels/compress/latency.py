@@ -135,18 +135,15 @@ class LatencyTable:
 def time_variants(fns: dict[str, Callable[[], object]], device: torch.device, *, rounds: int = ROUNDS,
                   block_seconds: float = BLOCK_SECONDS) -> dict[str, float]:
     """Median milliseconds per call of each callable, timed interleaved in blocks of calls."""
+    from ..bench import time_interleaved
+
     reps = {}
     for k, fn in fns.items():
         first = min(step_times(fn, warmup=2, iters=3, device=device))
         reps[k] = max(1, min(1000, math.ceil(block_seconds / max(first, 1e-7))))
-    per_call: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for i in range(rounds):
-        for k in names if i % 2 == 0 else reversed(names):
-            fn, n = fns[k], reps[k]
-            block = step_times(lambda fn=fn, n=n: [fn() for _ in range(n)], warmup=0, iters=1, device=device)
-            per_call[k].append(block[0] / n)
-    return {k: 1e3 * statistics.median(v) for k, v in per_call.items()}
+    blocks = {k: (lambda fn=fn, n=reps[k]: [fn() for _ in range(n)]) for k, fn in fns.items()}
+    times = time_interleaved(blocks, warmup=0, iters=rounds, device=device)
+    return {k: 1e3 * statistics.median(v) / reps[k] for k, v in times.items()}
 
 
 def _layer_fns(module: nn.Module, shape: tuple[int, ...], ranks: Sequence[int], device: torch.device,
