@@ -26,8 +26,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models and matrices: a second thread (PyTorch's, or the BLAS under scipy's ``ssyrk``) only
-    adds barriers, which spin for seconds on a shared 2-core machine."""
+    """Tiny models and matrices: a second thread (PyTorch's, or the BLAS under numpy) only adds
+    barriers, which spin for seconds on a shared 2-core machine."""
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()

@@ -31,7 +31,8 @@ def rel_err(a, b):
 
 # fp32 products accumulate rounding ~ eps * sqrt(N); half-precision inputs are exact in fp32 products
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("shape", [(1, 7), (300, 17), (4, 33, 24), (2, 3, 5, 40)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 7), (300, 17), (4, 33, 24), (2, 3, 5, 40), (2, 70, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_covariance_matches_fp64(shape, dtype):
     x = torch.randn(shape).to(dtype)
     acc = torch.zeros(shape[-1], shape[-1], dtype=torch.float64)
@@ -75,6 +76,9 @@ CONV_CASES = [
     pytest.param(4, 8, 9, (3, 1), (1, 2), (1, 0), (1, 1), id="k3x1-s1x2"),
     pytest.param(3, 10, 7, (2, 3), (2, 1), (0, 1), (2, 1), id="k2x3-d2x1"),
     pytest.param(1, 16, 16, (4, 4), (4, 4), (0, 0), (1, 1), id="patchify-k4-s4"),
+    # patches that tile the image take a reshape path: uneven sizes drop the last rows/columns
+    pytest.param(2, 10, 9, (4, 4), (4, 4), (0, 0), (1, 1), id="patchify-k4-s4-uneven"),
+    pytest.param(3, 8, 9, (2, 3), (2, 3), (0, 0), (1, 1), id="patchify-k2x3-s2x3"),
 ]
 
 
@@ -97,3 +101,23 @@ def test_conv_covariance_chunks_bound_memory(monkeypatch):
     acc = torch.zeros(18, 18, dtype=torch.float64)
     conv_covariance_update(acc, x, 3, 1, 1, 1)
     assert rel_err(acc, gram64(im2col64(x, (3, 3), (1, 1), (1, 1), (1, 1)))) < 1e-6
+
+
+def test_covariance_custom_ops_under_torch_compile():
+    """Eager calls skip the custom ops; torch.compile goes through them (schema, fake, mutation)."""
+    ops = torch.ops.utilrank
+    x, xc = torch.randn(2, 5, 130), torch.randn(2, 3, 8, 8)
+    torch.library.opcheck(ops.covariance_update.default,
+                          (torch.zeros(130, 130, dtype=torch.float64), x, x[..., 0] > 0, "torch", False))
+    torch.library.opcheck(ops.conv_covariance_update.default,
+                          (torch.zeros(27, 27, dtype=torch.float64), xc, [3, 3], [2, 2], [1, 1], [1, 1], "torch"))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def update(acc, x, xc, acc_conv):
+        covariance_update(acc, x, backend="torch")
+        conv_covariance_update(acc_conv, xc, 3, 2, 1, 1, backend="torch")
+
+    acc, acc_conv = torch.zeros(130, 130, dtype=torch.float64), torch.zeros(27, 27, dtype=torch.float64)
+    update(acc, x, xc, acc_conv)
+    assert rel_err(acc, gram64(x.reshape(-1, 130))) < 1e-6
+    assert rel_err(acc_conv, gram64(im2col64(xc, (3, 3), (2, 2), (1, 1), (1, 1)))) < 1e-6

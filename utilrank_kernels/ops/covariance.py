@@ -1,22 +1,18 @@
 """Streaming second-moment updates: ``acc += X^T X`` over the tokens (or im2col patches) of a batch.
 
 The torch path is the ground truth for tests and the CPU path: the per-batch product is formed in
-fp32 (on CPU by BLAS ``ssyrk``, which computes only one triangle: measured 1.9x faster than
-``addmm_`` at 8192 x 1536) and added into the fp64 accumulator, so rounding does not grow with the
-number of batches. The Triton path (``utilrank_kernels.triton.covariance``) plugs in behind the same
-ops.
+fp32, only the upper block triangle of it (see ``_add_gram_``), and added into the fp64 accumulator,
+so rounding does not grow with the number of batches. The Triton path
+(``utilrank_kernels.triton.covariance``) plugs in behind the same ops.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from scipy.linalg import blas
 
 from ._backend import check_backend, require_triton, triton_runs_on
 
@@ -37,33 +33,26 @@ def _check_acc(op: str, acc: torch.Tensor, d: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # torch reference
 # ---------------------------------------------------------------------------------------------
-# Below this many multiply-adds (N d^2 / 2) syrk runs on one BLAS thread: the built-in ViT's updates
-# (2,200 x 256 and smaller) take ~1 ms, and between torch ops torch's OpenMP threads still spin on the
-# cores, which starves a second BLAS thread (benchmarks/stats_pass.py, vit-digits on 2 cores: statistics
-# pass 8.6x the forward with 2 BLAS threads, 2.3x with 1).
-SYRK_ONE_THREAD_MACS = 2**27
+# The symmetric update in torch's own GEMM, one row panel of the upper block triangle at a time:
+# panels of width w do (d + w) / 2d of the full product's work. Width 128 was within 5% of the best
+# width at every d from 256 to 3072 (N = 4096, 2-core CPU), where the full product took 1.3x-1.7x as
+# long. scipy's ssyrk (one triangle) was as fast in isolation but slower inside the pass: its
+# threads and torch's OpenMP threads, which spin between ops, share the cores (benchmarks/stats_pass.py,
+# vit-digits on 2 cores: 2.3x the forward with ssyrk).
+_PANEL_WIDTH = 128
 
 
-@functools.cache
-def _blas_threads():
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-def _gram_fp32(x2d: torch.Tensor) -> torch.Tensor:
-    """``x^T x`` in fp32 for a 2-D ``x``: one triangle by BLAS syrk on CPU, mirrored; a GEMM elsewhere."""
-    x32 = x2d.to(torch.float32)
-    if x32.device.type == "cpu" and x32.shape[0] > 0:
-        xt = x32.contiguous().numpy().T  # (d, N), Fortran-ordered view: syrk reads it without a copy
-        n, d = x32.shape
-        small = n * d * d // 2 < SYRK_ONE_THREAD_MACS
-        with _blas_threads().limit(limits=1, user_api="blas") if small else contextlib.nullcontext():
-            upper = torch.from_numpy(blas.ssyrk(1.0, xt, trans=0, lower=0))
-        full = upper + upper.T
-        full.diagonal().copy_(upper.diagonal())
-        return full
-    return x32.T @ x32
+def _add_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc += x^T x`` for a 2-D ``x``; a symmetric ``acc`` stays exactly symmetric."""
+    d = x.shape[1]
+    gram = x.new_empty(d, d)
+    for start in range(0, d, _PANEL_WIDTH):
+        stop = min(start + _PANEL_WIDTH, d)
+        torch.mm(x[:, start:stop].T, x[:, start:], out=gram[start:stop, start:])
+    # the panels fill the upper block triangle, and their diagonal blocks are GEMM results, symmetric
+    # only up to rounding: keep the upper triangle and mirror it
+    upper = gram.triu()
+    acc.add_(upper.add_(upper.T.tril(-1)))
 
 
 def covariance_update_reference(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -72,7 +61,7 @@ def covariance_update_reference(acc: torch.Tensor, x: torch.Tensor, mask: torch.
         x2d = x2d[mask.reshape(-1)]
     if x2d.shape[0] == 0:
         return
-    acc.add_(_gram_fp32(x2d).to(acc.dtype))
+    _add_gram_(acc, x2d.to(torch.float32))
 
 
 def conv_covariance_update_reference(
@@ -89,18 +78,31 @@ def conv_covariance_update_reference(
     k = channels * kh * kw
     out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    # patchify (a ViT's patch embedding): the patches tile the image, so a reshape gathers them in a
+    # fifth of F.unfold's time (CPU, the built-in ViT's input and ViT-B/16's at batch 32)
+    tiles = tuple(stride) == (kh, kw) and tuple(padding) == (0, 0) and tuple(dilation) == (1, 1)
     per_image = max(1, out_h * out_w * k * 4)
     chunk = max(1, _IM2COL_CHUNK_BYTES // per_image)
     for start in range(0, n_img, chunk):
-        cols = F.unfold(
-            x[start : start + chunk].float(), (kh, kw), dilation=dilation, padding=padding, stride=stride
-        )  # [b, K, L]
-        covariance_update_reference(acc, cols.transpose(1, 2).reshape(-1, k))
+        images = x[start : start + chunk]
+        if tiles:
+            patches = images[:, :, : out_h * kh, : out_w * kw].reshape(-1, channels, out_h, kh, out_w, kw)
+            patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(-1, k)  # (image, row, col) x (c, i, j)
+        else:
+            cols = F.unfold(images.float(), (kh, kw), dilation=dilation, padding=padding, stride=stride)
+            patches = cols.transpose(1, 2).reshape(-1, k)  # [b, K, L] -> [b * L, K]
+        covariance_update_reference(acc, patches)
 
 
 # ---------------------------------------------------------------------------------------------
 # custom ops and dispatch
 # ---------------------------------------------------------------------------------------------
+def _eager_torch_path(op: str, x: torch.Tensor, backend: str) -> bool:
+    """Outside torch.compile the torch path is called directly: the custom op's Python dispatch costs
+    ~50 us a call, which the small layers of a statistics pass feel."""
+    return not torch.compiler.is_compiling() and not _use_triton(op, x, backend)
+
+
 def _use_triton(op: str, x: torch.Tensor, backend: str) -> bool:
     if backend == "triton":
         require_triton(op, x)
@@ -179,7 +181,10 @@ def covariance_update(
     if mask is not None and mask.device != x.device:
         # the Triton kernel reads the mask through a raw pointer: a host mask would fault on the GPU
         raise ValueError(f"covariance_update: mask is on {mask.device} but x is on {x.device}")
-    _covariance_update_op(acc, x, mask, backend, allow_tf32)
+    if _eager_torch_path("covariance_update", x, backend):
+        covariance_update_reference(acc, x, mask)
+    else:
+        _covariance_update_op(acc, x, mask, backend, allow_tf32)
 
 
 def conv_covariance_update(
@@ -205,9 +210,11 @@ def conv_covariance_update(
     _check_acc("conv_covariance_update", acc, x.shape[1] * kh * kw)
     if acc.device != x.device:
         raise ValueError(f"conv_covariance_update: acc is on {acc.device} but x is on {x.device}")
-    _conv_covariance_update_op(
-        acc, x, [kh, kw], list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), backend
-    )
+    geometry = [kh, kw], list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+    if _eager_torch_path("conv_covariance_update", x, backend):
+        conv_covariance_update_reference(acc, x, *geometry)
+    else:
+        _conv_covariance_update_op(acc, x, *geometry, backend)
 
 
 __all__ = [

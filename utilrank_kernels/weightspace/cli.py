@@ -25,11 +25,10 @@ def _floats(text: str) -> list[float]:
 
 @contextlib.contextmanager
 def _threads(args) -> Iterator[None]:
-    """``--threads`` (default: 1 for the built-in models) for PyTorch and for the BLAS libraries under
-    numpy/scipy (the statistics pass's ``ssyrk`` runs there), via threadpoolctl. The built-in models'
-    layers are 64 wide: a second thread only adds barriers, and on a shared 2-core machine every barrier
-    spins while the other thread is descheduled (measured under load 3: the statistics pass of
-    vit-digits 10.5 s with 2 BLAS threads, 0.5 s with 1)."""
+    """``--threads`` (default: 1 for the built-in models) for PyTorch and for the BLAS under numpy (the
+    spectra's fits), via threadpoolctl. The built-in models' layers are 64 wide: a second thread only
+    adds barriers, and on a shared 2-core machine every barrier spins while the other thread is
+    descheduled."""
     from threadpoolctl import threadpool_limits
 
     from ..models import BUILTIN_MODELS
