@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import datetime
-import platform
 import statistics
 import time
 
 import torch
 
+from utilrank_kernels.bench import cpu_model_name, versions
+
 
 def device_name(device: str | torch.device = "cpu") -> str:
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model_name()
 
 
 def environment(device: str | torch.device = "cpu") -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"device": device_name(device), "torch_version": torch.__version__, "triton_version": triton_version,
-            "threads": torch.get_num_threads(), "date": datetime.date.today().isoformat()}
+    return {"device": device_name(device), **versions(), "threads": torch.get_num_threads(),
+            "date": datetime.date.today().isoformat()}
 
 
 def quantiles(times: list[float]) -> dict:

@@ -5,7 +5,9 @@
 
 Each round times one plain forward pass over the batches and one statistics pass over the same
 batches, alternating so that both see the same machine load; the ratio of medians is reported and
-written to benchmarks/results/<device>-stats-pass.json.
+written to benchmarks/results/<device>-stats-pass.json. As in ``utilrank bench``, glibc keeps freed
+memory for reuse (``--release-memory`` turns that off): otherwise which large activations get
+page-faulted in anew depends on the allocator's history, and single runs differ by 1.5x.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import environment, quantiles  # noqa: E402
 
 from utilrank_kernels.analysis import collect_stats  # noqa: E402
+from utilrank_kernels.bench import keep_freed_memory  # noqa: E402
 from utilrank_kernels.data import load_data  # noqa: E402
 from utilrank_kernels.models.loading import trained_builtin  # noqa: E402
 
@@ -32,9 +35,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit-digits")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=21)
+    p.add_argument("--release-memory", action="store_true", help="let glibc return freed memory to the OS")
+    p.add_argument("--no-overlap", action="store_true", help="run the updates in the forward's thread")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    keep_freed = not args.release_memory and keep_freed_memory()
 
     model = trained_builtin(args.model).eval()
     batches = [x for x, _ in DataLoader(load_data("digits").train, batch_size=args.batch_size)]
@@ -45,7 +51,7 @@ def main() -> None:
                 model(x)
 
     def stats_pass():
-        collect_stats(model, batches, progress=False)
+        collect_stats(model, batches, progress=False, overlap=False if args.no_overlap else None)
 
     forward_pass(), stats_pass()  # warm-up
     fwd, st = [], []
@@ -58,15 +64,20 @@ def main() -> None:
     row = {
         "model": args.model, "batch_size": args.batch_size, "batches": len(batches),
         "forward_s": quantiles(fwd), "stats_s": quantiles(st),
-        "ratio": quantiles(st)["median"] / quantiles(fwd)["median"], **env,
+        "ratio": quantiles(st)["median"] / quantiles(fwd)["median"], "malloc_keep_freed": keep_freed,
+        "overlap": not args.no_overlap,
+        "round_ratio": quantiles([s / f for s, f in zip(st, fwd, strict=True)]), **env,
     }
-    print(f"{args.model} batch {args.batch_size} on {env['device']} ({env['threads']} threads): forward "
+    print(f"{args.model} batch {args.batch_size} on {env['device']} ({env['threads']} threads, "
+          f"{'overlapped' if row['overlap'] else 'inline'} updates): forward "
           f"{row['forward_s']['median'] * 1e3:.1f} ms, statistics pass {row['stats_s']['median'] * 1e3:.1f} ms "
-          f"per epoch -> ratio {row['ratio']:.2f}x")
+          f"per epoch -> ratio {row['ratio']:.2f}x (rounds: p20 {row['round_ratio']['p20']:.2f}, "
+          f"p80 {row['round_ratio']['p80']:.2f})")
     out = Path(args.out or Path(__file__).parent / "results" /
                f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', env['device'])}-stats-pass.json")
     rows = json.loads(out.read_text())["rows"] if out.is_file() else []
-    rows = [r for r in rows if (r["model"], r["batch_size"]) != (args.model, args.batch_size)] + [row]
+    key = (args.model, args.batch_size, row["overlap"])
+    rows = [r for r in rows if (r["model"], r["batch_size"], r.get("overlap", False)) != key] + [row]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"format": "utilrank.bench-stats/1", "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -161,6 +161,14 @@ def test_cli_bench_param_ratio_and_compressed(tmp_path, capsys):
     (line,) = readme_table.table_rows([out])
     assert line.startswith("| vit-digits | utilrank compress | ") and f"| {rows[1]['speedup']:.2f}x |" in line
 
+    stats_file = tmp_path / "stats.json"  # a benchmarks/stats_pass.py file
+    spread = {"median": 0.3, "p20": 0.25, "p80": 0.35}
+    stats_file.write_text(json.dumps({"format": "utilrank.bench-stats/1", "rows": [{
+        "model": "vit-digits", "device": "cpu", "threads": 2, "overlap": True, "batch_size": 128, "batches": 10,
+        "forward_s": {"median": 0.2}, "stats_s": spread, "ratio": 1.5, "round_ratio": spread, "date": "d"}]}))
+    assert readme_table.stats_rows([out, stats_file]) == [
+        "| vit-digits | cpu | 2 | overlapped | 128 | 10 | 200 | 300 | 1.50x | 0.25-0.35 | d |"]
+
 
 def test_cli_bench_usage_errors(tmp_path, capsys):
     out = str(tmp_path / "x.json")

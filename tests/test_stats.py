@@ -10,7 +10,7 @@ import pytest
 import torch
 from _models import ConvNet, TokenMLP
 
-from utilrank_kernels.analysis import NonFiniteInputError, Statistics, collect_stats
+from utilrank_kernels.analysis import ModifiedInputError, NonFiniteInputError, Statistics, collect_stats
 
 
 def close(a, b, tol=1e-6):
@@ -32,11 +32,12 @@ def _inputs_of(model, batches, names):
     return seen
 
 
-def test_linear_layers_3d_tokens_match_fp64():
+@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])
+def test_linear_layers_3d_tokens_match_fp64(overlap):
     torch.manual_seed(0)
     model = TokenMLP()
     batches = [torch.randn(4, 7, 12) for _ in range(3)]
-    stats = collect_stats(model, batches, progress=False)
+    stats = collect_stats(model, batches, progress=False, overlap=overlap)
     seen = _inputs_of(model, batches, ["fc1", "fc2", "head"])
     for name, xs in seen.items():
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])
@@ -47,14 +48,15 @@ def test_linear_layers_3d_tokens_match_fp64():
     assert stats.batches == 3
 
 
-def test_conv_statistics_reproduce_output_second_moment():
+@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])
+def test_conv_statistics_reproduce_output_second_moment(overlap):
     """W C_in W^T must equal the second moment of the conv's own pre-bias outputs: an independent
     check that the patches (stride, dilation, reflect and 'same' padding, channels_last) are right."""
     torch.manual_seed(0)
     model = ConvNet().double()
     batches = [torch.randn(2, 3, 13, 11, dtype=torch.float64).to(memory_format=torch.channels_last)
                for _ in range(2)]
-    stats = collect_stats(model, batches, progress=False)
+    stats = collect_stats(model, batches, progress=False, overlap=overlap)
     assert [s["name"] for s in stats.skipped] == ["depthwise"]
     modules = dict(model.named_modules())
     seen = _inputs_of(model, batches, ["conv1", "conv2", "conv3"])
@@ -81,11 +83,47 @@ def test_mask_excludes_tokens():
     assert stats.layers["head"].tokens == 2  # the pooled head is not a token tensor: unmasked
 
 
-def test_nan_input_names_layer_and_batch():
+@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])
+def test_nan_input_names_layer_and_batch(overlap):
     model = TokenMLP()
     batches = [torch.randn(2, 3, 12), torch.full((2, 3, 12), float("nan"))]
+    threads = torch.get_num_threads()
     with pytest.raises(NonFiniteInputError, match=r"layer fc1: NaN or Inf in its input at batch 1"):
-        collect_stats(model, batches, progress=False)
+        collect_stats(model, batches, progress=False, overlap=overlap)
+    assert torch.get_num_threads() == threads  # overlap's split of the threads is undone on errors too
+
+
+def test_overlap_stops_when_the_model_modifies_an_input_in_place(monkeypatch):
+    """The statistics thread may read a layer's input after the forward moved on; an in-place change of
+    that input in between would corrupt the statistics silently, so it must stop the pass instead."""
+    import threading
+
+    import utilrank_kernels.analysis.stats as stats_module
+
+    modified = threading.Event()
+
+    class ScalesItsInput(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(12, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            x.mul_(2)
+            modified.set()
+            return y
+
+    update = stats_module.covariance_update
+
+    def update_after_the_change(acc, x, *args, **kwargs):
+        assert modified.wait(timeout=30)
+        update(acc, x, *args, **kwargs)
+
+    monkeypatch.setattr(stats_module, "covariance_update", update_after_the_change)
+    with pytest.raises(ModifiedInputError, match=r"layer fc: the model modified its input in place at batch 0"):
+        collect_stats(ScalesItsInput(), [torch.randn(3, 12)], progress=False, overlap=True)
+    with pytest.raises(ValueError, match="overlap runs the updates on a CPU thread"):
+        collect_stats(ScalesItsInput(), [], device="cuda", overlap=True)
 
 
 def test_save_load_roundtrip_and_merge(tmp_path):

@@ -49,20 +49,23 @@ BACKEND_CHOICES = ("torch", "triton", "cuda", "auto")
 # ---------------------------------------------------------------------------------------------
 # what makes a row comparable
 # ---------------------------------------------------------------------------------------------
+def cpu_model_name() -> str:
+    """``AMD EPYC``: the CPU's model name from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_label(device: str | torch.device = "cpu") -> str:
     """``NVIDIA H100 80GB HBM3`` on CUDA; on the CPU its model name and the threads torch uses."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model_name()} ({torch.get_num_threads()} threads)"
 
 
 def versions() -> dict:

@@ -97,6 +97,7 @@ def _collect(args, model, data, device, out: Path, rank: int, world: int):
         model, loader, device=device, stats_on_cpu=args.stats_on_cpu, max_batches=args.max_batches,
         resume=resume, skip_resumed=False, checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every,
         progress=rank == 0, meta={"model": args.model, "dataset": data.name}, total=n_batches,
+        overlap=False if args.no_overlap else None,
     )
     if rank == 0:
         stats.save(out / "stats.safetensors")
@@ -124,6 +125,10 @@ def _add_common(p: argparse.ArgumentParser, command: str) -> None:
                    help="write the statistics to OUT/stats.ckpt.safetensors every N batches (0: never)")
     p.add_argument("--resume", action="store_true", help="continue the statistics pass from OUT's checkpoint")
     p.add_argument("--stats-on-cpu", action="store_true", help="keep the fp64 accumulators in host memory")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="on CPU, run the covariance updates in the forward's thread instead of a second thread "
+                        "(each with half of torch's threads); needed only by models that modify a layer's "
+                        "input in place after the layer")
     p.add_argument("--out", default=None, help=f"output folder (default: utilrank-out/{command}-MODEL)")
 
 

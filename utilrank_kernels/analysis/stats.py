@@ -4,13 +4,19 @@ Forward pre-hooks on every analyzable layer feed ``covariance_update`` (``nn.Lin
 dims) or ``conv_covariance_update`` (``nn.Conv2d`` with groups=1, implicit im2col). Accumulators are
 fp64 and the statistics are sums, so they save, merge, all-reduce under ``torch.distributed`` and
 resume from a checkpoint to exactly what one uninterrupted pass gives.
+
+On CPU the updates run on a second thread while the forward goes on (``overlap``), each with half of
+torch's threads: a forward of small layers scales poorly over threads, so two streams of half the
+threads beat one stream of all of them (benchmarks/stats_pass.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,25 +159,67 @@ class NonFiniteInputError(RuntimeError):
     pass
 
 
-class _Collector:
-    """Owns the hooks of one pass; ``mask`` is the current batch's token mask (or None)."""
+# Layer inputs waiting for the overlap thread stay alive; past this many bytes the forward waits.
+_OVERLAP_MAX_BYTES = 512 << 20
 
-    def __init__(self, modules: dict[str, nn.Module], stats: Statistics, backend: str, stats_device):
+
+class ModifiedInputError(RuntimeError):
+    pass
+
+
+class _Collector:
+    """Owns the hooks of one pass; ``mask`` is the current batch's token mask (or None). With
+    ``overlap`` the updates run in submission order on one worker thread, and ``finish_batch`` waits
+    for them."""
+
+    def __init__(self, modules: dict[str, nn.Module], stats: Statistics, backend: str, stats_device,
+                 overlap: bool = False):
         self.stats, self.backend, self.stats_device = stats, backend, stats_device
         self.mask: torch.Tensor | None = None
         self.batch_index = 0
         self.pending: list[tuple[str, int | torch.Tensor]] = []
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="utilrank-stats") if overlap else None
+        self.in_flight: deque[tuple[Future, int]] = deque()
+        self.in_flight_bytes = 0
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+        if self.worker is not None:
+            self.worker.shutdown(wait=True, cancel_futures=True)
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs) -> None:
-            with torch.no_grad():
-                self._update(name, module, inputs[0].detach())
+            x = inputs[0].detach()
+            if self.worker is None or x.is_inference():  # an inference tensor has no version to check
+                self._wait_in_flight()
+                self._update_no_grad(name, module, x)
+                return
+            nbytes = x.numel() * x.element_size()
+            self.in_flight.append((self.worker.submit(self._update_checked, name, module, x, x._version), nbytes))
+            self.in_flight_bytes += nbytes
+            self._wait_in_flight(_OVERLAP_MAX_BYTES)
         return hook
+
+    def _wait_in_flight(self, max_bytes: int = -1) -> None:
+        """Wait for the oldest updates until at most ``max_bytes`` of inputs are in flight (default: none)."""
+        while self.in_flight and self.in_flight_bytes > max_bytes:
+            future, nbytes = self.in_flight.popleft()
+            self.in_flight_bytes -= nbytes
+            future.result()  # re-raises the worker's error here
+
+    def _update_no_grad(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            self._update(name, module, x)
+
+    def _update_checked(self, name: str, module: nn.Module, x: torch.Tensor, version: int) -> None:
+        self._update_no_grad(name, module, x)
+        if x._version != version:  # the forward changed the input in place before it was read
+            raise ModifiedInputError(
+                f"layer {name}: the model modified its input in place at batch {self.batch_index} while "
+                f"the statistics thread was reading it; rerun without overlap (--no-overlap)"
+            )
 
     def _update(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
         s = self.stats.layers[name]
@@ -202,16 +250,17 @@ class _Collector:
     def finish_batch(self) -> None:
         """Token counts and the NaN/Inf check of every layer, with one host sync per batch (not one per
         layer): a NaN or Inf anywhere in an input reaches the diagonal (sums of squares)."""
+        self._wait_in_flight()
         pending, self.pending = self.pending, []
         if not pending:
             return
         layers = self.stats.layers
-        finite = torch.stack([torch.isfinite(layers[n].cov.diagonal()).all() for n, _ in pending]).tolist()
-        for (name, _), ok in zip(pending, finite, strict=True):
-            if not ok:
-                raise NonFiniteInputError(
-                    f"layer {name}: NaN or Inf in its input at batch {self.batch_index}; statistics stopped"
-                )
+        diagonals = [layers[n].cov.diagonal() for n, _ in pending]
+        if not torch.isfinite(torch.cat(diagonals).sum()).item():  # sums of squares: nothing cancels
+            name = next(n for (n, _), diag in zip(pending, diagonals, strict=True) if not diag.isfinite().all())
+            raise NonFiniteInputError(
+                f"layer {name}: NaN or Inf in its input at batch {self.batch_index}; statistics stopped"
+            )
         counted = [t for _, t in pending if isinstance(t, torch.Tensor)]
         counts = iter(torch.stack(counted).tolist()) if counted else iter(())
         for name, t in pending:
@@ -239,6 +288,7 @@ def collect_stats(
     progress: bool = True,
     meta: dict | None = None,
     total: int | None = None,
+    overlap: bool | None = None,
 ) -> Statistics:
     """One forward pass per batch updates every analyzable layer's input statistics.
 
@@ -248,11 +298,19 @@ def collect_stats(
     are skipped (``skip_resumed=False`` when the caller already started ``batches`` after them).
     ``checkpoint_every`` writes the statistics to ``checkpoint_path`` every N batches, atomically.
     Under ``torch.distributed`` the result is all-reduced: each process passes its own shard.
+    ``overlap`` runs the updates on a second thread, each stream with half of torch's threads (default:
+    a CPU pass with at least 2 threads); a model that modifies a layer's input in place after the layer
+    then stops the pass with an error naming the layer.
     """
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     device = torch.device(device)
     stats_device = torch.device("cpu") if stats_on_cpu else device
+    threads = torch.get_num_threads()
+    if overlap is None:
+        overlap = device.type == "cpu" and threads >= 2
+    elif overlap and device.type != "cpu":
+        raise ValueError(f"collect_stats: overlap runs the updates on a CPU thread; the pass is on {device}")
     modules, skipped = analyzable_layers(model, filter_fn)
     if not modules:
         raise ValueError("collect_stats: the model has no nn.Linear or nn.Conv2d (groups=1) layer to analyze")
@@ -275,12 +333,15 @@ def collect_stats(
         iterator = itertools.islice(iterator, max(0, max_batches - stats.batches))
     if total is not None and max_batches is not None:
         total = min(total, max_batches)
-    collector = _Collector(modules, stats, backend, stats_device)
+    collector = _Collector(modules, stats, backend, stats_device, overlap)
     was_training = model.training
     model.eval()
+    if overlap:
+        torch.set_num_threads(max(1, threads // 2))  # the worker thread takes the same count on first use
     try:
-        with torch.inference_mode(), tqdm(iterator, desc="statistics", unit="batch", initial=stats.batches,
-                                          total=total, disable=not progress) as bar:
+        # no_grad, not inference_mode: layer inputs keep the version counters that overlap checks
+        with torch.no_grad(), tqdm(iterator, desc="statistics", unit="batch", initial=stats.batches,
+                                   total=total, disable=not progress) as bar:
             for batch in bar:
                 collector.batch_index = stats.batches
                 collector.mask = mask_fn(batch) if mask_fn is not None else None
@@ -291,6 +352,7 @@ def collect_stats(
                     stats.save(checkpoint_path)
     finally:
         collector.remove()
+        torch.set_num_threads(threads)
         model.train(was_training)
     stats.all_reduce()
     return stats
