@@ -19,7 +19,6 @@ from utilrank_kernels.bench import (
     dense_twin,
     ratio_plan,
     realized,
-    time_interleaved,
     write_rows,
 )
 from utilrank_kernels.cli import main
@@ -32,6 +31,7 @@ from utilrank_kernels.compress import (
     save_compressed,
 )
 from utilrank_kernels.compress.latency import LatencyTable, latency_aware, round_up_candidates
+from utilrank_kernels.measure import time_interleaved
 from utilrank_kernels.models import build_builtin
 from utilrank_kernels.models.builtin import VIT_DIGITS_KWARGS
 from utilrank_kernels.nn import LowRankLinear

@@ -3,144 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
-DEFAULT_MODEL = "vit-digits"
-
-
-class UsageError(Exception):
-    """A problem with the command's input: printed as one line, exit status 2."""
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name}: choose auto, cpu or cuda")
-    return torch.device(name)
-
-
-def _init_distributed() -> tuple[int, int]:
-    """Under torchrun (WORLD_SIZE > 1), join the process group; returns (rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _load_model_and_data(args, device: torch.device):
-    """The model (built-in or timm, with ``--checkpoint``) and its data splits."""
-    from .data import load_data
-    from .models import BUILTIN_MODELS, build_model
-
-    try:
-        if args.model in BUILTIN_MODELS:
-            if args.data not in (None, "digits"):
-                raise ValueError(f"--model {args.model} is built for the digits data (1x16x16); "
-                                 f"with --data {args.data} use a timm model name")
-            model, config = build_model(args.model, args.checkpoint, device=str(device))
-            data = load_data(args.data, model)
-        else:
-            if args.data in (None, "digits"):
-                data = load_data(args.data)
-                shape = {"in_chans": data.in_chans, "img_size": data.img_size}
-            else:  # timm's eval transforms come from the model's config: a meta-device copy is enough
-                with torch.device("meta"):
-                    probe, _ = build_model(args.model)
-                data, shape = load_data(args.data, probe), {}
-            model, config = build_model(args.model, args.checkpoint, num_classes=data.num_classes, **shape)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        raise UsageError(str(exc).strip("'\"")) from exc
-    return model.to(device), config, data
-
-
-def _stream_loader(dataset, batch_size: int, start_batch: int, rank: int, world: int, workers: int) -> DataLoader:
-    """A fixed-order loader over this process's shard, starting after ``start_batch`` batches."""
-    indices = list(range(rank, len(dataset), world))[start_batch * batch_size :]
-    return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers)
-
-
-def _collect(args, model, data, device, out: Path, rank: int, world: int):
-    """The statistics pass of ``analyze`` and ``compress``, with checkpoints and resume."""
-    from .analysis import Statistics, collect_stats
-
-    suffix = f".rank{rank}" if world > 1 else ""
-    ckpt = out / f"stats.ckpt{suffix}.safetensors"
-    resume = None
-    if args.resume:
-        if not ckpt.is_file():
-            raise UsageError(f"--resume: no checkpoint at {ckpt}")
-        resume = Statistics.load(ckpt, device="cpu" if args.stats_on_cpu else device)
-        if rank == 0:
-            print(f"resuming after {resume.batches} batches from {ckpt}")
-    start = resume.batches if resume else 0
-    loader = _stream_loader(data.train, args.batch_size, start, rank, world, args.num_workers)
-    n_batches = start + len(loader)
-    if args.checkpoint_every and args.checkpoint_every < 0:
-        raise UsageError("--checkpoint-every must be a positive number of batches")
-    stats = collect_stats(
-        model, loader, device=device, stats_on_cpu=args.stats_on_cpu, max_batches=args.max_batches,
-        resume=resume, skip_resumed=False, checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every,
-        progress=rank == 0, meta={"model": args.model, "dataset": data.name}, total=n_batches,
-        overlap=False if args.no_overlap else None,
-    )
-    if rank == 0:
-        stats.save(out / "stats.safetensors")
-    if ckpt.exists():
-        ckpt.unlink()
-    return stats
-
-
-def _add_common(p: argparse.ArgumentParser, command: str) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="built-in vit-digits | vgg-digits, or any timm model name (default: %(default)s)")
-    p.add_argument("--checkpoint", default=None,
-                   help="weights for --model: .safetensors, or a torch file loaded with weights_only=True")
-    p.add_argument("--data", default=None,
-                   help="'digits' (built-in, default) or an ImageFolder directory (DIR/train + DIR/val, or one "
-                        "folder split 70/15/15)")
-    p.add_argument("--energy", type=float, default=0.99,
-                   help="fraction of each covariance's trace the kept eigenvectors must hold (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="batch size of the statistics pass (default: %(default)s)")
-    p.add_argument("--max-batches", type=int, default=None, help="stop the statistics pass after N batches")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
-    p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="write the statistics to OUT/stats.ckpt.safetensors every N batches (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue the statistics pass from OUT's checkpoint")
-    p.add_argument("--stats-on-cpu", action="store_true", help="keep the fp64 accumulators in host memory")
-    p.add_argument("--no-overlap", action="store_true",
-                   help="on CPU, run the covariance updates in the forward's thread instead of a second thread "
-                        "(each with half of torch's threads); needed only by models that modify a layer's "
-                        "input in place after the layer")
-    p.add_argument("--out", default=None, help=f"output folder (default: utilrank-out/{command}-MODEL)")
+from .commands import (
+    UsageError,
+    add_common_options,
+    collect_statistics,
+    init_distributed,
+    load_model_and_data,
+    resolve_device,
+)
 
 
 def cmd_analyze(args) -> int:
     from .analysis import analyze, format_table, write_report
 
-    rank, world = _init_distributed()
-    device = _resolve_device(args.device)
+    rank, world = init_distributed()
+    device = resolve_device(args.device)
     out = Path(args.out or f"utilrank-out/analyze-{args.model}")
     started = time.perf_counter()
-    model, _, data = _load_model_and_data(args, device)
-    stats = _collect(args, model, data, device, out, rank, world)
+    model, _, data = load_model_and_data(args, device)
+    stats = collect_statistics(args, model, data, device, out, rank, world)
     if rank != 0:
         return 0
     report, _ = analyze(model, stats, args.energy)
@@ -178,18 +65,18 @@ def cmd_compress(args) -> int:
         raise UsageError(f"--tolerance {args.tolerance}: must be >= 0 percentage points")
     if args.finetune_epochs < 0:
         raise UsageError("--finetune-epochs must be >= 0")
-    rank, world = _init_distributed()
-    device = _resolve_device(args.device)
+    rank, world = init_distributed()
+    device = resolve_device(args.device)
     out = Path(args.out or f"utilrank-out/compress-{args.model}")
     started = time.perf_counter()
-    model, config, data = _load_model_and_data(args, device)
+    model, config, data = load_model_and_data(args, device)
     if args.stats:
         try:
             stats = Statistics.load(args.stats, device=device)
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
     else:
-        stats = _collect(args, model, data, device, out, rank, world)
+        stats = collect_statistics(args, model, data, device, out, rank, world)
     if rank != 0:
         return 0
     report, subspaces = analyze(model, stats, args.energy)
@@ -245,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="utilrank", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("analyze", help="per-layer utilized rank and MLU from one pass over the data")
-    _add_common(p, "analyze")
+    add_common_options(p, "analyze")
     p.set_defaults(func=cmd_analyze)
     p = sub.add_parser("compress", help="factor every layer to its utilized rank, fine-tune, save")
-    _add_common(p, "compress")
+    add_common_options(p, "compress")
     p.add_argument("--tolerance", type=float, default=0.2,
                    help="rank search: per layer, the deepest cut whose projection alone costs at most PP "
                         "percentage points of validation accuracy (default: %(default)s); --tolerance -1 is "
@@ -272,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-batch", type=int, default=32,
                    help="with --target-device: the batch size to be fast at (default: %(default)s)")
     p.set_defaults(func=cmd_compress)
-    # Commands that live in their own modules; imported here because they import this module's helpers.
+    # commands that live in their own modules
     from . import bench
     from .weightspace import cli as weightspace_cli
 

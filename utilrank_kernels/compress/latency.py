@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .._cache import cache_dir, write_json
 from ..analysis.report import factored_pays
-from ..measure import step_times
+from ..measure import cpu_thp_alloc, device_label, step_times, time_interleaved
 
 LATENCY_FORMAT = "utilrank.latency/1"
 # rank multiples tried when rounding up: CPU GEMMs (AVX2/AVX-512 microkernels) tile by 8-16 floats, tensor
@@ -90,7 +90,6 @@ def layer_input_shapes(model: nn.Module, names: Sequence[str], example: torch.Te
 # ---------------------------------------------------------------------------------------------
 def device_slug(device: torch.device) -> str:
     """The table's file name: ``cpu-AMD_EPYC`` or ``cuda-NVIDIA_H100_80GB_HBM3``."""
-    from ..bench import device_label
 
     name = device_label(device).split(" (")[0] if device.type == "cpu" else device_label(device)
     return f"{device.type}-" + re.sub(r"[^A-Za-z0-9.]+", "_", name).strip("_")
@@ -114,7 +113,6 @@ class LatencyTable:
 
     def save(self) -> None:
         entries = {**self._read(), **self.entries}  # keep what other processes added meanwhile
-        from ..bench import device_label
 
         write_json(self.path, {"format": LATENCY_FORMAT, "device": device_label(self.device),
                                "entries": entries})
@@ -135,7 +133,6 @@ class LatencyTable:
 def time_variants(fns: dict[str, Callable[[], object]], device: torch.device, *, rounds: int = ROUNDS,
                   block_seconds: float = BLOCK_SECONDS) -> dict[str, float]:
     """Median milliseconds per call of each callable, timed interleaved in blocks of calls."""
-    from ..bench import time_interleaved
 
     reps = {}
     for k, fn in fns.items():
@@ -179,7 +176,6 @@ def _group_key(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, ba
         pad = module.padding if isinstance(module.padding, str) else list(module.padding)
         geo = f"|s{list(module.stride)}p{pad}d{list(module.dilation)}"
     kind = "conv2d" if isinstance(module, nn.Conv2d) else "linear"
-    from ..bench import cpu_thp_alloc
 
     host = f"threads{torch.get_num_threads()}|thp{int(cpu_thp_alloc())}"  # both change CPU timings
     return (f"{kind}|x{list(shape)}|w{list(module.weight.shape)}|bias{int(module.bias is not None)}{geo}|"

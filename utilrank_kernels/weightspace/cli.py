@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UsageError, _add_common, _collect, _init_distributed, _load_model_and_data, _resolve_device
+from ..commands import (
+    UsageError,
+    add_common_options,
+    collect_statistics,
+    init_distributed,
+    load_model_and_data,
+    resolve_device,
+)
 
 
 def _floats(text: str) -> list[float]:
@@ -67,11 +74,11 @@ def _spectrum(args) -> int:
     from ..analysis.spectrum import format_spectrum_table, spectrum, write_spectrum
 
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
-    rank, world = _init_distributed()
-    device = _resolve_device(args.device)
+    rank, world = init_distributed()
+    device = resolve_device(args.device)
     out = Path(args.out or f"utilrank-out/spectrum-{args.model}")
     started = time.perf_counter()
-    model, _, data = _load_model_and_data(args, device)
+    model, _, data = load_model_and_data(args, device)
     stats = None
     if args.stats:
         try:
@@ -79,7 +86,7 @@ def _spectrum(args) -> int:
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
     elif not args.weights_only:
-        stats = _collect(args, model, data, device, out, rank, world)
+        stats = collect_statistics(args, model, data, device, out, rank, world)
     if rank != 0:
         return 0
     try:
@@ -113,10 +120,10 @@ def _soup(args) -> int:
     for f in args.from_files or []:
         if not Path(f).is_file():
             raise UsageError(f"--from {f}: no such file")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     out = Path(args.out or f"utilrank-out/soup-{args.model}")
     started = time.perf_counter()
-    model, _, data = _load_model_and_data(args, device)
+    model, _, data = load_model_and_data(args, device)
     try:
         doc = soup_experiment(
             model, data, arch=args.model, ingredients=args.from_files, n=args.ingredients, epochs=args.epochs,
@@ -136,7 +143,7 @@ def add_parsers(sub) -> None:
     """Add ``spectrum`` and ``soup`` to the ``utilrank`` subcommands."""
     p = sub.add_parser("spectrum", help="per-layer ESD, power-law alpha and WeightWatcher metrics, of W and "
                                         "of the data-projected W'")
-    _add_common(p, "spectrum")
+    add_common_options(p, "spectrum")
     p.set_defaults(energy=0.999)
     p.add_argument("--stats", default=None,
                    help="statistics (stats.safetensors from analyze) for the projected spectra, instead of "
