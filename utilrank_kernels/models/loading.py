@@ -14,6 +14,16 @@ from .._cache import atomic_path, cache_dir
 from .builtin import BUILTIN_MODELS, build_builtin
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
+INIT_SEED = 0
+
+
+def _seeded_init(build, *args, **kwargs) -> nn.Module:
+    """A model's random initialization from a fixed seed, leaving the caller's random state as it was:
+    this torch seeds its default generator at random per process, so an unseeded built-in would train to
+    different weights in every fresh cache."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        return build(*args, **kwargs)
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -57,14 +67,15 @@ def _builtin_cache_path(name: str) -> Path:
     _, kwargs, recipe = BUILTIN_MODELS[name]
     from ..data.datasets import SPLIT_SEED
 
-    key = json.dumps({"name": name, "kwargs": kwargs, "recipe": recipe, "split": SPLIT_SEED, "v": 1}, sort_keys=True)
+    key = json.dumps({"name": name, "kwargs": kwargs, "recipe": recipe, "split": SPLIT_SEED, "init_seed": INIT_SEED,
+                      "v": 2}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_dir() / "models" / f"{name}-{digest}.safetensors"
 
 
 def trained_builtin(name: str, device: str | torch.device = "cpu") -> nn.Module:
     """The built-in model trained on the built-in data: from the cache, or trained now and cached."""
-    model = build_builtin(name)
+    model = _seeded_init(build_builtin, name)
     path = _builtin_cache_path(name)
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
@@ -101,7 +112,7 @@ def build_model(
             f"--model {name}: neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a timm model name"
         )
     kwargs = dict(model_kwargs) if num_classes is None else {**model_kwargs, "num_classes": num_classes}
-    model = timm.create_model(name, pretrained=False, **kwargs)
+    model = _seeded_init(timm.create_model, name, pretrained=False, **kwargs)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     config = {"arch": name, "source": "timm", "num_classes": model.num_classes, "model_kwargs": kwargs}
