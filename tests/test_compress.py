@@ -168,6 +168,31 @@ def test_data_aware_beats_svd_on_builtin_vit():
 
 
 @pytest.mark.slow
+def test_search_backs_off_until_the_cuts_together_fit():
+    """Each cut alone within --tolerance can still cost much together: with a total budget, every layer
+    backs off until all projections at once fit it (here "accuracy" is 1 - the relative output error)."""
+    from utilrank_kernels.compress import plan_ranks
+
+    torch.manual_seed(0)
+    model = VisionTransformer(**VIT_KWARGS).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 1, 16, 16, generator=g) for _ in range(4)]
+    report, subspaces = analyze(model, collect_stats(model, batches, progress=False), energy=0.99)
+    with torch.no_grad():
+        reference = model(batches[0])
+        score = lambda m: 1.0 - rel_err(m(batches[0]), reference)  # noqa: E731
+        per_layer = plan_ranks(model, report, subspaces, tolerance=5.0, total_tolerance=1e9, evaluate=score,
+                               progress=False)[0]
+        fitted = plan_ranks(model, report, subspaces, tolerance=5.0, total_tolerance=3.0, evaluate=score,
+                            progress=False)[0]
+    assert per_layer.keys() == fitted.keys() and len(fitted) > 2
+    loose = 1.0 - rel_err(decompose(model, subspaces, make_plan("vit", per_layer))(batches[0]), reference)
+    assert 100 * (1.0 - loose) > 3.0  # the per-layer cuts together exceed the budget ...
+    together = 1.0 - rel_err(decompose(model, subspaces, make_plan("vit", fitted))(batches[0]), reference)
+    assert 100 * (1.0 - together) <= 3.0  # ... and the backed-off ones fit it
+    assert all(fitted[n]["energy"] > per_layer[n]["energy"] and "backed off" in fitted[n]["reason"] for n in fitted)
+
+
 def test_cli_compress_roundtrip(tmp_path, capsys):
     from utilrank_kernels.cli import main
     from utilrank_kernels.data import load_data

@@ -63,6 +63,8 @@ def cmd_compress(args) -> int:
 
     if args.tolerance is not None and args.tolerance < 0:
         raise UsageError(f"--tolerance {args.tolerance}: must be >= 0 percentage points")
+    if args.total_tolerance is not None and args.total_tolerance < 0:
+        raise UsageError(f"--total-tolerance {args.total_tolerance}: must be >= 0 percentage points")
     if args.finetune_epochs < 0:
         raise UsageError("--finetune-epochs must be >= 0")
     rank, world = init_distributed()
@@ -82,7 +84,8 @@ def cmd_compress(args) -> int:
     report, subspaces = analyze(model, stats, args.energy)
     val_accuracy = lambda m: evaluate(m, data.val, device=device)
     layers, dense = plan_ranks(model, report, subspaces, energy=args.energy, tolerance=args.tolerance,
-                               evaluate=val_accuracy, filter_fn=name_filter(args.include, args.exclude))
+                               total_tolerance=args.total_tolerance, evaluate=val_accuracy,
+                               filter_fn=name_filter(args.include, args.exclude))
     if args.target_device:  # latency-aware plan, decided by timings measured on the target
         from .compress.latency import latency_aware
 
@@ -92,7 +95,7 @@ def cmd_compress(args) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
     plan = make_plan(args.model, layers, dense, method=args.method,
-                     tolerance=args.tolerance, energy=args.energy)
+                     tolerance=args.tolerance, total_tolerance=args.total_tolerance, energy=args.energy)
     compressed = decompose(model, subspaces, plan, method=args.method)
     dense_acc = evaluate(model, data.test, device=device)
     projected_acc = evaluate(compressed, data.test, device=device)
@@ -140,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rank search: per layer, the deepest cut whose projection alone costs at most PP "
                         "percentage points of validation accuracy (default: %(default)s); --tolerance -1 is "
                         "refused, use --no-search for the fixed --energy cut")
+    p.add_argument("--total-tolerance", type=float, default=None, metavar="PP",
+                   help="rank search: all cuts together may cost at most PP percentage points of validation "
+                        "accuracy, else every layer backs off one candidate at a time (default: --tolerance "
+                        "times the number of searched layers)")
     p.add_argument("--no-search", dest="tolerance", action="store_const", const=None,
                    help="no rank search: cut every layer at --energy")
     p.add_argument("--finetune-epochs", type=int, default=20,
