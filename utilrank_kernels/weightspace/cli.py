@@ -32,15 +32,13 @@ def _floats(text: str) -> list[float]:
 
 @contextlib.contextmanager
 def _threads(args) -> Iterator[None]:
-    """``--threads`` (default: 1 for the built-in models) for PyTorch and for the BLAS under numpy (the
-    spectra's fits), via threadpoolctl. The built-in models' layers are 64 wide: a second thread only
-    adds barriers, and on a shared 2-core machine every barrier spins while the other thread is
-    descheduled."""
+    """``--threads`` for PyTorch and for the BLAS under numpy (the spectra's fits), via threadpoolctl; 0
+    (the default) keeps the libraries' defaults. (A default of 1 for the built-in models was needed while
+    the statistics pass ran scipy's BLAS beside torch's threads; without it, 2 threads are as fast on 2
+    cores: spectrum 15 s either way, soup 37 s against 40-46 s.)"""
     from threadpoolctl import threadpool_limits
 
-    from ..models import BUILTIN_MODELS
-
-    threads = args.threads if args.threads is not None else (1 if args.model in BUILTIN_MODELS else 0)
+    threads = args.threads
     if threads < 0:
         raise UsageError(f"--threads {threads}: must be >= 0 (0: the libraries' defaults)")
     if not threads:
@@ -56,9 +54,8 @@ def _threads(args) -> Iterator[None]:
 
 
 def _add_threads(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for PyTorch and BLAS (default: 1 for the built-in models, whose tiny "
-                        "layers gain nothing from more; the libraries' defaults otherwise, or with 0)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for PyTorch and BLAS (default: 0, the libraries' defaults)")
 
 
 # -- spectrum -----------------------------------------------------------------------------------------
