@@ -300,7 +300,8 @@ def collect_stats(
     Under ``torch.distributed`` the result is all-reduced: each process passes its own shard.
     ``overlap`` runs the updates on a second thread, each stream with half of torch's threads (default:
     a CPU pass with at least 2 threads); a model that modifies a layer's input in place after the layer
-    then stops the pass with an error naming the layer.
+    then stops the pass with an error naming the layer. torch's thread count is process-wide: other
+    threads running torch ops during an overlapped pass get half the threads until it ends.
     """
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
