@@ -34,20 +34,23 @@ def _check_acc(op: str, acc: torch.Tensor, d: int) -> None:
 # torch reference
 # ---------------------------------------------------------------------------------------------
 # The symmetric update in torch's own GEMM, one row panel of the upper block triangle at a time:
-# panels of width w do (d + w) / 2d of the full product's work. Width 128 was within 5% of the best
-# width at every d from 256 to 3072 (N = 4096, 2-core CPU), where the full product took 1.3x-1.7x as
-# long. scipy's ssyrk (one triangle) was as fast in isolation but slower inside the pass: its
-# threads and torch's OpenMP threads, which spin between ops, share the cores (benchmarks/stats_pass.py,
-# vit-digits on 2 cores: 2.3x the forward with ssyrk).
-_PANEL_WIDTH = 128
+# panels of width w do (d + w) / 2d of the full product's work, at a GEMM efficiency that drops as the
+# panels narrow. 128 up to d = 512 and 256 above were within 4% of the best width at every d from 256
+# to 3072, where one full product took 1.25x-1.66x as long (benchmarks/gram_panels.py, N = 4096, 2 cores).
+# scipy's ssyrk (one triangle) was as fast in isolation but slower inside the pass: its threads and
+# torch's OpenMP threads, which spin between ops, share the cores (benchmarks/stats_pass.py, vit-digits
+# on 2 cores: 2.3x the forward with ssyrk).
+def _panel_width(d: int) -> int:
+    return 128 if d <= 512 else 256
 
 
 def _add_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
     """``acc += x^T x`` for a 2-D ``x``; a symmetric ``acc`` stays exactly symmetric."""
     d = x.shape[1]
+    width = _panel_width(d)
     gram = x.new_empty(d, d)
-    for start in range(0, d, _PANEL_WIDTH):
-        stop = min(start + _PANEL_WIDTH, d)
+    for start in range(0, d, width):
+        stop = min(start + width, d)
         torch.mm(x[:, start:stop].T, x[:, start:], out=gram[start:stop, start:])
     # the panels fill the upper block triangle, and their diagonal blocks are GEMM results, symmetric
     # only up to rounding: keep the upper triangle and mirror it
