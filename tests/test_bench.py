@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,10 @@ def test_time_interleaved_alternates_and_counts():
     times = time_interleaved(fns, warmup=2, iters=4)
     assert {k: len(v) for k, v in times.items()} == {"a": 4, "b": 4}
     assert calls == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    # a time budget ends the rounds early, after at least 5: each 10 ms step alone overruns 50 ms by then
+    slow = {"a": lambda: time.sleep(0.01), "b": lambda: time.sleep(0.01)}
+    times = time_interleaved(slow, warmup=0, iters=100, max_seconds=0.05)
+    assert {k: len(v) for k, v in times.items()} == {"a": 5, "b": 5}
 
 
 def test_cli_bench_param_ratio_and_compressed(tmp_path, capsys):

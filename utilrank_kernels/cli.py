@@ -106,14 +106,16 @@ def cmd_compress(args) -> int:
               batch_size=64, augment=data.name == "digits", device=device, desc="fine-tune")
     compressed_acc = evaluate(compressed, data.test, device=device)
     bench_input = torch.stack([data.test[i % len(data.test)][0] for i in range(32)])
+    latency = latency_ms({"dense": copy.deepcopy(model).cpu(), "compressed": copy.deepcopy(compressed).cpu()},
+                         bench_input)
     summary = {
         "format": "utilrank.summary/1", "model": args.model, "dataset": data.name, "method": args.method,
         "dense": {"params": count_params(model), "flops": count_flops(model, example), "accuracy": dense_acc,
-                  "latency_ms": latency_ms(copy.deepcopy(model).cpu(), bench_input)},
+                  "latency_ms": latency["dense"]},
         "projected": {"params": projected_params, "flops": projected_flops, "accuracy": projected_acc},
         "compressed": {"params": count_params(compressed), "flops": count_flops(compressed, example),
                        "accuracy": compressed_acc,
-                       "latency_ms": latency_ms(copy.deepcopy(compressed).cpu(), bench_input)},
+                       "latency_ms": latency["compressed"]},
         "mlu": report["mlu"], "finetune_epochs": args.finetune_epochs,
     }
     report["dense"] = [{"name": n, "reason": r} for n, r in dense.items()]

@@ -66,13 +66,16 @@ def step_times(fn, *, warmup: int = 10, iters: int = 40, device: torch.device | 
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, example: torch.Tensor, *, warmup: int = 3, iters: int = 40,
-               max_seconds: float = 3.0) -> float:
-    """Median milliseconds of one forward pass on ``example`` (within a time budget)."""
-    model.eval()
-    times = step_times(lambda: model(example), warmup=warmup, iters=iters, device=example.device,
-                       max_seconds=max_seconds)
-    return 1e3 * statistics.median(times)
+def latency_ms(models: dict[str, nn.Module], example: torch.Tensor, *, warmup: int = 3, iters: int = 40,
+               max_seconds: float = 6.0) -> dict[str, float]:
+    """Median milliseconds of one forward pass of each model on ``example``, timed in alternation so
+    that a machine whose speed drifts slows them alike (within a time budget, at least 5 rounds)."""
+    steps = {}
+    for name, model in models.items():
+        model.eval()
+        steps[name] = lambda model=model: model(example)
+    times = time_interleaved(steps, warmup=warmup, iters=iters, device=example.device, max_seconds=max_seconds)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def cpu_model_name() -> str:
@@ -139,13 +142,16 @@ def quantiles_ms(times: Sequence[float]) -> tuple[float, float, float]:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 10, iters: int = 40,
-                     device: torch.device | None = None) -> dict[str, list[float]]:
+                     device: torch.device | None = None, max_seconds: float | None = None) -> dict[str, list[float]]:
     """Seconds per step of each callable: each warmed up ``warmup`` times, then ``iters`` rounds of one
-    step of each in turn (order reversed every other round)."""
+    step of each in turn (order reversed every other round); ``max_seconds`` ends the rounds early
+    (after at least 5)."""
     for fn in fns.values():
         step_times(fn, warmup=warmup, iters=0, device=device)
     names, times = list(fns), {k: [] for k in fns}
     for i in range(iters):
         for k in names if i % 2 == 0 else reversed(names):
             times[k] += step_times(fns[k], warmup=0, iters=1, device=device)
+        if max_seconds is not None and i >= 4 and sum(map(sum, times.values())) > max_seconds:
+            break
     return times
