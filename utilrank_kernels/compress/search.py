@@ -89,18 +89,14 @@ def plan_ranks(
         searched[name] = search
     if searched:
         budget = tolerance * len(searched) if total_tolerance is None else total_tolerance
-        _back_off(model, searched, baseline, budget, evaluate, progress)
-        layers.update({name: search.entry() for name, search in searched.items()})
-    for name in [n for n, e in layers.items() if not factored_pays(e["rank"], *_shape(report, n))]:
-        in_features, out_features = _shape(report, name)
+        total_drop = _back_off(model, searched, baseline, budget, evaluate, progress)
+        layers.update({name: search.entry(total_drop) for name, search in searched.items()})
+    rows = {r["name"]: r for r in report["layers"]}
+    for name in [n for n, e in layers.items() if not factored_pays(e["rank"], rows[n]["in_features"],
+                                                                  rows[n]["out_features"])]:
         dense[name] = (f"rank {layers.pop(name)['rank']} saves nothing: r (in + out) >= in * out "
-                       f"({in_features} x {out_features})")
-    return {n: layers[n] for n in (r["name"] for r in report["layers"]) if n in layers}, dense
-
-
-def _shape(report: dict, name: str) -> tuple[int, int]:
-    row = next(r for r in report["layers"] if r["name"] == name)
-    return row["in_features"], row["out_features"]
+                       f"({rows[name]['in_features']} x {rows[name]['out_features']})")
+    return {n: layers[n] for n in rows if n in layers}, dense
 
 
 class _Search:
@@ -116,7 +112,6 @@ class _Search:
         self.accuracies: dict[int, float] = {}
         self.index: int | None = None
         self.backed_off = 0
-        self.total_drop: float | None = None
 
     def projection(self, i: int | None = None) -> _ProjectedWeight:
         k_in, k_out = self.candidates[self.index if i is None else i][0]
@@ -142,26 +137,24 @@ class _Search:
         self.index = lo if lo < len(self.candidates) else None
         return self.index
 
-    def entry(self) -> dict:
+    def entry(self, total_drop: float) -> dict:
         (k_in, k_out), e = self.candidates[self.index]
         reason = f"search: energy {e}"
         if self.index in self.accuracies:
             reason += f", {100.0 * (self.baseline - self.accuracies[self.index]):+.2f} pp on validation alone"
         if self.backed_off:
-            reason += f"; backed off {self.backed_off} step(s): all cuts together {self.total_drop:+.2f} pp"
+            reason += f"; backed off {self.backed_off} step(s): all cuts together {total_drop:+.2f} pp"
         return _entry(self.row, k_in, k_out, e, reason)
 
 
-def _back_off(model, searched: dict[str, _Search], baseline: float, budget: float, evaluate, progress: bool) -> None:
+def _back_off(model, searched: dict[str, _Search], baseline: float, budget: float, evaluate, progress: bool) -> float:
     """Apply every layer's cut at once; while together they cost more than ``budget`` pp, move every
-    layer that can one candidate toward more energy."""
+    layer that can one candidate toward more energy. Returns what the final cuts cost together (pp)."""
     while True:
         with contextlib.ExitStack() as stack:
             for search in searched.values():
                 stack.enter_context(search.projection())
             drop = 100.0 * (baseline - evaluate(model))
-        for search in searched.values():
-            search.total_drop = drop
         movable = [s for s in searched.values() if s.index + 1 < len(s.candidates)]
         if drop <= budget or not movable:
             if drop > budget:  # a layer's shallowest candidate is the last cut that still saves parameters
@@ -171,7 +164,7 @@ def _back_off(model, searched: dict[str, _Search], baseline: float, budget: floa
             elif progress:
                 print(f"rank search: all {len(searched)} cuts together {drop:+.2f} pp on validation "
                       f"(budget {budget:.2f} pp)")
-            return
+            return drop
         for search in movable:
             search.index += 1
             search.backed_off += 1
