@@ -9,9 +9,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import env
+
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("UTILRANK_CACHE", Path.home() / ".cache" / "utilrank"))
+    root = Path(env.get("UTILRANK_CACHE") or Path.home() / ".cache" / "utilrank")
     root.mkdir(parents=True, exist_ok=True)
     return root
 

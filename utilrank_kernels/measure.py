@@ -3,7 +3,6 @@ comparable (device, versions, allocator settings): one place for each."""
 
 from __future__ import annotations
 
-import os
 import platform
 import statistics
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils import flop_counter
+
+from . import env
 
 
 def _register_cpu_attention_flops() -> None:
@@ -110,7 +111,7 @@ def versions() -> dict:
 def cpu_thp_alloc() -> bool:
     """Whether torch backs large CPU tensors with transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, read by
     c10 at its first allocation, so it must be set before Python starts)."""
-    return os.environ.get("THP_MEM_ALLOC_ENABLE", "0") == "1"
+    return env.flag("THP_MEM_ALLOC_ENABLE")
 
 
 def keep_freed_memory() -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._cache import atomic_path, write_json
+from .._cache import write_json
 from .stats import Statistics
 from .subspace import LayerSubspaces, layer_subspaces
 
@@ -81,36 +81,9 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_utilization(report: dict, path: str | Path) -> None:
-    """The paper's Figure 2 style: per layer, the weight's rank (dotted) and the utilized rank (solid)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = report["layers"]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 4.2))
-    ax.plot(xs, [r["weight_rank"] for r in rows], ":o", color="tab:gray", ms=4, label="rank of W")
-    ax.plot(xs, [r["rank"] for r in rows], "-o", color="tab:blue", ms=4,
-            label=f"utilized rank (energy {report['energy']})")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([r["name"] for r in rows], rotation=70, ha="right", fontsize=7)
-    ax.set_ylabel("rank")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=8)
-    dense = sum(r["params_dense"] for r in rows)
-    factored = sum(r["params_factored"] for r in rows)
-    ax.set_title(f"{report['model']} on {report['dataset']}: MLU {report['mlu']:.1%}; "
-                 f"params {dense / 1e6:.3g}M -> {factored / 1e6:.3g}M", fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
-
-
 def write_report(report: dict, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
+    from ..plots import plot_utilization
+
     write_json(out_dir / "report.json", report)
     plot_utilization(report, out_dir / "utilization.png")

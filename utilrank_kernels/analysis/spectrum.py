@@ -37,7 +37,6 @@ numpy on the host.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._cache import atomic_path, write_json
+from .._cache import write_json
 from .stats import Statistics
 
 SPECTRUM_FORMAT = "utilrank.spectrum/1"
@@ -429,110 +428,11 @@ def format_spectrum_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-# -- plots --------------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "model"
-
-
-def _draw_esd(ax, esd: ESD, color: str, label: str) -> None:
-    x = esd.evals
-    bins = np.logspace(np.log10(x.min()), np.log10(x.max()), max(10, min(60, x.size // 3)) + 1)
-    ax.hist(x, bins=bins, density=True, histtype="stepfilled", alpha=0.35, color=color, label=f"{label} ESD")
-    pl = esd.power_law
-    xs = np.logspace(np.log10(pl.xmin), np.log10(x.max()), 50)
-    ax.plot(xs, pl.density(xs), color=color, lw=2,
-            label=f"{label} fit: alpha {pl.alpha:.2f}, D {pl.ks_distance:.3f}")
-    ax.axvline(pl.xmin, color=color, ls="--", lw=1)
-    ax.axvline(esd.mp.bulk_max, color=color, ls=":", lw=1.2)
-
-
-def _readable_log_axes(ax) -> None:
-    """At least a decade on each log axis (so that it has labelled major ticks) and no minor labels,
-    which collide on a narrow range."""
-    from matplotlib.ticker import NullFormatter
-
-    for get, set_, axis in ((ax.get_xlim, ax.set_xlim, ax.xaxis), (ax.get_ylim, ax.set_ylim, ax.yaxis)):
-        lo, hi = get()
-        if hi < 10 * lo:
-            mid = math.sqrt(lo * hi)
-            set_(mid / 10**0.55, mid * 10**0.55)
-        axis.set_minor_formatter(NullFormatter())
-
-
-def plot_esds(report: dict, esds: dict[str, dict[str, ESD]], out_dir: str | Path) -> list[Path]:
-    """One log-log ESD histogram per layer with its power-law fit (``xmin`` dashed, MP bulk edge dotted),
-    the projected weight's beside it when there is one; written to ``out_dir/<layer>.png``."""
-    plt = _pyplot()
-    out_dir = Path(out_dir)
-    paths = []
-    for row in report["layers"]:
-        parts = esds[row["name"]]
-        fig, ax = plt.subplots(figsize=(5.6, 4.0))
-        _draw_esd(ax, parts["weight"], "tab:blue", "W")
-        if "projected" in parts:
-            _draw_esd(ax, parts["projected"], "tab:orange", f"W' (rank {row['projected']['rank']})")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        _readable_log_axes(ax)
-        ax.set_xlabel("eigenvalue of $W^TW$" + (" (kernel slices pooled)" if row["kind"] == "conv2d" else ""))
-        ax.set_ylabel("density")
-        ax.set_title(f"{row['name']}  {'x'.join(map(str, row['shape']))}\n"
-                     f"dashed: xmin, dotted: MP bulk edge; MP soft rank {row['mp_softrank']:.2f}, "
-                     f"{row['num_spikes']} spikes", fontsize=8)
-        ax.legend(fontsize=7, loc="best")
-        ax.grid(alpha=0.3, which="both")
-        fig.tight_layout()
-        path = out_dir / f"{_safe_name(row['name'])}.png"
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
-def plot_alpha(report: dict, path: str | Path) -> None:
-    """alpha per layer (and of the projected weights), WeightWatcher's well-trained band shaded."""
-    plt = _pyplot()
-    rows = report["layers"]
-    xs = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.36 * len(rows) + 2), 4.4))
-    lo, hi = WELL_TRAINED
-    ax.axhspan(lo, hi, color="tab:green", alpha=0.08, label=f"{lo:g} <= alpha <= {hi:g} (well trained)")
-    ax.plot(xs, [r["alpha"] for r in rows], "-o", color="tab:blue", ms=5, label="alpha of W")
-    if report["projected"]:
-        ys = [(r["projected"] or {}).get("alpha", np.nan) for r in rows]
-        ax.plot(xs, ys, "--s", color="tab:orange", ms=5,
-                label=f"alpha of W' = P_out W P_in (energy {report['energy']})")
-    ax.set_xticks(xs)
-    ax.set_xticklabels([r["name"] for r in rows], rotation=70, ha="right", fontsize=7)
-    ax.set_ylabel("power-law exponent alpha")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    s = report["summary"]
-    ax.set_title(f"{report['model']}: mean alpha {s['alpha']:.2f}, "
-                 f"mean alpha_weighted {s['alpha_weighted']:.2f}"
-                 if s["layers"] else report["model"], fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, format="png")
-    plt.close(fig)
-
-
 def write_spectrum(report: dict, esds: dict[str, dict[str, ESD]], out_dir: str | Path) -> None:
     """``out_dir/spectrum.json``, ``out_dir/alpha.png`` and ``out_dir/esd/<layer>.png``."""
     out_dir = Path(out_dir)
+    from ..plots import plot_alpha, plot_esds
+
     write_json(out_dir / "spectrum.json", report)
     plot_alpha(report, out_dir / "alpha.png")
     plot_esds(report, esds, out_dir / "esd")

@@ -1,7 +1,7 @@
 """Weight-space synthesis: model soups (uniform, greedy), SWA, and soups of compressed models.
 
 The weight-space analysis (spectra, heavy-tail metrics) lives in ``utilrank_kernels.analysis.spectrum``;
-the ``utilrank soup`` and ``utilrank spectrum`` commands in ``weightspace.cli``.
+the ``utilrank soup`` and ``utilrank spectrum`` commands in ``utilrank_kernels.cli``.
 """
 
 from .average import (

@@ -170,7 +170,7 @@ _CRASHING_RUN = textwrap.dedent("""
 
 
 def _run(tmp_path, crash, ckpt, out):
-    code = _CRASHING_RUN.format(tests=os.path.dirname(__file__), crash=crash, ckpt=str(ckpt), out=str(out))
+    code = _CRASHING_RUN.format(tests=os.path.dirname(os.path.dirname(__file__)), crash=crash, ckpt=str(ckpt), out=str(out))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 

@@ -4,11 +4,14 @@ data options, and the statistics pass with its checkpoints."""
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Subset
+
+from .. import env
 
 DEFAULT_MODEL = "vit-digits"
 
@@ -29,7 +32,7 @@ def resolve_device(name: str) -> torch.device:
 
 def init_distributed() -> tuple[int, int]:
     """Under torchrun (WORLD_SIZE > 1), join the process group; returns (rank, world_size)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(env.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
     import torch.distributed as dist
@@ -37,15 +40,15 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(int(env.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
 
 
 def load_model_and_data(args, device: torch.device):
     """The model (built-in or timm, with ``--checkpoint``) and its data splits."""
-    from .data import load_data
-    from .models import BUILTIN_MODELS, build_model
+    from ..data import load_data
+    from ..models import BUILTIN_MODELS, build_model
 
     try:
         if args.model in BUILTIN_MODELS:
@@ -76,7 +79,7 @@ def _stream_loader(dataset, batch_size: int, start_batch: int, rank: int, world:
 
 def collect_statistics(args, model, data, device, out: Path, rank: int, world: int):
     """The statistics pass of ``analyze`` and ``compress``, with checkpoints and resume."""
-    from .analysis import Statistics, collect_stats
+    from ..analysis import Statistics, collect_stats
 
     suffix = f".rank{rank}" if world > 1 else ""
     ckpt = out / f"stats.ckpt{suffix}.safetensors"
@@ -129,3 +132,40 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                         "(each with half of torch's threads); needed only by models that modify a layer's "
                         "input in place after the layer")
     p.add_argument("--out", default=None, help=f"output folder (default: utilrank-out/{command}-MODEL)")
+
+
+def positive_floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+@contextlib.contextmanager
+def limit_threads(threads: int) -> Iterator[None]:
+    """``--threads`` for PyTorch and for the BLAS under numpy (the spectra's fits), via threadpoolctl; 0
+    (the default) keeps the libraries' defaults. (A default of 1 for the built-in models was needed while
+    the statistics pass ran scipy's BLAS beside torch's threads; without it, 2 threads are as fast on 2
+    cores: spectrum 15 s either way, soup 37 s against 40-46 s.)"""
+    from threadpoolctl import threadpool_limits
+
+    if threads < 0:
+        raise UsageError(f"--threads {threads}: must be >= 0 (0: the libraries' defaults)")
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:  # a caller in the same process (a test, a notebook) gets its setting back
+        torch.set_num_threads(before)
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for PyTorch and BLAS (default: 0, the libraries' defaults)")

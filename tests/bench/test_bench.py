@@ -37,7 +37,7 @@ from utilrank_kernels.models import build_builtin
 from utilrank_kernels.models.builtin import VIT_DIGITS_KWARGS
 from utilrank_kernels.nn import LowRankLinear
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONTRACT = ("model", "batch_size", "infer_samples_per_sec", "infer_step_time", "param_count", "infer_gmacs",
             "variant", "backend", "device", "dtype", "torch_version", "triton_version", "step_time_p20",
             "step_time_p80")

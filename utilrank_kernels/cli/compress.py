@@ -1,15 +1,13 @@
-"""The ``utilrank`` command (DESIGN §4). Every command runs with no arguments on the built-in default."""
+"""``utilrank compress``: factor every layer to its utilized rank (or a searched cut), fine-tune, save."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .commands import (
+from ._common import (
     UsageError,
     add_common_options,
     collect_statistics,
@@ -17,24 +15,6 @@ from .commands import (
     load_model_and_data,
     resolve_device,
 )
-
-
-def cmd_analyze(args) -> int:
-    from .analysis import analyze, format_table, write_report
-
-    rank, world = init_distributed()
-    device = resolve_device(args.device)
-    out = Path(args.out or f"utilrank-out/analyze-{args.model}")
-    started = time.perf_counter()
-    model, _, data = load_model_and_data(args, device)
-    stats = collect_statistics(args, model, data, device, out, rank, world)
-    if rank != 0:
-        return 0
-    report, _ = analyze(model, stats, args.energy)
-    write_report(report, out)
-    print(format_table(report))
-    print(f"wrote {out}/report.json, utilization.png, stats.safetensors in {time.perf_counter() - started:.1f}s")
-    return 0
 
 
 def _summary_table(summary: dict) -> str:
@@ -53,13 +33,13 @@ def _summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_compress(args) -> int:
+def run(args) -> int:
     import copy
 
-    from .analysis import Statistics, analyze, format_table, write_report
-    from .compress import decompose, make_plan, name_filter, plan_ranks, save_compressed
-    from .measure import count_flops, count_params, latency_ms
-    from .train import evaluate, train
+    from ..analysis import Statistics, analyze, format_table, write_report
+    from ..compress import decompose, make_plan, name_filter, plan_ranks, save_compressed
+    from ..measure import count_flops, count_params, latency_ms
+    from ..train import evaluate, train
 
     if args.tolerance is not None and args.tolerance < 0:
         raise UsageError(f"--tolerance {args.tolerance}: must be >= 0 percentage points")
@@ -87,7 +67,7 @@ def cmd_compress(args) -> int:
                                total_tolerance=args.total_tolerance, evaluate=val_accuracy,
                                filter_fn=name_filter(args.include, args.exclude))
     if args.target_device:  # latency-aware plan, decided by timings measured on the target
-        from .compress.latency import latency_aware
+        from ..compress.latency import latency_aware
 
         try:
             layers, dense = latency_aware(model, layers, dense, data.test[0][0][None], args.target_device,
@@ -121,7 +101,7 @@ def cmd_compress(args) -> int:
     report["dense"] = [{"name": n, "reason": r} for n, r in dense.items()]
     save_compressed(compressed, plan, config, out)
     write_report(report, out)
-    from ._cache import write_json
+    from .._cache import write_json
 
     write_json(out / "summary.json", summary)
     print(format_table(report))
@@ -133,12 +113,7 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="utilrank", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("analyze", help="per-layer utilized rank and MLU from one pass over the data")
-    add_common_options(p, "analyze")
-    p.set_defaults(func=cmd_analyze)
+def add_parser(sub) -> None:
     p = sub.add_parser("compress", help="factor every layer to its utilized rank, fine-tune, save")
     add_common_options(p, "compress")
     p.add_argument("--tolerance", type=float, default=0.2,
@@ -167,27 +142,4 @@ def build_parser() -> argparse.ArgumentParser:
                         "to tile multiples where that costs no time (measured; timings cached per device)")
     p.add_argument("--target-batch", type=int, default=32,
                    help="with --target-device: the batch size to be fast at (default: %(default)s)")
-    p.set_defaults(func=cmd_compress)
-    # commands that live in their own modules
-    from . import bench
-    from .weightspace import cli as weightspace_cli
-
-    bench.add_parsers(sub)  # utilrank bench
-    weightspace_cli.add_parsers(sub)  # utilrank spectrum, utilrank soup
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "energy", None) is not None and not 0 < args.energy <= 1:
-        print(f"utilrank: error: --energy {args.energy}: must be in (0, 1]", file=sys.stderr)
-        return 2
-    try:
-        return args.func(args)
-    except UsageError as exc:
-        print(f"utilrank {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    p.set_defaults(func=run)

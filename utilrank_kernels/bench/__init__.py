@@ -1,0 +1,30 @@
+"""Benchmarks of ``utilrank bench``: a dense model and its compressed form, timed side by side.
+
+Rows carry timm's ``benchmark.py`` fields (``infer_samples_per_sec``, ``infer_step_time`` in ms,
+``param_count`` in millions, ``infer_gmacs`` per sample; 10 warm-up and 40 timed steps) and what makes
+a row comparable (device, dtype, backend, torch and triton versions, p20/p80). Compressed rows add the
+measured ``speedup`` over the dense model of the same run, the ``theoretical_speedup`` (the FLOP ratio
+from ``FlopCounterMode``, attention counted) and ``realized_fraction = speedup / theoretical_speedup``.
+
+The dense and the compressed models are timed interleaved (one step of each in turn, after their
+warm-ups), so that a machine shared with other work slows both alike and their ratio stays honest.
+
+What is compressed:
+
+- ``--compressed DIR``: a folder written by ``utilrank compress``; the dense model is its twin with
+  every factored layer multiplied back (``W = B A``), the same architecture and the same outputs.
+- ``--model M --param-ratio R``: a synthetic cut for timing: every ``nn.Linear`` and ``nn.Conv2d``
+  (groups = 1) factored at the rank ``r = R in out / (in + out)``, rounded down to a multiple of
+  ``--rank-multiple`` where that takes less than 10% off ``r``, so those layers keep at most ``R`` of
+  their parameters; random factors.
+- no argument (the built-in default): the built-in ``vit-digits`` (trained and cached on first use)
+  compressed in-process with data-aware factors at ``--energy`` (no rank search, no fine-tuning:
+  timing depends on the ranks, not on the weights' values).
+"""
+
+from .models import compress_builtin, cut_to_ratio, dense_twin, input_size, ratio_plan
+from .output import BENCH_FORMAT, format_row, write_rows
+from .timing import BACKEND_CHOICES, DTYPES, bench, make_step, realized
+
+__all__ = ["BACKEND_CHOICES", "BENCH_FORMAT", "DTYPES", "bench", "compress_builtin", "cut_to_ratio", "dense_twin",
+           "format_row", "input_size", "make_step", "ratio_plan", "realized", "write_rows"]

@@ -1,0 +1,47 @@
+"""``utilrank bench``'s rows: the terminal line, JSON (the contract), CSV and the speedup plot."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from .._cache import atomic_path, write_json
+
+BENCH_FORMAT = "utilrank.bench/1"
+
+# ---------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------
+def format_row(row: dict) -> str:
+    ratios = ""
+    if row["variant"] == "compressed":
+        ratios = (f"  speedup {row['speedup']:.2f}x of {row['theoretical_speedup']:.2f}x "
+                  f"(realized {row['realized_fraction']:.2f})")
+    return (f"{row['variant']:<10} {row['backend']:<6} {row['dtype']:<4} bs {row['batch_size']:<4} "
+            f"{row['infer_step_time']:10.3f} ms [{row['step_time_p20']:.3f}, {row['step_time_p80']:.3f}] "
+            f"{row['infer_samples_per_sec']:10.1f}/s  {row['param_count']:.4g}M params "
+            f"{row['infer_gmacs']:.4g} GMACs{ratios}")
+
+
+def write_rows(rows: list[dict], out: str | Path, *, csv_too: bool = False, plot: bool = True) -> list[Path]:
+    """``out`` (the contract's JSON), ``out.csv`` on request and ``out.png``; each written atomically."""
+    out = Path(out)
+    written = [out]
+    write_json(out, {"format": BENCH_FORMAT, "rows": rows})
+    if csv_too:
+        path = out.with_suffix(".csv")
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        written.append(path)
+    if plot:
+        path = out.with_suffix(".png")
+        from ..plots import plot_speedup
+
+        plot_speedup(rows, path)
+        written.append(path)
+    return written
+
+

@@ -1,0 +1,140 @@
+"""``utilrank bench``: the dense and the compressed model timed side by side."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from .. import bench as bench_package
+from ..bench import BACKEND_CHOICES, DTYPES, bench, compress_builtin, cut_to_ratio, dense_twin, input_size, write_rows
+from ..measure import THP_HINT, count_params, cpu_thp_alloc, device_label, keep_freed_memory
+from ._common import DEFAULT_MODEL, UsageError, resolve_device
+
+
+def _csv_list(text: str, what: str, cast=str, choices: Sequence | None = None) -> list:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        values = [cast(t) for t in items]
+    except ValueError:
+        values = None
+    if not values or (choices is not None and any(v not in choices for v in values)):
+        hint = f" (choose from {', '.join(map(str, choices))})" if choices else ""
+        raise argparse.ArgumentTypeError(f"{what}: {text!r} is not a comma-separated list{hint}")
+    return values
+
+
+def _models(args) -> tuple[nn.Module, nn.Module, str, tuple[int, int, int], dict]:
+    """``(dense, compressed, model name, input size, extra row fields)`` from the command's options."""
+    from ..models import BUILTIN_MODELS, build_builtin, build_model
+
+    if args.compressed:
+        import json
+
+        from ..compress import load_compressed, load_plan
+
+        path = Path(args.compressed)
+        try:
+            compressed = load_compressed(path)
+            plan, config = load_plan(path / "plan.json"), json.loads((path / "config.json").read_text())
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(str(exc)) from exc
+        dense = dense_twin(compressed, plan, config)
+        shape = args.input_size or input_size(dense, config["arch"], config)
+        extra = {"compressed": str(path), "factored_layers": len(plan["layers"])}
+        target = next((e["latency"] for e in plan["layers"].values() if "latency" in e), None)
+        if target:  # a latency-aware plan (compress --target-device D --target-batch N)
+            extra["latency_target"] = f"{target['device']}, batch {target['batch']}"
+        return dense, compressed, config["arch"], shape, extra
+    if args.param_ratio is not None:
+        try:
+            if args.model in BUILTIN_MODELS:
+                dense = build_builtin(args.model).eval()
+            else:
+                dense, _ = build_model(args.model)
+            compressed, _ = cut_to_ratio(dense, args.param_ratio, args.rank_multiple, args.model)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        shape = args.input_size or input_size(dense, args.model)
+        return dense, compressed, args.model, shape, {"param_ratio": args.param_ratio,
+                                                      "rank_multiple": args.rank_multiple}
+    if args.model not in BUILTIN_MODELS:
+        raise UsageError(f"--model {args.model}: give --param-ratio R for a synthetic cut, "
+                         "or --compressed DIR")
+    dense, compressed, _ = compress_builtin(args.model, args.energy)
+    shape = args.input_size or input_size(dense, args.model)
+    return dense, compressed, args.model, shape, {"energy": args.energy}
+
+
+def run(args) -> int:
+    device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        raise UsageError("--cuda-graphs needs a CUDA device")
+    if args.compressed and args.param_ratio is not None:
+        raise UsageError("give --compressed DIR or --param-ratio R, not both")
+    if args.warmup < 0 or args.iters < 1:
+        raise UsageError("--warmup must be >= 0 and --iters >= 1")
+    backends = list(BACKEND_CHOICES) if args.backend == ["all"] else args.backend
+    dense, compressed, name, shape, extra = _models(args)
+    keep_memory = device.type == "cpu" and not args.release_memory and keep_freed_memory()
+    if device.type == "cpu" and not cpu_thp_alloc():
+        print(THP_HINT)
+    if device.type == "cpu":
+        extra = {**extra, "malloc_keep_freed": keep_memory}
+    out = Path(args.out or f"utilrank-out/bench-{name}.json")
+    print(f"{name}: {count_params(dense):,} -> {count_params(compressed):,} parameters; "
+          f"input {tuple(shape)}; {device_label(device)}; "
+          f"{args.warmup} warm-up + {args.iters} timed steps, interleaved")
+    try:
+        rows = bench(dense, compressed, model_name=name, input_shape=shape, batch_sizes=args.batch_sizes,
+                     dtypes=args.dtype, backends=backends, device=device, channels_last=args.channels_last,
+                     compile=args.compile, cuda_graphs=args.cuda_graphs, warmup=args.warmup, iters=args.iters,
+                     extra=extra)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    written = write_rows(rows, out, csv_too=args.csv, plot=not args.no_plot)
+    print("wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time the dense and the compressed model side by side (timm-style rows)",
+                       description=bench_package.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="built-in vit-digits | vgg-digits, or a timm model name with --param-ratio "
+                        "(default: %(default)s, compressed in-process at --energy)")
+    p.add_argument("--param-ratio", type=float, default=None, metavar="R",
+                   help="synthetic cut: factor every Linear/Conv2d to keep R of its parameters "
+                        "(random factors)")
+    p.add_argument("--rank-multiple", type=int, default=16, metavar="N",
+                   help="with --param-ratio: round each rank down to a multiple of N where that takes "
+                        "<10%% off (default: %(default)s)")
+    p.add_argument("--compressed", default=None, metavar="DIR", help="a folder written by utilrank compress")
+    p.add_argument("--energy", type=float, default=0.99,
+                   help="in-process compression of a built-in: the energy cut (default: %(default)s)")
+    p.add_argument("--batch-sizes", type=lambda s: _csv_list(s, "--batch-sizes", int), default=[1, 8, 64],
+                   help="comma-separated (default: 1,8,64)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    p.add_argument("--dtype", type=lambda s: _csv_list(s, "--dtype", choices=tuple(DTYPES)), default=["fp32"],
+                   help="comma-separated fp32,bf16,fp16 (default: fp32)")
+    p.add_argument("--backend", type=lambda s: _csv_list(s, "--backend", choices=(*BACKEND_CHOICES, "all")),
+                   default=["auto"], help="comma-separated auto,torch,triton,cuda, or all (default: auto); "
+                                          "one the device cannot run is skipped with a message")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (convnets)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each step from a CUDA graph")
+    p.add_argument("--warmup", type=int, default=10, help="warm-up steps per model (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=40, help="timed steps per model (default: %(default)s)")
+    p.add_argument("--input-size", type=lambda s: tuple(_csv_list(s, "--input-size", int)), default=None,
+                   metavar="C,H,W", help="input size (default: the model's)")
+    p.add_argument("--out", default=None, help="JSON file (default: utilrank-out/bench-MODEL.json); the plot "
+                                               "goes beside it as .png")
+    p.add_argument("--release-memory", action="store_true",
+                   help="CPU: let glibc return freed memory to the OS between steps (by default it is kept "
+                        "for reuse, as CUDA's caching allocator does, so large activations are not "
+                        "page-faulted in again every step)")
+    p.add_argument("--csv", action="store_true", help="also write the rows as CSV beside --out")
+    p.add_argument("--no-plot", action="store_true", help="no speedup plot")
+    p.set_defaults(func=run)

@@ -1,0 +1,84 @@
+"""``utilrank soup``: fine-tuned variants, uniform and greedy soups and SWA, dense and compressed."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ._common import (
+    UsageError,
+    add_threads_option,
+    limit_threads,
+    load_model_and_data,
+    positive_floats,
+    resolve_device,
+)
+
+
+def run(args) -> int:
+    with limit_threads(args.threads):
+        return _soup(args)
+
+
+def _soup(args) -> int:
+    from .._cache import write_json
+    from ..weightspace.demo import format_soup_table, soup_experiment
+
+    if args.ingredients < 1 or args.epochs < 0 or args.compressed_epochs < 0 or args.swa_cycles < 0:
+        raise UsageError("--ingredients must be >= 1; --epochs, --compressed-epochs, --swa-cycles >= 0")
+    if not 0 < args.energy <= 1:
+        raise UsageError(f"--energy {args.energy}: must be in (0, 1]")
+    for f in args.from_files or []:
+        if not Path(f).is_file():
+            raise UsageError(f"--from {f}: no such file")
+    device = resolve_device(args.device)
+    out = Path(args.out or f"utilrank-out/soup-{args.model}")
+    started = time.perf_counter()
+    model, _, data = load_model_and_data(args, device)
+    try:
+        doc = soup_experiment(
+            model, data, arch=args.model, ingredients=args.from_files, n=args.ingredients, epochs=args.epochs,
+            lrs=args.lrs, seed=args.seed, swa_cycles=args.swa_cycles, compressed=not args.no_compressed,
+            energy=args.energy, compressed_epochs=args.compressed_epochs, compressed_lr=args.compressed_lr,
+            device=device,
+        )
+    except ValueError as exc:  # ingredients that do not fit the model
+        raise UsageError(str(exc)) from exc
+    write_json(out / "soup.json", doc)
+    print(format_soup_table(doc))
+    print(f"wrote {out}/soup.json in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("soup", help="fine-tuned variants, uniform and greedy soups and SWA, dense and "
+                                    "compressed")
+    p.add_argument("--model", default="vit-digits",
+                   help="built-in vit-digits | vgg-digits, or a timm name with --checkpoint "
+                        "(default: %(default)s)")
+    p.add_argument("--checkpoint", default=None, help="weights of the model the ingredients start from")
+    p.add_argument("--data", default=None, help="'digits' (default) or an ImageFolder directory")
+    p.add_argument("--from", dest="from_files", nargs="+", metavar="FILE", default=None,
+                   help="soup these fine-tuned weight files (safetensors or weights-only torch) instead of "
+                        "fine-tuning --ingredients variants")
+    p.add_argument("--ingredients", type=int, default=5, help="variants to fine-tune (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=2,
+                   help="fine-tuning epochs per variant (default: %(default)s)")
+    p.add_argument("--lrs", type=positive_floats, default=[3e-4, 1e-3],
+                   help="learning rates the variants cycle through (default: 3e-4,1e-3); seeds are 1..N")
+    p.add_argument("--seed", type=int, default=0, help="the variants' seeds are SEED+1..SEED+N (default: 0)")
+    p.add_argument("--swa-cycles", type=int, default=5,
+                   help="cyclical SWA from the base model: cycles of 1 epoch (0: no SWA; "
+                        "default: %(default)s)")
+    p.add_argument("--no-compressed", action="store_true", help="dense soups only")
+    p.add_argument("--energy", type=float, default=0.995,
+                   help="energy of the compression plan, from the base model's statistics "
+                        "(default: %(default)s)")
+    p.add_argument("--compressed-epochs", type=int, default=2,
+                   help="fine-tuning epochs of each factored ingredient (default: %(default)s)")
+    p.add_argument("--compressed-lr", type=float, default=1e-3,
+                   help="their learning rate (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    add_threads_option(p)
+    p.add_argument("--out", default=None, help="output folder (default: utilrank-out/soup-MODEL)")
+    p.set_defaults(func=run)
