@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import make_configs
+from ._autotune import autotune
 
 # Rows of dot products that cost as much as one tile's fp64 epilogue; both scale with BD^2, so the
 # ratio holds for every tile size. Estimated from H100 per-SM rates, not yet measured: the epilogue
@@ -124,13 +124,6 @@ def _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_
         tl.atomic_add(p_ct, b_c, mask=m_lo, sem="relaxed")
 
 
-@triton.autotune(
-    configs=make_configs(_KEYS, _SYRK_ROWS, num_warps_index=2, num_stages_index=3),
-    key=["d", "n_bucket", "HAS_MASK", "TWO_LEVEL", "INPUT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_tiles},
-    # tuning runs the kernel several times on the live accumulator
-    restore_value=["acc_ptr"],
-)
 @triton.jit
 def _syrk_kernel(
     x_ptr, mask_ptr, acc_ptr,
@@ -210,12 +203,6 @@ def _patch_tile(x_ptr, off_k, dh, dw, m_k, off_p, ih0, iw0, m_p, H, W, PIXEL_FAS
         return tl.load(x_ptr + off_p[:, None] + off_k[None, :], mask=m, other=0.0)  # [BK, BD]
 
 
-@triton.autotune(
-    configs=make_configs(_KEYS, _CONV_ROWS, num_warps_index=2, num_stages_index=3),
-    key=["d", "n_bucket", "C", "KH", "KW", "SH", "SW", "TAP_MAJOR", "PIXEL_FAST"],
-    prune_configs_by={"early_config_prune": _prune_tiles},
-    restore_value=["acc_ptr"],
-)
 @triton.jit
 def _conv_syrk_kernel(
     x_ptr, acc_ptr,
@@ -259,6 +246,15 @@ def _conv_syrk_kernel(
             b_c = tl.dot(tl.trans(b_a), b_b, b_c, input_precision=INPUT_PRECISION)  # [BD, BD]
 
     _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1)
+
+
+# tuning runs the kernel several times on the live accumulator: restore it in between
+_SYRK = autotune("covariance.syrk", _syrk_kernel, _KEYS, _SYRK_ROWS,
+                 key=["d", "n_bucket", "HAS_MASK", "TWO_LEVEL", "INPUT_PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_tiles}, restore_value=["acc_ptr"])
+_CONV_SYRK = autotune("covariance.conv_syrk", _conv_syrk_kernel, _KEYS, _CONV_ROWS,
+                      key=["d", "n_bucket", "C", "KH", "KW", "SH", "SW", "TAP_MAJOR", "PIXEL_FAST"],
+                      prune_configs_by={"early_config_prune": _prune_tiles}, restore_value=["acc_ptr"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +355,7 @@ def covariance_update_triton(
     fma = x.dtype == torch.float32 and precision == "ieee"
     epilogue_rows = _EPILOGUE_ROWS_FMA if fma else _EPILOGUE_ROWS_TENSOR_CORE
     with _device_guard(x):
-        _syrk_kernel[_grid(d, n_rows, epilogue_rows, x.device, splits)](
+        _SYRK[_grid(d, n_rows, epilogue_rows, x.device, splits)](
             x, mask_arg, acc,
             n_rows, d, r1,
             stride_x0, stride_x1, x.stride(-1), acc.stride(0), acc.stride(1),
@@ -413,7 +409,7 @@ def conv_covariance_update_triton(
     tap_major, pixel_fast = layout if layout is not None else _conv_layout(x, kw, sw, dw, out_w)
     epilogue_rows = _EPILOGUE_ROWS_FMA if x.dtype == torch.float32 else _EPILOGUE_ROWS_TENSOR_CORE
     with _device_guard(x):
-        _conv_syrk_kernel[_grid(d, n_rows, epilogue_rows, x.device, splits)](
+        _CONV_SYRK[_grid(d, n_rows, epilogue_rows, x.device, splits)](
             x, acc,
             n_rows, d, channels, h, w, out_h, out_w,
             *x.stride(), acc.stride(0), acc.stride(1),

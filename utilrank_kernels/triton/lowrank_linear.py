@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import make_configs
+from ._autotune import autotune
 
 SMALL_M = 64
 MAX_FUSED_R = 1024
@@ -212,16 +212,13 @@ _EPILOGUE_ROWS = {
 _KEY = ["M_KEY", "N", "K", "R"]
 
 
-def _tuned(fn, keys: tuple[str, ...], rows: list[tuple], key: list[str], **kwargs):
-    configs = make_configs(keys, rows, num_warps_index=len(keys) - 2, num_stages_index=len(keys) - 1)
-    return triton.autotune(configs=configs, key=key, **kwargs)(fn)
-
-
-_FUSED = {br: _tuned(_lowrank_linear_fused_kernel, _FUSED_KEYS, rows, _KEY)
+_FUSED = {br: autotune(f"lowrank_linear.fused[BR={br}]", _lowrank_linear_fused_kernel, _FUSED_KEYS, rows, key=_KEY)
           for br, rows in _FUSED_ROWS.items()}
 # the autotuner runs the kernel once per candidate: t has to be zeroed before each of those runs
-_SHRINK = _tuned(_shrink_splitk_kernel, _SHRINK_KEYS, _SHRINK_ROWS, ["M_KEY", "K", "R"], reset_to_zero=["t"])
-_EPILOGUE = {size: _tuned(_linear_epilogue_kernel, _EPILOGUE_KEYS, rows, ["M_KEY", "N", "K"])
+_SHRINK = autotune("lowrank_linear.shrink", _shrink_splitk_kernel, _SHRINK_KEYS, _SHRINK_ROWS,
+                   key=["M_KEY", "K", "R"], reset_to_zero=["t"])
+_EPILOGUE = {size: autotune(f"lowrank_linear.epilogue[{size}]", _linear_epilogue_kernel, _EPILOGUE_KEYS, rows,
+                            key=["M_KEY", "N", "K"])
              for size, rows in _EPILOGUE_ROWS.items()}
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import make_configs
+from ._autotune import autotune
 from .lowrank_linear import (
     SMALL_M,
     _activation,
@@ -110,13 +110,9 @@ _MLP_ROWS = {
     256: [(64, 32, 64, 64, 8, 2), (32, 64, 64, 64, 4, 3), (64, 32, 32, 64, 8, 2), (32, 32, 128, 64, 8, 2)],
     512: [(32, 32, 32, 64, 8, 2), (16, 64, 64, 64, 8, 2), (32, 32, 64, 32, 8, 2)],
 }
-_MLP = {
-    br: triton.autotune(
-        configs=make_configs(_MLP_KEYS, rows, num_warps_index=4, num_stages_index=5),
-        key=["M_KEY", "K", "H", "N", "R1", "R2"],
-    )(_lowrank_mlp_fused_kernel)
-    for br, rows in _MLP_ROWS.items()
-}
+_MLP = {br: autotune(f"lowrank_mlp.fused[BR={br}]", _lowrank_mlp_fused_kernel, _MLP_KEYS, rows,
+                     key=["M_KEY", "K", "H", "N", "R1", "R2"])
+        for br, rows in _MLP_ROWS.items()}
 
 
 def lowrank_mlp_triton(
