@@ -1,11 +1,34 @@
-"""utilrank_kernels: measure the utilized rank of every layer on its data, factor to it, run it fast."""
+"""utilrank_kernels: measure the utilized rank of every layer on its data, factor to it, run it fast.
 
-from .analysis import Statistics, analyze, collect_stats
-from .compress import apply_plan, decompose, load_compressed, save_compressed
-from .nn import LowRankConv2d, LowRankLinear
+One call (``compress_model(model, data, CompressConfig(...))``), or the stages one by one: ``collect_stats``
+-> ``compute_subspaces`` -> ``build_report`` -> ``plan_ranks`` -> ``factor_model`` (see docs/design.md)."""
+
+import logging
+
+from .analysis import Report, Statistics, Subspaces, analyze, build_report, collect_stats, compute_subspaces
+from .compress import (
+    CompressConfig,
+    CompressedModel,
+    LayerPlan,
+    Plan,
+    apply_plan,
+    compress_model,
+    decompose,
+    factor_model,
+    load_compressed,
+    plan_ranks,
+    save_compressed,
+)
+from .layers import name_filter
+from .nn import LowRankConv2d, LowRankLinear, LowRankMlp, set_backend
+from .train import TrainRecipe
 
 __version__ = "0.1.0"
 __all__ = [
-    "LowRankConv2d", "LowRankLinear", "Statistics", "analyze", "apply_plan", "collect_stats", "decompose",
-    "load_compressed", "save_compressed",
+    "CompressConfig", "CompressedModel", "LayerPlan", "LowRankConv2d", "LowRankLinear", "LowRankMlp", "Plan", "Report",
+    "Statistics", "Subspaces", "TrainRecipe", "analyze", "apply_plan", "build_report", "collect_stats",
+    "compress_model", "compute_subspaces", "decompose", "factor_model", "load_compressed", "name_filter",
+    "plan_ranks", "save_compressed", "set_backend",
 ]
+# the library logs; the command line prints (utilrank_kernels.cli sets up a handler)
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -36,3 +36,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike, what: str, device: str = "cpu"):
+    """``safe_open`` whose failures (a truncated file, another format) are one ``ValueError`` naming the
+    file and what it should have been."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        handle = safe_open(str(path), framework="pt", device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{what} {path}: not a readable safetensors file ({exc})") from exc
+    with handle as f:
+        try:
+            yield f
+        except SafetensorError as exc:
+            raise ValueError(f"{what} {path}: damaged safetensors file ({exc})") from exc
+
+
+def load_safetensors(path: str | os.PathLike, what: str, device: str = "cpu") -> dict:
+    """Every tensor of a safetensors file, with ``open_safetensors``'s errors."""
+    with open_safetensors(path, what, device) as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+

@@ -14,6 +14,7 @@ import numpy as np
 from ._cache import atomic_path
 
 if TYPE_CHECKING:
+    from .analysis.report import Report
     from .analysis.spectrum import ESD
 
 
@@ -32,30 +33,41 @@ def _save(fig, path: str | Path, dpi: int) -> None:
 # -- utilization and benchmarks -----------------------------------------------------------------------
 
 
-def plot_utilization(report: dict, path: str | Path) -> None:
-    """The paper's Figure 2 style: per layer, the weight's rank (dotted) and the utilized rank (solid)."""
-    rows = report["layers"]
-    xs = range(len(rows))
+def plot_utilization(report: Report, path: str | Path) -> None:
+    """The paper's Figure 2 style: per layer, the weight's rank (dotted) and the utilized rank (solid); in a
+    compress folder also the rank the saved model holds (squares; a layer kept dense sits at its full
+    rank, hollow), and the saved model's parameter counts in the title."""
+    rows = report.layers
+    xs = list(range(len(rows)))
     fig, ax = _figure(figsize=(max(6.0, 0.32 * len(rows) + 2), 4.2))
-    ax.plot(xs, [r["weight_rank"] for r in rows], ":o", color="tab:gray", ms=4, label="rank of W")
-    ax.plot(xs, [r["rank"] for r in rows], "-o", color="tab:blue", ms=4,
-            label=f"utilized rank (energy {report['energy']})")
-    ax.set_xticks(list(xs))
-    ax.set_xticklabels([r["name"] for r in rows], rotation=70, ha="right", fontsize=7)
+    ax.plot(xs, [r.weight_rank for r in rows], ":o", color="tab:gray", ms=4, label="rank of W")
+    ax.plot(xs, [r.rank for r in rows], "-o", color="tab:blue", ms=4, label=f"utilized rank (energy {report.energy})")
+    if report.saved is not None:
+        ax.plot(xs, [r.saved_rank if r.saved_rank is not None else r.full_rank for r in rows], "-s",
+                color="tab:orange", ms=5, label="rank in the saved model")
+        dense_at = [(x, r.full_rank) for x, r in zip(xs, rows, strict=True) if r.saved_rank is None]
+        if dense_at:
+            ax.plot(*zip(*dense_at, strict=True), "s", ms=8, mfc="white", color="tab:orange",
+                    label="kept dense in the saved model")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([r.name for r in rows], rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("rank")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    dense = sum(r["params_dense"] for r in rows)
-    factored = sum(r["params_factored"] for r in rows)
-    ax.set_title(f"{report['model']} on {report['dataset']}: MLU {report['mlu']:.1%}; "
-                 f"params {dense / 1e6:.3g}M -> {factored / 1e6:.3g}M", fontsize=10)
+    title = f"{report.model} on {report.dataset}: MLU {report.mlu:.1%}"
+    if report.saved is not None:
+        title += (f"; saved model {report.saved['dense'] / 1e6:.3g}M -> {report.saved['compressed'] / 1e6:.3g}M "
+                  "params")
+    else:
+        title += f"; analyzed layers {report.params_dense / 1e6:.3g}M -> {report.params_factored / 1e6:.3g}M params"
+    ax.set_title(title, fontsize=10)
     _save(fig, path, dpi=130)
 
 
 def plot_speedup(rows: list[dict], path: str | Path) -> None:
     """Speedup against batch size per backend and dtype: measured (solid) beside the FLOP ratio (dashed)."""
-    comp = [r for r in rows if r["variant"] == "compressed"]
+    comp = [r for r in rows if r["variant"] == "compressed" and "error" not in r]
     fig, ax = _figure(figsize=(6.4, 4.2))
     series = sorted({(r["backend"], r["dtype"]) for r in comp})
     for i, (backend, dtype) in enumerate(series):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,16 @@ def train(
     device: torch.device | str = "cpu",
     desc: str = "train",
 ) -> nn.Module:
-    """AdamW with a cosine schedule and label smoothing; deterministic for a given seed and device."""
-    torch.manual_seed(seed)
+    """AdamW with a cosine schedule and label smoothing; deterministic for a given seed and device. The
+    caller's global random state is left as it was (dropout draws from a forked generator)."""
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _train(model, dataset, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                      seed=seed, augment=augment, device=device, desc=desc)
+
+
+def _train(model, dataset, *, epochs, lr, weight_decay, batch_size, seed, augment, device, desc) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
     model.to(device).train()
@@ -62,6 +71,28 @@ def train(
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
     return model.eval()
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """A fine-tuning recipe (``utilrank compress --finetune-epochs/--lr/...``): ``train``'s arguments."""
+
+    epochs: int = 20
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    seed: int = 0
+    augment: bool = False  # random 1-pixel shifts (the built-in digits' augmentation)
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.lr <= 0 or self.weight_decay < 0 or self.batch_size < 1:
+            raise ValueError(f"fine-tuning recipe: epochs must be >= 0, lr > 0, weight decay >= 0 and batch size "
+                             f">= 1; got {self}")
+
+    def run(self, model: nn.Module, dataset: Dataset, *, device: torch.device | str = "cpu",
+            desc: str = "fine-tune") -> nn.Module:
+        return train(model, dataset, epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                     batch_size=self.batch_size, seed=self.seed, augment=self.augment, device=device, desc=desc)
 
 
 @torch.no_grad()

@@ -1,13 +1,10 @@
-"""Subspaces, energy thresholds, the report, and `utilrank analyze` end to end."""
-
-import json
+"""Energy thresholds and the utilization report."""
 
 import pytest
 import torch
 from _models import TokenMLP
 
-from utilrank_kernels.analysis import analyze, collect_stats, energy_rank, symmetric_eigh
-from utilrank_kernels.cli import main
+from utilrank_kernels.analysis import Report, analyze, collect_stats, energy_rank, symmetric_eigh
 
 
 def low_rank_tokens(n, d, k, generator=None):
@@ -41,18 +38,20 @@ def test_analyze_tiny_model_reports_utilized_rank():
     batches = list(tokens.reshape(4, 5, 8, 12))
     stats = collect_stats(model, batches, progress=False, meta={"model": "tokenmlp", "dataset": "synthetic"})
     report, subspaces = analyze(model, stats, energy=1.0)
-    rows = {r["name"]: r for r in report["layers"]}
-    assert rows["fc1"]["k_in"] == 3 and rows["fc1"]["rank"] == 3  # inputs live in 3 dimensions
-    assert rows["fc1"]["weight_rank"] == 12 and rows["fc1"]["full_rank"] == 12
-    assert rows["fc1"]["utilization"] == pytest.approx(3 / 12)
-    assert {"name": "unused", "reason": "saw no tokens"} in report["skipped"]
-    assert "unused" not in rows
-    assert 0 < report["mlu"] < 1
-    assert report["mlu"] == pytest.approx(sum(r["utilization"] for r in rows.values()) / len(rows))
-    assert set(report) == {"format", "model", "dataset", "energy", "tokens", "mlu", "layers", "skipped"}
-    assert set(rows["fc1"]) == {"name", "kind", "in_features", "out_features", "kernel_size", "k_in", "k_out",
-                                "rank", "full_rank", "weight_rank", "utilization", "params_dense",
-                                "params_factored"}
+    rows = {r.name: r for r in report.layers}
+    assert rows["fc1"].k_in == 3 and rows["fc1"].rank == 3  # inputs live in 3 dimensions
+    assert rows["fc1"].weight_rank == 12 and rows["fc1"].full_rank == 12
+    assert rows["fc1"].utilization == pytest.approx(3 / 12)
+    assert report.skipped["unused"] == "saw no tokens" and "unused" not in rows
+    assert 0 < report.mlu < 1
+    assert report.mlu == pytest.approx(sum(r.utilization for r in rows.values()) / len(rows))
+    doc = report.to_dict()  # the contract's report.json, exactly
+    assert set(doc) == {"format", "model", "dataset", "energy", "tokens", "mlu", "layers", "skipped"}
+    assert {"name": "unused", "reason": "saw no tokens"} in doc["skipped"]
+    assert set(doc["layers"][0]) == {"name", "kind", "in_features", "out_features", "kernel_size", "k_in", "k_out",
+                                     "rank", "full_rank", "weight_rank", "utilization", "params_dense",
+                                     "params_factored"}
+    assert Report.from_dict(doc) == report
     # the projection keeps the layer's function on the data: W' x == W x for x in the subspace
     sub = subspaces["fc1"]
     w_proj = sub.projected_weight(*sub.ranks(1.0))
@@ -60,25 +59,3 @@ def test_analyze_tiny_model_reports_utilized_rank():
     err = (x @ w_proj.T - x @ sub.weight.T).norm() / (x @ sub.weight.T).norm()
     assert err < 1e-5  # the tokens were rounded to fp32 off their subspace by ~1e-7
     assert torch.linalg.matrix_rank(w_proj).item() == 3
-
-
-@pytest.mark.slow
-def test_cli_analyze_builtin(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["analyze", "--out", str(out), "--checkpoint-every", "3"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    assert report["format"] == "utilrank.report/1" and report["model"] == "vit-digits"
-    assert 0 < report["mlu"] < 1
-    assert (out / "utilization.png").stat().st_size > 10_000
-    assert (out / "stats.safetensors").is_file() and not (out / "stats.ckpt.safetensors").exists()
-    assert "MLU" in capsys.readouterr().out
-
-
-def test_cli_errors_are_one_line(tmp_path, capsys):
-    assert main(["analyze", "--model", "no_such_model", "--out", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "no_such_model" in err
-    assert main(["analyze", "--data", str(tmp_path / "missing"), "--model", "resnet18", "--out", str(tmp_path)]) == 2
-    assert "missing" in capsys.readouterr().err
-    assert main(["analyze", "--resume", "--out", str(tmp_path / "fresh")]) == 2
-    assert "no checkpoint" in capsys.readouterr().err

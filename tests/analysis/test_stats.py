@@ -170,7 +170,8 @@ _CRASHING_RUN = textwrap.dedent("""
 
 
 def _run(tmp_path, crash, ckpt, out):
-    code = _CRASHING_RUN.format(tests=os.path.dirname(os.path.dirname(__file__)), crash=crash, ckpt=str(ckpt), out=str(out))
+    tests = os.path.dirname(os.path.dirname(__file__))
+    code = _CRASHING_RUN.format(tests=tests, crash=crash, ckpt=str(ckpt), out=str(out))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
@@ -218,9 +219,22 @@ def test_two_gloo_processes_equal_one(tmp_path):
         assert dist_stats.layers[name].tokens == s.tokens
 
 
-def test_stats_on_cpu_matches(tmp_path):
-    model = TokenMLP()
-    data = [torch.randn(2, 4, 12)]
+@pytest.mark.gpu
+def test_stats_on_cpu_accumulate_in_host_memory_and_match_fp64():
+    """``stats_on_cpu`` moves each batch's product from the GPU to host accumulators: a path that exists only
+    with a GPU (on a CPU model the accumulators are where the model is, and nothing moves)."""
+    model = TokenMLP().cuda()
+    data = [torch.randn(2, 4, 12, device="cuda") for _ in range(3)]
     a = collect_stats(model, data, stats_on_cpu=True, progress=False)
-    b = collect_stats(model, data, progress=False)
-    assert all(torch.equal(a.layers[n].cov, b.layers[n].cov) for n in a.layers)
+    assert all(s.cov.device.type == "cpu" for s in a.layers.values())
+    x = torch.cat(data).reshape(-1, 12).double().cpu()
+    torch.testing.assert_close(a.layers["fc1"].cov, x.T @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_that_does_not_fit_a_token_input_names_the_layer_and_both_shapes():
+    torch.manual_seed(0)
+    model = TokenMLP()
+    x = torch.randn(2, 9, 12)
+    with pytest.raises(ValueError, match=r"layer fc1: the token mask has shape \(2, 8\) but the layer's input is "
+                                         r"\(2, 9, 12\)"):
+        collect_stats(model, [x], mask_fn=lambda b: torch.ones(2, 8, dtype=torch.bool), progress=False)

@@ -12,7 +12,9 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from utilrank_kernels.nn import LowRankLinear, LowRankMlp, fuse_lowrank_mlps
+from utilrank_kernels.compress import factor_layer, svd_factors
+from utilrank_kernels.layers import swap_modules
+from utilrank_kernels.nn import LowRankMlp, fuse_lowrank_mlps
 from utilrank_kernels.ops import lowrank_conv2d, lowrank_linear, lowrank_mlp
 from utilrank_kernels.ops._lowrank_dispatch import select
 from utilrank_kernels.ops.lowrank import lowrank_linear_reference, lowrank_mlp_reference
@@ -20,12 +22,14 @@ from utilrank_kernels.ops.lowrank import lowrank_linear_reference, lowrank_mlp_r
 
 def factor_linears(model: nn.Module, keep: float = 0.4) -> nn.Module:
     """Every nn.Linear of ``model`` replaced by a LowRankLinear from its truncated SVD."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                u, s, vh = torch.linalg.svd(child.weight.detach(), full_matrices=False)
-                r = max(1, int(keep * min(child.weight.shape)) | 1)  # odd ranks: never a multiple of 16
-                setattr(parent, name, LowRankLinear.from_dense(child, vh[:r], u[:, :r] * s[:r]))
+
+    def factored(child: nn.Module, name: str) -> nn.Module | None:
+        if not isinstance(child, nn.Linear):
+            return None
+        r = max(1, int(keep * min(child.weight.shape)) | 1)  # odd ranks: never a multiple of 16
+        return factor_layer(child, *svd_factors(child.weight, r))
+
+    swap_modules(model, factored)
     return model
 
 

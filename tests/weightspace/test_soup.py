@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from utilrank_kernels import LayerPlan, Plan
 from utilrank_kernels.analysis import analyze, collect_stats
-from utilrank_kernels.compress import make_plan
 from utilrank_kernels.weightspace import (
     compressed_soup,
     dense_equivalent,
@@ -219,17 +219,35 @@ def compressed_setup():
     stats = collect_stats(base, batches, progress=False)
     report, _ = analyze(base, stats, 0.9)
     # every analyzed layer at its utilized rank, whether or not that saves weights in a model this small
-    layers = {r["name"]: {"kind": r["kind"], "rank": r["rank"], "k_in": r["k_in"], "k_out": r["k_out"]}
-              for r in report["layers"]}
-    plan = make_plan("convnet", layers, energy=0.9)
-    assert set(layers) == {"conv1", "conv2", "conv3", "head"}
-    assert all(layers[r["name"]]["rank"] < min(r["in_features"], r["out_features"]) for r in report["layers"])
+    plan = Plan("convnet", {r.name: LayerPlan(r.kind, r.rank, r.k_in, r.k_out) for r in report.layers})
+    assert set(plan.layers) == {"conv1", "conv2", "conv3", "head"}
+    assert all(plan.layers[r.name].rank < r.full_rank for r in report.layers)
     # ingredients: perturbed models, each factored on its own statistics (different subspaces)
     ingredients = []
     for i in range(3):
         m = perturbed(base, 0.15, 10 + i)
         ingredients.append(refactor(m, plan, planned_stats(m, plan, batches)).eval())
     return base, plan, batches, ingredients
+
+
+def projected_by_hand(model, plan, stats):
+    """Each planned layer's ``P_out W P_in`` from first principles (fp64 eigh of the layer's ``C_in`` and of
+    ``W C_in W^T``), independent of the package's subspace and factor code."""
+    out = {}
+    for name, entry in plan.layers.items():
+        w = model.get_submodule(name).weight.detach().double().reshape(model.get_submodule(name).weight.shape[0], -1)
+        c = stats.layers[name].cov.double()
+        u_in = torch.linalg.eigh(c).eigenvectors.flip(1)[:, :entry.k_in]
+        u_out = torch.linalg.eigh(w @ c @ w.T).eigenvectors.flip(1)[:, :entry.k_out]
+        out[name] = u_out @ u_out.T @ w @ u_in @ u_in.T
+    return out
+
+
+def assert_factored_as(model, plan, expected, atol=1e-5):
+    for name in plan.layers:
+        layer = model.get_submodule(name)
+        got = layer.weight.double().reshape(expected[name].shape)
+        assert torch.allclose(got, expected[name], atol=atol), name
 
 
 def test_compressed_soup_equals_the_factored_dense_soup(compressed_setup):
@@ -242,20 +260,24 @@ def test_compressed_soup_equals_the_factored_dense_soup(compressed_setup):
         modules = dict(ing.named_modules())
         with torch.no_grad():
             for name, module in d.named_modules():
-                if name in plan["layers"]:
+                if name in plan.layers:
                     module.weight.copy_(modules[name].weight)  # B @ A
                     if module.bias is not None:
                         module.bias.copy_(modules[name].bias)
                 elif isinstance(module, (nn.Linear, nn.Conv2d)):
                     module.load_state_dict(modules[name].state_dict())
         dense_models.append(d)
-    dense_soup = load_soup(copy.deepcopy(base), uniform_soup(dense_models))
-    expected = refactor(dense_soup, plan, planned_stats(dense_soup, plan, batches))
+    # the mean of the dense weights, by hand
+    mean = {k: torch.stack([m.state_dict()[k].double() for m in dense_models]).mean(0) for k in base.state_dict()
+            if base.state_dict()[k].is_floating_point()}
+    dense_soup = copy.deepcopy(base)
+    dense_soup.load_state_dict({k: mean.get(k, v).to(v.dtype) for k, v in base.state_dict().items()})
     assert_states_equal(got.dense.state_dict(), dense_soup.state_dict(), atol=1e-6)
-    assert_states_equal(got.model.state_dict(), expected.state_dict(), atol=1e-5)
+    # ... factored on the soup's own statistics, by hand
+    assert_factored_as(got.model, plan, projected_by_hand(dense_soup, plan, collect_stats(dense_soup, batches,
+                                                                                          progress=False)))
     x = batches[0]
     with torch.no_grad():
-        assert torch.allclose(got.model(x), expected(x), atol=1e-5)
         # the factors keep the plan's ranks: the same architecture as every ingredient
         assert {k: v.shape for k, v in got.model.state_dict().items()} == \
                {k: v.shape for k, v in ingredients[0].state_dict().items()}
@@ -275,6 +297,7 @@ def test_compressed_soup_on_merged_statistics_and_state_dict_inputs(compressed_s
     states = [ing.state_dict() for ing in ingredients]
     soup = compressed_soup(states, plan, base, stats=merged)
     assert soup.stats is merged
+    assert_factored_as(soup.model, plan, projected_by_hand(soup.dense, plan, merged))
     assert {k: v.shape for k, v in soup.model.state_dict().items()} == \
            {k: v.shape for k, v in ingredients[0].state_dict().items()}
     with pytest.raises(ValueError, match="needs batches"):
@@ -304,9 +327,8 @@ def test_greedy_compressed_soup_never_worse_on_validation(compressed_setup):
 
 def test_compressed_ingredients_must_share_the_plan(compressed_setup):
     base, plan, batches, ingredients = compressed_setup
-    name = next(iter(plan["layers"]))
-    other = copy.deepcopy(plan)
-    other["layers"][name] = {**other["layers"][name], "rank": other["layers"][name]["rank"] + 1}
+    name = next(iter(plan.layers))
+    other = plan.replace_layers({**plan.layers, name: plan.layers[name].with_rank(plan.layers[name].rank + 1)})
     with pytest.raises(ValueError, match=rf"{name} has rank \d+ .* the plan says"):
         dense_state_dict(ingredients[0], other)
     with pytest.raises(ValueError, match=f"planned layer {name} is not factored"):

@@ -1,89 +1,170 @@
-"""Utilization report (DESIGN §1 step 4, §4 ``report.json``), terminal table and plot."""
+"""The utilization report (DESIGN §1 step 4, §4 ``report.json``) and its terminal table: a pure function
+of the statistics' subspaces at one energy (the eigendecompositions are ``compute_subspaces``'s)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .._cache import write_json
+from ..layers import factored_pays
 from .stats import Statistics
-from .subspace import LayerSubspaces, layer_subspaces
+from .subspace import Subspaces, compute_subspaces, numerical_rank
 
 REPORT_FORMAT = "utilrank.report/1"
 
 
-def factored_pays(rank: int, in_features: int, out_features: int) -> bool:
-    """A factored layer has fewer weights than the dense one only when ``r (in + out) < in * out``."""
-    return rank * (in_features + out_features) < in_features * out_features
+@dataclass(frozen=True)
+class LayerReport:
+    """One analyzed layer (the contract's ``report.json`` row); ``saved_rank`` is the rank the saved
+    compressed model holds (``None``: dense there), present only in the reports ``compress`` writes."""
+
+    name: str
+    kind: str
+    in_features: int
+    out_features: int
+    kernel_size: list[int] | None
+    k_in: int
+    k_out: int
+    rank: int
+    full_rank: int
+    weight_rank: int
+    utilization: float
+    params_dense: int
+    params_factored: int
+    saved_rank: int | None = None
 
 
-def analyze(
-    model: nn.Module, stats: Statistics, energy: float = 0.99, *, progress: bool = False
-) -> tuple[dict, dict[str, LayerSubspaces]]:
-    """The report of ``stats`` at ``energy``, and the per-layer subspaces (reused by compression)."""
+@dataclass(frozen=True)
+class Report:
+    """``report.json``: per-layer utilized ranks at ``energy`` and the MLU; ``skipped`` maps each layer
+    left out to the reason. ``saved`` (compress only) holds the parameter counts of the saved model."""
+
+    model: str
+    dataset: str
+    energy: float
+    tokens: int
+    mlu: float
+    layers: tuple[LayerReport, ...]
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    saved: Mapping[str, int] | None = None
+
+    def layer(self, name: str) -> LayerReport:
+        return next(r for r in self.layers if r.name == name)
+
+    @property
+    def params_dense(self) -> int:
+        return sum(r.params_dense for r in self.layers)
+
+    @property
+    def params_factored(self) -> int:
+        return sum(r.params_factored for r in self.layers)
+
+    def with_saved_ranks(self, ranks: Mapping[str, int], params: Mapping[str, int]) -> Report:
+        """This report with the ranks of the saved model per layer (absent: dense) and its parameter
+        counts (``{"dense": ..., "compressed": ...}``, the whole model's)."""
+        layers = tuple(replace(r, saved_rank=ranks.get(r.name)) for r in self.layers)
+        return replace(self, layers=layers, saved=dict(params))
+
+    def to_dict(self) -> dict:
+        layers = []
+        for r in self.layers:
+            row = asdict(r)
+            if self.saved is None:
+                row.pop("saved_rank")
+            layers.append(row)
+        doc = {"format": REPORT_FORMAT, "model": self.model, "dataset": self.dataset, "energy": self.energy,
+               "tokens": self.tokens, "mlu": self.mlu, "layers": layers,
+               "skipped": [{"name": n, "reason": r} for n, r in self.skipped.items()]}
+        if self.saved is not None:
+            doc["saved"] = dict(self.saved)
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: Mapping) -> Report:
+        if doc.get("format") != REPORT_FORMAT:
+            raise ValueError(f"not a {REPORT_FORMAT} document")
+        return cls(doc["model"], doc["dataset"], doc["energy"], doc["tokens"], doc["mlu"],
+                   tuple(LayerReport(**r) for r in doc["layers"]),
+                   {s["name"]: s["reason"] for s in doc["skipped"]}, doc.get("saved"))
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Report:
+        path = Path(path)
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"report {path}: {exc}") from exc
+
+
+def build_report(model: nn.Module, stats: Statistics, subspaces: Subspaces, energy: float = 0.99) -> Report:
+    """The report of ``subspaces`` (from ``stats``) at ``energy``."""
     modules = dict(model.named_modules())
-    rows, skipped, subspaces = [], list(stats.skipped), {}
-    for name, s in stats.layers.items():
-        if name not in modules:
-            raise ValueError(f"statistics name layer {name}, which the model does not have")
-        if s.tokens == 0:
-            skipped.append({"name": name, "reason": "saw no tokens"})
-            continue
-        module = modules[name]
-        sub = layer_subspaces(s, module.weight)
+    rows = []
+    skipped = {s["name"]: s["reason"] for s in stats.skipped}
+    skipped.update(subspaces.skipped)
+    for name, sub in subspaces.items():
+        s = stats.layers[name]
         k_in, k_out = sub.ranks(energy)
         if k_in == 0 or k_out == 0:
-            skipped.append({"name": name, "reason": "its inputs or outputs are all zero on the data"})
+            skipped[name] = "its inputs or outputs are all zero on the data"
             continue
-        subspaces[name] = sub
         rank, full_rank = min(k_in, k_out), min(s.in_features, s.out_features)
-        bias = 0 if getattr(module, "bias", None) is None else s.out_features
+        bias = 0 if getattr(modules[name], "bias", None) is None else s.out_features
         params_dense = s.in_features * s.out_features + bias
         params_factored = rank * (s.in_features + s.out_features) + bias
-        rows.append({
-            "name": name, "kind": s.kind, "in_features": s.in_features, "out_features": s.out_features,
-            "kernel_size": s.conv["kernel_size"] if s.conv else None,
-            "k_in": k_in, "k_out": k_out, "rank": rank, "full_rank": full_rank,
-            "weight_rank": int(torch.linalg.matrix_rank(sub.weight)),
-            "utilization": rank / full_rank,
-            "params_dense": params_dense,
-            "params_factored": (params_factored if factored_pays(rank, s.in_features, s.out_features)
-                                else params_dense),
-        })
-    mlu = sum(r["utilization"] for r in rows) / len(rows) if rows else 0.0
-    report = {
-        "format": REPORT_FORMAT, "model": stats.meta.get("model", type(model).__name__),
-        "dataset": stats.meta.get("dataset", ""), "energy": energy, "tokens": stats.tokens, "mlu": mlu,
-        "layers": rows, "skipped": skipped,
-    }
-    return report, subspaces
+        rows.append(LayerReport(
+            name, s.kind, s.in_features, s.out_features, s.conv["kernel_size"] if s.conv else None,
+            k_in, k_out, rank, full_rank, numerical_rank(sub.weight), rank / full_rank, params_dense,
+            params_factored if factored_pays(rank, s.in_features, s.out_features) else params_dense,
+        ))
+    mlu = sum(r.utilization for r in rows) / len(rows) if rows else 0.0
+    return Report(stats.meta.get("model", type(model).__name__), stats.meta.get("dataset", ""), energy, stats.tokens,
+                  mlu, tuple(rows), skipped)
 
 
-def format_table(report: dict) -> str:
+def analyze(model: nn.Module, stats: Statistics, energy: float = 0.99, *, subspaces: Subspaces | None = None,
+            progress: bool = False) -> tuple[Report, Subspaces]:
+    """``compute_subspaces`` (unless ``subspaces`` are given) then ``build_report``: the report at
+    ``energy`` and the subspaces, which compression reuses."""
+    if subspaces is None:
+        subspaces = compute_subspaces(model, stats, progress=progress)
+    return build_report(model, stats, subspaces, energy), subspaces
+
+
+def format_table(report: Report) -> str:
+    saved = report.saved is not None
     head = (f"{'layer':<28} {'kind':<6} {'in':>6} {'out':>6} {'k_in':>5} {'k_out':>5} {'rank':>5} {'W rank':>6} "
-            f"{'util':>6}")
+            f"{'util':>6}" + (f" {'saved':>6}" if saved else ""))
     lines = [head, "-" * len(head)]
-    for r in report["layers"]:
-        lines.append(
-            f"{r['name'][-28:]:<28} {r['kind'][:6]:<6} {r['in_features']:>6} {r['out_features']:>6} {r['k_in']:>5} "
-            f"{r['k_out']:>5} {r['rank']:>5} {r['weight_rank']:>6} {r['utilization']:>6.1%}"
-        )
-    for s in report["skipped"]:
-        lines.append(f"{s['name'][-28:]:<28} skipped: {s['reason']}")
-    dense = sum(r["params_dense"] for r in report["layers"])
-    factored = sum(r["params_factored"] for r in report["layers"])
+    for r in report.layers:
+        line = (f"{r.name[-28:]:<28} {r.kind[:6]:<6} {r.in_features:>6} {r.out_features:>6} {r.k_in:>5} "
+                f"{r.k_out:>5} {r.rank:>5} {r.weight_rank:>6} {r.utilization:>6.1%}")
+        if saved:
+            line += f" {r.saved_rank if r.saved_rank is not None else 'dense':>6}"
+        lines.append(line)
+    for name, reason in report.skipped.items():
+        lines.append(f"{name[-28:]:<28} skipped: {reason}")
     lines.append(
-        f"MLU {report['mlu']:.3f} at energy {report['energy']} over {len(report['layers'])} layers, "
-        f"{report['tokens']:,} tokens; analyzed weights {dense:,} -> {factored:,} at the utilized ranks"
+        f"MLU {report.mlu:.3f} at energy {report.energy} over {len(report.layers)} layers, {report.tokens:,} tokens; "
+        f"analyzed weights {report.params_dense:,} -> {report.params_factored:,} at the utilized ranks"
     )
+    if saved:
+        lines.append(f"saved model: {report.saved['dense']:,} -> {report.saved['compressed']:,} parameters "
+                     "('saved': the rank each layer holds in model.safetensors)")
     return "\n".join(lines)
 
 
-def write_report(report: dict, out_dir: str | Path) -> None:
-    out_dir = Path(out_dir)
+def write_report(report: Report, out_dir: str | Path) -> None:
     from ..plots import plot_utilization
 
-    write_json(out_dir / "report.json", report)
+    out_dir = Path(out_dir)
+    report.save(out_dir / "report.json")
     plot_utilization(report, out_dir / "utilization.png")

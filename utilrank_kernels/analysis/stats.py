@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,16 +24,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._cache import atomic_path
+from .._cache import atomic_path, open_safetensors
+from ..layers import FilterFn, conv_output_size, find_layers
 from ..ops import conv_covariance_update, covariance_update
 
 STATS_FORMAT = "utilrank.stats/1"
-FilterFn = Callable[[nn.Module, str], bool]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,9 +83,7 @@ class Statistics:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Statistics:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"statistics {path}: no such file")
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with open_safetensors(path, "statistics", str(device)) as f:
             header = json.loads((f.metadata() or {}).get("utilrank", "{}"))
             if header.get("format") != STATS_FORMAT:
                 raise ValueError(f"statistics {path}: not a {STATS_FORMAT} file")
@@ -125,21 +124,6 @@ class Statistics:
         for s, n in zip(self.layers.values(), counts.tolist()[:-1], strict=True):
             s.tokens = n
         self.batches = counts[-1].item()
-
-
-def analyzable_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> tuple[dict[str, nn.Module], list[dict]]:
-    """``nn.Linear`` and groups=1 ``nn.Conv2d`` layers (passing ``filter_fn``), and the skipped ones."""
-    layers, skipped = {}, []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            continue
-        if filter_fn is not None and not filter_fn(module, name):
-            skipped.append({"name": name, "reason": "excluded by filter"})
-        elif isinstance(module, nn.Conv2d) and module.groups != 1:
-            skipped.append({"name": name, "reason": f"grouped conv (groups={module.groups}) is not analyzed"})
-        else:
-            layers[name] = module
-    return layers, skipped
 
 
 def _empty_layer_stats(name: str, module: nn.Module, device: torch.device) -> LayerStats:
@@ -232,14 +216,18 @@ class _Collector:
                 x, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0, 0)
             conv_covariance_update(acc, x, module.kernel_size, module.stride, padding, module.dilation,
                                    backend=self.backend)
-            out_hw = [(size + 2 * p - d * (k - 1) - 1) // st + 1 for size, p, d, k, st in
-                      zip(x.shape[2:], padding, module.dilation, module.kernel_size, module.stride, strict=True)]
-            tokens = x.shape[0] * out_hw[0] * out_hw[1]
+            out_h, out_w = conv_output_size(x.shape[2:], module.kernel_size, module.stride, padding,
+                                            module.dilation)
+            tokens = x.shape[0] * out_h * out_w
         else:
             mask = self.mask
-            if mask is not None and tuple(mask.shape) != tuple(x.shape[:-1]):
-                mask = None  # the mask applies to token tensors of its own shape, not to pooled features
+            if mask is not None and x.dim() == 2 and x.shape[0] == mask.shape[0]:
+                mask = None  # pooled per-example features (a classifier head): no token axis to mask
             if mask is not None:
+                if tuple(mask.shape) != tuple(x.shape[:-1]):
+                    raise ValueError(f"layer {name}: the token mask has shape {tuple(mask.shape)} but the layer's "
+                                     f"input is {tuple(x.shape)} (tokens {tuple(x.shape[:-1])}); pass a mask_fn "
+                                     "whose mask fits every token input, or a filter_fn that leaves this layer out")
                 mask = mask.to(x.device)
             covariance_update(acc, x, mask, backend=self.backend)
             tokens = mask.sum() if mask is not None else x.numel() // x.shape[-1]
@@ -312,7 +300,8 @@ def collect_stats(
         overlap = device.type == "cpu" and threads >= 2
     elif overlap and device.type != "cpu":
         raise ValueError(f"collect_stats: overlap runs the updates on a CPU thread; the pass is on {device}")
-    modules, skipped = analyzable_layers(model, filter_fn)
+    modules, skipped_layers = find_layers(model, filter_fn)
+    skipped = [{"name": n, "reason": r} for n, r in skipped_layers.items()]
     if not modules:
         raise ValueError("collect_stats: the model has no nn.Linear or nn.Conv2d (groups=1) layer to analyze")
     if resume is not None:
@@ -326,7 +315,8 @@ def collect_stats(
         stats = Statistics({n: _empty_layer_stats(n, m, stats_device) for n, m in modules.items()}, skipped,
                            0, dict(meta or {}))
     if progress:
-        print(f"statistics: {len(modules)} layers, accumulators {stats.nbytes / 2**20:.1f} MiB fp64 on {stats_device}")
+        logger.info(f"statistics: {len(modules)} layers, accumulators {stats.nbytes / 2**20:.1f} MiB fp64 on "
+                    f"{stats_device}")
     iterator = iter(batches)
     if resume is not None and skip_resumed:
         iterator = itertools.islice(iterator, stats.batches, None)

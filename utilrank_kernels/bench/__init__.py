@@ -22,9 +22,9 @@ What is compressed:
   timing depends on the ranks, not on the weights' values).
 """
 
-from .models import compress_builtin, cut_to_ratio, dense_twin, input_size, ratio_plan
+from .models import compress_builtin, cut_to_ratio, dense_twin, input_size
 from .output import BENCH_FORMAT, format_row, write_rows
 from .timing import BACKEND_CHOICES, DTYPES, bench, make_step, realized
 
 __all__ = ["BACKEND_CHOICES", "BENCH_FORMAT", "DTYPES", "bench", "compress_builtin", "cut_to_ratio", "dense_twin",
-           "format_row", "input_size", "make_step", "ratio_plan", "realized", "write_rows"]
+           "format_row", "input_size", "make_step", "realized", "write_rows"]

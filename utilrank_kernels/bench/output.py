@@ -13,6 +13,9 @@ BENCH_FORMAT = "utilrank.bench/1"
 # output
 # ---------------------------------------------------------------------------------------------
 def format_row(row: dict) -> str:
+    if "error" in row:
+        return (f"{row['variant']:<10} {row['backend']:<6} {row['dtype']:<4} bs {row['batch_size']:<4} "
+                f"FAILED: {row['error']}")
     ratios = ""
     if row["variant"] == "compressed":
         ratios = (f"  speedup {row['speedup']:.2f}x of {row['theoretical_speedup']:.2f}x "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,6 +23,7 @@ from ..measure import (
 from ..nn import set_backend
 from .output import format_row
 
+logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BACKEND_CHOICES = ("torch", "triton", "cuda", "auto")
 
@@ -95,10 +97,12 @@ def bench(
     warmup: int = 10,
     iters: int = 40,
     extra: dict | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """The rows of one run: per dtype and batch size, one dense row and one compressed row per backend,
-    all timed interleaved. Backends that cannot run on ``device`` are skipped with a message."""
+    all timed interleaved. Backends that cannot run on ``device`` at all are skipped with a message; a
+    backend that fails on a configuration is a row with its ``error`` (the dense model failing raises)."""
+    log = log or logger.info
     device = torch.device(device)
     dense, compressed = dense.float().cpu().eval(), compressed.float().cpu().eval()
     x1 = torch.randn(1, *input_shape)
@@ -137,7 +141,10 @@ def bench(
                     except (RuntimeError, ValueError) as exc:
                         if key == "dense":
                             raise
-                        log(f"skipped: backend {key} at {dtype_name}, batch {bs}: {str(exc).splitlines()[0]}")
+                        error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                        rows.append({"model": model_name, "variant": "compressed", "backend": key,
+                                     "dtype": dtype_name, "batch_size": bs, "error": error, **common})
+                        log(f"failed: backend {key} at {dtype_name}, batch {bs}: {error}")
                         steps.pop(key, None)
                 times = time_interleaved(steps, warmup=warmup, iters=iters, device=device)
             dense_ms = None

@@ -28,8 +28,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_to_terminal() -> None:
+    """The library logs (``logging.getLogger("utilrank_kernels")``); the command shows its INFO messages
+    on stderr, beside the progress bars, as plain lines."""
+    import logging
+
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is when a message comes (a test's capture, a redirect)."""
+
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+    logger = logging.getLogger("utilrank_kernels")
+    if not any(type(h).__name__ == "CurrentStderr" for h in logger.handlers):
+        handler = CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_to_terminal()
     if getattr(args, "energy", None) is not None and not 0 < args.energy <= 1:
         print(f"utilrank: error: --energy {args.energy}: must be in (0, 1]", file=sys.stderr)
         return 2

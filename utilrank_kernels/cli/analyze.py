@@ -19,7 +19,7 @@ def run(args) -> int:
     stats = collect_statistics(args, model, data, device, out, rank, world)
     if rank != 0:
         return 0
-    report, _ = analyze(model, stats, args.energy)
+    report, _ = analyze(model, stats, args.energy, progress=True)
     write_report(report, out)
     print(format_table(report))
     print(f"wrote {out}/report.json, utilization.png, stats.safetensors in {time.perf_counter() - started:.1f}s")

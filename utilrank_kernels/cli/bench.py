@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,8 +44,8 @@ def _models(args) -> tuple[nn.Module, nn.Module, str, tuple[int, int, int], dict
             raise UsageError(str(exc)) from exc
         dense = dense_twin(compressed, plan, config)
         shape = args.input_size or input_size(dense, config["arch"], config)
-        extra = {"compressed": str(path), "factored_layers": len(plan["layers"])}
-        target = next((e["latency"] for e in plan["layers"].values() if "latency" in e), None)
+        extra = {"compressed": str(path), "factored_layers": len(plan.layers)}
+        target = next((e.latency for e in plan.layers.values() if e.latency), None)
         if target:  # a latency-aware plan (compress --target-device D --target-batch N)
             extra["latency_target"] = f"{target['device']}, batch {target['batch']}"
         return dense, compressed, config["arch"], shape, extra
@@ -91,11 +92,16 @@ def run(args) -> int:
         rows = bench(dense, compressed, model_name=name, input_shape=shape, batch_sizes=args.batch_sizes,
                      dtypes=args.dtype, backends=backends, device=device, channels_last=args.channels_last,
                      compile=args.compile, cuda_graphs=args.cuda_graphs, warmup=args.warmup, iters=args.iters,
-                     extra=extra)
+                     extra=extra, log=print)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     written = write_rows(rows, out, csv_too=args.csv, plot=not args.no_plot)
     print("wrote " + ", ".join(map(str, written)))
+    failed = [r for r in rows if "error" in r]
+    if failed and not args.keep_going:
+        print(f"utilrank bench: error: {len(failed)} configuration(s) failed (rows with 'error' in {out}); "
+              "--keep-going exits 0 anyway", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -136,5 +142,7 @@ def add_parser(sub) -> None:
                         "for reuse, as CUDA's caching allocator does, so large activations are not "
                         "page-faulted in again every step)")
     p.add_argument("--csv", action="store_true", help="also write the rows as CSV beside --out")
+    p.add_argument("--keep-going", action="store_true",
+                   help="exit 0 even when a backend failed on some configuration (its rows carry the error)")
     p.add_argument("--no-plot", action="store_true", help="no speedup plot")
     p.set_defaults(func=run)

@@ -33,25 +33,52 @@ def _summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def compress_config(args):
+    """The ``CompressConfig`` of the command's options (its errors name the option)."""
+    from ..compress import CompressConfig
+    from ..train import TrainRecipe
+
+    if args.finetune_epochs < 0:
+        raise UsageError(f"--finetune-epochs {args.finetune_epochs}: must be >= 0")
+    if args.lr <= 0:
+        raise UsageError(f"--lr {args.lr}: must be > 0")
+    for option, value in (("--tolerance", args.tolerance), ("--total-tolerance", args.total_tolerance)):
+        if value is not None and value < 0:
+            raise UsageError(f"{option} {value}: must be >= 0 percentage points")
+    try:
+        recipe = TrainRecipe(epochs=args.finetune_epochs, lr=args.lr, weight_decay=args.weight_decay,
+                             batch_size=args.finetune_batch_size, augment=args.data in (None, "digits"))
+        return CompressConfig(method=args.method, energy=args.energy, tolerance=args.tolerance,
+                              total_tolerance=args.total_tolerance, include=tuple(args.include),
+                              exclude=tuple(args.exclude), finetune=recipe, target_device=args.target_device,
+                              target_batch=args.target_batch)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def run(args) -> int:
     import copy
 
-    from ..analysis import Statistics, analyze, format_table, write_report
-    from ..compress import decompose, make_plan, name_filter, plan_ranks, save_compressed
+    from .._cache import write_json
+    from ..analysis import Statistics, format_table, write_report
+    from ..compress import compress_model
     from ..measure import count_flops, count_params, latency_ms
-    from ..train import evaluate, train
 
-    if args.tolerance is not None and args.tolerance < 0:
-        raise UsageError(f"--tolerance {args.tolerance}: must be >= 0 percentage points")
-    if args.total_tolerance is not None and args.total_tolerance < 0:
-        raise UsageError(f"--total-tolerance {args.total_tolerance}: must be >= 0 percentage points")
-    if args.finetune_epochs < 0:
-        raise UsageError("--finetune-epochs must be >= 0")
+    config = compress_config(args)
     rank, world = init_distributed()
     device = resolve_device(args.device)
     out = Path(args.out or f"utilrank-out/compress-{args.model}")
     started = time.perf_counter()
-    model, config, data = load_model_and_data(args, device)
+    model, model_config, data = load_model_and_data(args, device)
+    plan = None
+    if args.plan:  # re-enter at the factors: the plan is the one saved, not planned again
+        from ..compress import Plan, check_fits
+
+        try:
+            plan = Plan.load(args.plan)
+            check_fits(model, plan)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(f"--plan {args.plan}: {exc}") from exc
     if args.stats:
         try:
             stats = Statistics.load(args.stats, device=device)
@@ -61,52 +88,32 @@ def run(args) -> int:
         stats = collect_statistics(args, model, data, device, out, rank, world)
     if rank != 0:
         return 0
-    report, subspaces = analyze(model, stats, args.energy)
-    val_accuracy = lambda m: evaluate(m, data.val, device=device)
-    layers, dense = plan_ranks(model, report, subspaces, energy=args.energy, tolerance=args.tolerance,
-                               total_tolerance=args.total_tolerance, evaluate=val_accuracy,
-                               filter_fn=name_filter(args.include, args.exclude))
-    if args.target_device:  # latency-aware plan, decided by timings measured on the target
-        from ..compress.latency import latency_aware
-
-        try:
-            layers, dense = latency_aware(model, layers, dense, data.test[0][0][None], args.target_device,
-                                          args.target_batch, progress=True)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from exc
-    plan = make_plan(args.model, layers, dense, method=args.method,
-                     tolerance=args.tolerance, total_tolerance=args.total_tolerance, energy=args.energy)
-    compressed = decompose(model, subspaces, plan, method=args.method)
-    dense_acc = evaluate(model, data.test, device=device)
-    projected_acc = evaluate(compressed, data.test, device=device)
-    projected_params, example = count_params(compressed), data.test[0][0][None].to(device)
-    projected_flops = count_flops(compressed, example)
-    if args.finetune_epochs:
-        train(compressed, data.train, epochs=args.finetune_epochs, lr=args.lr, weight_decay=0.01,
-              batch_size=64, augment=data.name == "digits", device=device, desc="fine-tune")
-    compressed_acc = evaluate(compressed, data.test, device=device)
+    try:
+        result = compress_model(model, data, config, statistics=stats, plan=plan, arch=args.model, device=device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    compressed, plan, scores = result.model, result.plan, result.scores
+    example = data.test[0][0][None].to(device)
     bench_input = torch.stack([data.test[i % len(data.test)][0] for i in range(32)])
     latency = latency_ms({"dense": copy.deepcopy(model).cpu(), "compressed": copy.deepcopy(compressed).cpu()},
                          bench_input)
+    projected_params = count_params(compressed)
     summary = {
-        "format": "utilrank.summary/1", "model": args.model, "dataset": data.name, "method": args.method,
-        "dense": {"params": count_params(model), "flops": count_flops(model, example), "accuracy": dense_acc,
-                  "latency_ms": latency["dense"]},
-        "projected": {"params": projected_params, "flops": projected_flops, "accuracy": projected_acc},
+        "format": "utilrank.summary/1", "model": args.model, "dataset": data.name, "method": plan.method,
+        "dense": {"params": count_params(model), "flops": count_flops(model, example),
+                  "accuracy": scores["dense"]["test"], "latency_ms": latency["dense"]},
+        "projected": {"params": projected_params, "flops": count_flops(compressed, example),
+                      "accuracy": scores["projected"]["test"]},
         "compressed": {"params": count_params(compressed), "flops": count_flops(compressed, example),
-                       "accuracy": compressed_acc,
-                       "latency_ms": latency["compressed"]},
-        "mlu": report["mlu"], "finetune_epochs": args.finetune_epochs,
+                       "accuracy": scores["compressed"]["test"], "latency_ms": latency["compressed"]},
+        "mlu": result.report.mlu, "finetune_epochs": config.finetune.epochs, "test_split": data.test_split,
     }
-    report["dense"] = [{"name": n, "reason": r} for n, r in dense.items()]
-    save_compressed(compressed, plan, config, out)
-    write_report(report, out)
-    from .._cache import write_json
-
+    result.save(out, model_config)
+    write_report(result.report, out)
     write_json(out / "summary.json", summary)
-    print(format_table(report))
-    print(f"factored {len(layers)} layers; kept dense: "
-          + (", ".join(f"{n} ({r})" for n, r in dense.items()) or "none"))
+    print(format_table(result.report))
+    print(f"factored {len(plan.layers)} layers; kept dense: "
+          + (", ".join(f"{n} ({r})" for n, r in plan.dense.items()) or "none"))
     print(_summary_table(summary))
     print(f"wrote {out}/ (model.safetensors, plan.json, config.json, report.json, summary.json, "
           f"utilization.png) in {time.perf_counter() - started:.1f}s")
@@ -129,8 +136,16 @@ def add_parser(sub) -> None:
     p.add_argument("--finetune-epochs", type=int, default=20,
                    help="epochs of fine-tuning the factored model on the train split (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default: %(default)s)")
-    p.add_argument("--method", choices=("data", "svd"), default="data",
-                   help="data: project on the data subspaces; svd: truncated SVD of W at the same ranks")
+    p.add_argument("--weight-decay", type=float, default=0.01,
+                   help="fine-tuning AdamW weight decay (default: %(default)s)")
+    p.add_argument("--finetune-batch-size", type=int, default=64,
+                   help="fine-tuning batch size (default: %(default)s)")
+    p.add_argument("--plan", default=None, metavar="FILE",
+                   help="factor to this plan.json (from an earlier compress) instead of planning: re-runs only the "
+                        "factors and fine-tuning; with --stats FILE no statistics pass either")
+    p.add_argument("--method", choices=("data", "optimal", "svd"), default="data",
+                   help="data: project on the data subspaces (P_out W P_in, the paper's); optimal: the rank-r map "
+                        "closest to W on the data (U_r U_r^T W); svd: truncated SVD of W at the same ranks")
     p.add_argument("--include", action="append", default=[], metavar="GLOB",
                    help="factor only layers whose name matches (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",

@@ -22,7 +22,7 @@ def run(args) -> int:
 
 def _soup(args) -> int:
     from .._cache import write_json
-    from ..weightspace.demo import format_soup_table, soup_experiment
+    from ..weightspace.experiment import format_soup_table, soup_experiment
 
     if args.ingredients < 1 or args.epochs < 0 or args.compressed_epochs < 0 or args.swa_cycles < 0:
         raise UsageError("--ingredients must be >= 1; --epochs, --compressed-epochs, --swa-cycles >= 0")

@@ -1,11 +1,14 @@
-"""Decomposition, rank plans, rank search, module replacement, save/load."""
+"""Plans, rank search, budgets, factors, the one-call pipeline, save/load."""
 
-from .factor import data_factors, decompose, svd_factors
+from .budget import uniform_plan, uniform_rank
+from .factor import decompose, factor_layer, factor_model, layer_factors, svd_factors
 from .io import load_compressed, save_compressed
-from .plan import apply_plan, load_plan, make_plan, name_filter, save_plan
+from .pipeline import CompressConfig, CompressedModel, compress_model
+from .plan import METHODS, PLAN_FORMAT, LayerPlan, Plan, apply_plan, check_fits, load_plan
 from .search import ENERGY_GRID, plan_ranks
 
 __all__ = [
-    "ENERGY_GRID", "apply_plan", "data_factors", "decompose", "load_compressed", "load_plan", "make_plan",
-    "name_filter", "plan_ranks", "save_compressed", "save_plan", "svd_factors",
+    "ENERGY_GRID", "METHODS", "PLAN_FORMAT", "CompressConfig", "CompressedModel", "LayerPlan", "Plan", "apply_plan",
+    "check_fits", "compress_model", "decompose", "factor_layer", "factor_model", "layer_factors", "load_compressed",
+    "load_plan", "plan_ranks", "save_compressed", "svd_factors", "uniform_plan", "uniform_rank",
 ]

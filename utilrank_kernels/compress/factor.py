@@ -1,5 +1,12 @@
-"""Factors of a layer (DESIGN §1 step 5): ``W' = P_out W P_in = B A`` with no SVD of a big matrix,
-and the weights-only baseline (truncated SVD of ``W``) at the same rank."""
+"""Factors of a layer (DESIGN §1 step 5) by one of three methods, and the one function that factors a
+whole model to a plan.
+
+- ``optimal``: the rank-r map closest to ``W`` on the data, ``U_r U_r^T W`` with ``U_r`` the top
+  eigenvectors of ``C_out = W C_in W^T`` (``LayerSubspaces.output_optimal_factors``);
+- ``data``: the paper's two-sided projection ``W' = P_out W P_in`` at the plan's ``k_in`` / ``k_out``
+  (``LayerSubspaces.projection_factors``), the reference method;
+- ``svd``: the truncated SVD of ``W`` alone, the baseline that ignores the data.
+"""
 
 from __future__ import annotations
 
@@ -8,60 +15,80 @@ import copy
 import torch
 from torch import nn
 
-from ..analysis.subspace import LayerSubspaces
+from ..analysis.subspace import LayerSubspaces, Subspaces
+from ..layers import swap_modules
 from ..nn import LowRankConv2d, LowRankLinear
-from .plan import replace_module
-
-
-def data_factors(sub: LayerSubspaces, k_in: int, k_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` with ``B @ A == U_out U_out^T W U_in U_in^T``; ``A``: ``(r, in)``, ``B``: ``(out, r)``.
-
-    ``r = min(k_in, k_out)``, cut further by an SVD of the small ``M = U_out^T W U_in`` where ``M``
-    is itself rank-deficient."""
-    u_in, u_out = sub.vec_in[:, :k_in], sub.vec_out[:, :k_out]
-    m = u_out.T @ sub.weight @ u_in  # [k_out, k_in]
-    p, s, qh = torch.linalg.svd(m, full_matrices=False)
-    r = int((s > s[0] * max(m.shape) * torch.finfo(torch.float32).eps).sum()) if s.numel() and s[0] > 0 else 0
-    if r < min(k_in, k_out):
-        return qh[:r] @ u_in.T, u_out @ (p[:, :r] * s[:r])
-    if k_in <= k_out:
-        return u_in.T, u_out @ m
-    return m @ u_in.T, u_out
+from .plan import LayerPlan, Plan, check_fits
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD of the weight alone: the baseline that ignores the data."""
+    """Truncated SVD of the weight alone: ``(A, B) = (sqrt(S) V^T, U sqrt(S))`` at ``rank``."""
     w = weight.detach().reshape(weight.shape[0], -1).double()
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     root = s[:rank].sqrt()
     return root[:, None] * vh[:rank], u[:, :rank] * root
 
 
-def factored_layer(dense: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
-    a, b = a.to(dense.weight.dtype), b.to(dense.weight.dtype)
+def layer_factors(module: nn.Module, sub: LayerSubspaces | None, entry: LayerPlan,
+                  method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` (fp64) for one layer of a plan; the rank may come out below ``entry.rank`` where the
+    layer's own rank is lower (a rank-deficient ``M`` or ``C_out``)."""
+    if method == "svd":
+        return svd_factors(module.weight, entry.rank)
+    if sub is None:
+        raise ValueError(f"layer {entry.kind} needs subspaces (statistics) for method {method!r}")
+    if method == "optimal":
+        return sub.output_optimal_factors(entry.rank)
+    if method == "data":
+        if entry.k_in is None or entry.k_out is None:
+            return sub.projection_factors(entry.rank, entry.rank)
+        return sub.projection_factors(entry.k_in, entry.k_out)
+    raise ValueError(f"method must be 'optimal', 'data' or 'svd', got {method!r}")
+
+
+def factor_layer(dense: nn.Module, a: torch.Tensor, b: torch.Tensor, rank: int | None = None) -> nn.Module:
+    """The factored form of ``dense`` (``nn.Linear`` / ``nn.Conv2d``) with ``B @ A`` as its weight; with
+    ``rank``, factors of a lower rank are padded with zeros to it (the same function, the planned shape)."""
+    if rank is not None and a.shape[0] < rank:
+        a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
+    a = a.to(device=dense.weight.device, dtype=dense.weight.dtype)
+    b = b.to(device=dense.weight.device, dtype=dense.weight.dtype)
     if isinstance(dense, nn.Conv2d):
         return LowRankConv2d.from_dense(dense, a, b)
     return LowRankLinear.from_dense(dense, a, b)
 
 
-def decompose(
-    model: nn.Module, subspaces: dict[str, LayerSubspaces], plan: dict, *, method: str = "data",
-    inplace: bool = False,
-) -> nn.Module:
-    """The model with every layer of ``plan`` factored: ``method="data"`` projects onto the data
-    subspaces at the plan's ``k_in``/``k_out``; ``method="svd"`` truncates the SVD of ``W`` at the
-    plan's rank."""
-    if method not in ("data", "svd"):
-        raise ValueError(f"method must be 'data' or 'svd', got {method!r}")
+def factor_model(model: nn.Module, plan: Plan, subspaces: Subspaces | None = None, *, keep_ranks: bool = False,
+                 inplace: bool = False) -> tuple[nn.Module, Plan]:
+    """The model with every layer of ``plan`` factored by ``plan.method``, and the plan it really holds.
+
+    Where a layer's factors come out at a lower rank than planned (its ``M`` or ``C_out`` is rank
+    deficient), the returned plan records the rank used and says so, unless ``keep_ranks``: then the
+    factors are padded with zeros to the planned rank (soups need every ingredient in one shape)."""
+    check_fits(model, plan)
+    if plan.method != "svd":
+        missing = [n for n in plan.layers if subspaces is None or n not in subspaces]
+        if missing:
+            raise ValueError(f"method {plan.method!r} needs subspaces for layers {', '.join(missing[:8])}")
     model = model if inplace else copy.deepcopy(model)
-    modules = dict(model.named_modules())
-    for name, entry in plan["layers"].items():
-        dense = modules[name]
-        if method == "data":
-            a, b = data_factors(subspaces[name], entry["k_in"], entry["k_out"])
-        else:
-            a, b = svd_factors(dense.weight, entry["rank"])
-        if a.shape[0] != entry["rank"]:  # the small SVD cut deeper: record the rank really used
-            entry["rank"] = a.shape[0]
-        replace_module(model, name, factored_layer(dense, a.to(dense.weight.device), b.to(dense.weight.device)))
-    return model
+    layers = dict(plan.layers)
+
+    def factored(dense: nn.Module, name: str) -> nn.Module:
+        entry = plan.layers[name]
+        a, b = layer_factors(dense, subspaces[name] if subspaces is not None else None, entry, plan.method)
+        if keep_ranks:
+            return factor_layer(dense, a, b, entry.rank)
+        if a.shape[0] != entry.rank:
+            layers[name] = LayerPlan(**{**entry.__dict__, "rank": a.shape[0],
+                                        "reason": f"{entry.reason}; rank {entry.rank} -> {a.shape[0]}: the "
+                                                  "layer's numerical rank on the data".lstrip("; ")})
+        return factor_layer(dense, a, b)
+
+    swap_modules(model, factored, names=list(plan.layers))
+    return model, plan.replace_layers(layers)
+
+
+def decompose(model: nn.Module, subspaces: Subspaces | None, plan: Plan, *, inplace: bool = False) -> nn.Module:
+    """``factor_model``'s model alone (the plan's ranks where the layers' own ranks allow)."""
+    return factor_model(model, plan, subspaces, inplace=inplace)[0]

@@ -17,10 +17,12 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import logging
 import math
 import re
 import statistics
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,8 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._cache import cache_dir, write_json
-from ..analysis.report import factored_pays
+from ..layers import factored_pays, layer_shape
 from ..measure import cpu_thp_alloc, device_label, step_times, time_interleaved
+from .plan import Plan
+
+logger = logging.getLogger(__name__)
 
 LATENCY_FORMAT = "utilrank.latency/1"
 # rank multiples tried when rounding up: CPU GEMMs (AVX2/AVX-512 microkernels) tile by 8-16 floats, tensor
@@ -195,8 +200,7 @@ def round_up_candidates(rank: int, n_in: int, n_out: int, multiples: Sequence[in
 
 def latency_aware(
     model: nn.Module,
-    layers: dict[str, dict],
-    dense: dict[str, str],
+    plan: Plan,
     example_input: torch.Tensor,
     target_device: str | torch.device,
     target_batch: int,
@@ -206,14 +210,13 @@ def latency_aware(
     table: LatencyTable | None = None,
     min_gain: float = MIN_GAIN,
     progress: bool = False,
-) -> tuple[dict[str, dict], dict[str, str]]:
-    """The plan ``(layers, dense)`` (as from ``plan_ranks``) made latency-aware for ``target_device`` at
-    ``target_batch``: each factored layer is kept dense where its factored form is not at least
-    ``min_gain`` faster than the dense layer there, and its rank is rounded up (never down) to a tile
-    multiple where that costs no measurable time. Rounded ranks raise ``k_in``/``k_out`` to at least the
-    new rank, so data-aware factors keep more of the data's subspaces, never less. Each changed entry
-    says why in its ``reason``, and every factored entry records its ``latency``; the inputs are not
-    modified."""
+) -> Plan:
+    """``plan`` made latency-aware for ``target_device`` at ``target_batch``: each factored layer is kept
+    dense where its factored form is not at least ``min_gain`` faster than the dense layer there, and its
+    rank is rounded up (never down) to a tile multiple where that costs no measurable time. Rounded ranks
+    raise ``k_in``/``k_out`` to at least the new rank, so data-aware factors keep more of the data's
+    subspaces, never less. Each changed entry says why in its ``reason``, and every factored entry records
+    its ``latency``; a new plan is returned."""
     device = torch.device(target_device)
     if device.type not in TILE_MULTIPLES:
         raise ValueError(f"--target-device {target_device}: choose cpu or cuda")
@@ -224,16 +227,16 @@ def latency_aware(
     if dtype is None:
         dtype = next((p.dtype for p in model.parameters()), torch.float32)
     table = table or LatencyTable(device)
-    layers, dense = {k: dict(v) for k, v in layers.items()}, dict(dense)
+    layers, dense = dict(plan.layers), dict(plan.dense)
     modules = dict(model.named_modules())
     shapes = layer_input_shapes(model, list(layers), example_input, target_batch)
     where = f"on {device.type} at batch {target_batch}"
     for name in tqdm(list(layers), desc=f"latency ({device.type}, batch {target_batch})", unit="layer",
                      disable=not progress):
         entry, module = layers[name], modules[name]
-        rank = entry["rank"]
-        n_in, n_out = module.weight[0].numel(), module.weight.shape[0]
-        ups = round_up_candidates(rank, n_in, n_out, TILE_MULTIPLES[device.type])
+        rank = entry.rank
+        shape = layer_shape(module)
+        ups = round_up_candidates(rank, shape.in_features, shape.out_features, TILE_MULTIPLES[device.type])
         measure = lambda rs, m=module, s=shapes[name]: _measure(m, s, rs, device, dtype, backend)
         times = table.times(_group_key(module, shapes[name], dtype, backend), [rank, *ups], measure)
         t_dense, t = times["dense"], {int(r): ms for r, ms in times["ranks"].items()}
@@ -248,23 +251,18 @@ def latency_aware(
             continue
         if best != rank:
             multiple = max(q for q in TILE_MULTIPLES[device.type] if best % q == 0)
-            entry["reason"] = (f"{entry['reason']}; " if entry.get("reason") else "") + (
+            entry = entry.with_rank(best, (f"{entry.reason}; " if entry.reason else "") + (
                 f"rank rounded up {rank} -> {best} (multiple of {multiple}): {t[best]:.4g} ms vs "
-                f"{t[rank]:.4g} ms {where}")
-            entry["rank"] = best
-            for k in ("k_in", "k_out"):
-                if k in entry:
-                    entry[k] = max(entry[k], best)
-        entry["latency"] = {"device": device.type, "batch": target_batch, "dense_ms": round(t_dense, 5),
-                            "factored_ms": round(t[best], 5)}
+                f"{t[rank]:.4g} ms {where}"))
+        layers[name] = replace(entry, latency={"device": device.type, "batch": target_batch,
+                                               "dense_ms": round(t_dense, 5), "factored_ms": round(t[best], 5)})
     if table.measured:
         table.save()
-    if progress:
-        rounded = sum("rounded up" in e.get("reason", "") for e in layers.values())
-        source = "measured into" if table.measured else "reused from"
-        print(f"latency-aware plan: {len(layers)} layers factored ({rounded} ranks rounded up), "
-              f"{len(dense)} dense; timings {source} {table.path}")
-    return layers, dense
+    rounded = sum("rounded up" in e.reason for e in layers.values())
+    source = "measured into" if table.measured else "reused from"
+    logger.info(f"latency-aware plan: {len(layers)} layers factored ({rounded} ranks rounded up), "
+                f"{len(dense)} dense; timings {source} {table.path}")
+    return plan.replace_layers(layers, dense, target={"device": device.type, "batch": target_batch})
 
 
 def _measure(module: nn.Module, shape: tuple[int, ...], ranks: Sequence[int], device: torch.device,

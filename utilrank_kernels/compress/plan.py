@@ -1,99 +1,161 @@
-"""Rank plans (DESIGN §4 ``plan.json``) and module replacement by a walk of the model.
+"""Rank plans (DESIGN §4 ``plan.json``): which layers are factored at which rank, and why.
 
-A plan names the layers to factor and their ranks; layers absent from it stay dense (``dense``
-records why). ``apply_plan`` swaps each named ``nn.Linear`` / ``nn.Conv2d`` for an (uninitialized)
-``LowRankLinear`` / ``LowRankConv2d`` of that rank: the shape a compressed checkpoint loads into.
+A ``Plan`` is a frozen value: the stages that change ranks (the search, a budget, the latency-aware
+pass, factoring itself where a small SVD cuts deeper) each return a new plan, never edit the one they
+were given. Layers absent from ``layers`` stay dense; ``dense`` records why. ``apply_plan`` swaps each
+planned ``nn.Linear`` / ``nn.Conv2d`` for an empty factored layer of its rank: the shape a compressed
+checkpoint loads into.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 
 from torch import nn
 
 from .._cache import write_json
+from ..layers import layer_shape, swap_modules, unsupported_reason
 from ..nn import LowRankConv2d, LowRankLinear
 
 PLAN_FORMAT = "utilrank.plan/1"
-FilterFn = Callable[[nn.Module, str], bool]
+METHODS = ("optimal", "data", "svd")
+_LAYER_KEYS = ("kind", "rank", "k_in", "k_out", "energy", "reason", "latency")
 
 
-def name_filter(include: Sequence[str] = (), exclude: Sequence[str] = ()) -> FilterFn:
-    """A ``filter_fn(module, name)`` from glob patterns on the layer name (``--exclude 'head'``)."""
+@dataclass(frozen=True)
+class LayerPlan:
+    """One factored layer: ``rank`` (the factors' inner size); ``k_in``/``k_out`` are the subspace sizes
+    the data-projection method uses (``rank = min(k_in, k_out)`` where the plan came from energies);
+    ``energy`` the cut it was chosen at, ``reason`` why, ``latency`` the timings a latency-aware plan
+    measured (``{"device", "batch", "dense_ms", "factored_ms"}``)."""
 
-    def keep(module: nn.Module, name: str) -> bool:
-        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            return False
-        return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    kind: str
+    rank: int
+    k_in: int | None = None
+    k_out: int | None = None
+    energy: float | None = None
+    reason: str = ""
+    latency: Mapping | None = None
 
-    return keep
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None and v != ""}
 
-
-def make_plan(arch: str, layers: dict[str, dict], dense: dict[str, str] | None = None, **extra) -> dict:
-    return {"format": PLAN_FORMAT, "arch": arch, "layers": layers, "dense": dict(dense or {}), **extra}
-
-
-def save_plan(plan: dict, path: str | Path) -> None:
-    write_json(path, plan)
-
-
-def load_plan(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"plan {path}: no such file")
-    plan = json.loads(path.read_text())
-    if plan.get("format") != PLAN_FORMAT or not isinstance(plan.get("layers"), dict):
-        raise ValueError(f"plan {path}: not a {PLAN_FORMAT} file")
-    return plan
+    def with_rank(self, rank: int, reason: str | None = None) -> LayerPlan:
+        """This layer at ``rank``; ``k_in``/``k_out`` raised to at least ``rank`` (never lowered: data-aware
+        factors keep at least the subspaces they had)."""
+        k_in = None if self.k_in is None else max(self.k_in, rank)
+        k_out = None if self.k_out is None else max(self.k_out, rank)
+        return replace(self, rank=rank, k_in=k_in, k_out=k_out, reason=self.reason if reason is None else reason)
 
 
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+@dataclass(frozen=True)
+class Plan:
+    """``plan.json``: the architecture name, the factored layers (in model order), the layers kept dense
+    with their reasons, the factoring ``method`` and free-form ``meta`` (energy, tolerances, budgets)."""
+
+    arch: str
+    layers: Mapping[str, LayerPlan]
+    dense: Mapping[str, str] = field(default_factory=dict)
+    method: str = "data"
+    meta: Mapping = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"plan method {self.method!r}: choose one of {', '.join(METHODS)}")
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+        object.__setattr__(self, "dense", MappingProxyType(dict(self.dense)))
+        object.__setattr__(self, "meta", MappingProxyType(dict(self.meta)))
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {name: entry.rank for name, entry in self.layers.items()}
+
+    def replace_layers(self, layers: Mapping[str, LayerPlan], dense: Mapping[str, str] | None = None,
+                       **meta) -> Plan:
+        """A new plan with these layers (and dense reasons, and extra meta); this one is unchanged."""
+        return replace(self, layers=layers, dense=self.dense if dense is None else dense,
+                       meta={**self.meta, **meta})
+
+    def to_dict(self) -> dict:
+        return {"format": PLAN_FORMAT, "arch": self.arch, "method": self.method,
+                "layers": {n: e.to_dict() for n, e in self.layers.items()}, "dense": dict(self.dense),
+                **dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping, source: str = "plan") -> Plan:
+        if doc.get("format") != PLAN_FORMAT or not isinstance(doc.get("layers"), Mapping):
+            raise ValueError(f"{source}: not a {PLAN_FORMAT} file")
+        layers = {}
+        for name, entry in doc["layers"].items():
+            if not isinstance(entry, Mapping) or "kind" not in entry or "rank" not in entry:
+                raise ValueError(f"{source}: layer {name} needs 'kind' and 'rank'")
+            layers[name] = LayerPlan(**{k: entry[k] for k in _LAYER_KEYS if k in entry})
+        meta = {k: v for k, v in doc.items() if k not in ("format", "arch", "method", "layers", "dense")}
+        # plans written before the method was recorded factored by projection onto the data subspaces
+        return cls(str(doc.get("arch", "")), layers, dict(doc.get("dense") or {}), doc.get("method", "data"), meta)
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"plan {path}: no such file")
+        try:
+            doc = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"plan {path}: not JSON ({exc})") from exc
+        return cls.from_dict(doc, f"plan {path}")
 
 
-def _misfit(module: nn.Module | None, entry: dict) -> str | None:
+def load_plan(path: str | Path) -> Plan:
+    return Plan.load(path)
+
+
+def misfit(module: nn.Module | None, entry: LayerPlan) -> str | None:
     """Why ``entry`` cannot apply to ``module`` (None if it fits)."""
-    rank = entry.get("rank")
     if module is None:
         return "no such layer"
-    if not isinstance(rank, int) or rank < 1:
-        return f"rank {rank!r} is not a positive integer"
-    kind = entry.get("kind")
-    if isinstance(module, nn.Linear) and kind == "linear":
-        limit = min(module.in_features, module.out_features)
-    elif isinstance(module, nn.Conv2d) and kind == "conv2d":
-        if module.groups != 1:
-            return "grouped conv"
-        limit = min(module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.out_channels)
-    else:
-        return f"plan says {kind}, model has {type(module).__name__}"
-    if rank > limit:
-        return f"rank {rank} exceeds min(in, out) = {limit}"
+    if not isinstance(entry.rank, int) or entry.rank < 1:
+        return f"rank {entry.rank!r} is not a positive integer"
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return f"plan says {entry.kind}, model has {type(module).__name__}"
+    reason = unsupported_reason(module)
+    if reason is not None:
+        return reason
+    shape = layer_shape(module)
+    if shape.kind != entry.kind:
+        return f"plan says {entry.kind}, model has {type(module).__name__}"
+    if entry.rank > shape.full_rank:
+        return f"rank {entry.rank} exceeds min(in, out) = {shape.full_rank}"
     return None
 
 
-def apply_plan(model: nn.Module, plan: dict) -> nn.Module:
-    """Replace every planned layer by an empty factored layer of its rank, in place.
-
-    Raises ``ValueError`` listing every layer of the plan that does not fit the model."""
+def check_fits(model: nn.Module, plan: Plan) -> None:
+    """Raise ``ValueError`` listing every layer of ``plan`` that does not fit ``model``."""
     modules = dict(model.named_modules())
-    problems = [f"{name} ({why})" for name, entry in plan["layers"].items()
-                if (why := _misfit(modules.get(name), entry))]
+    problems = [f"{name} ({why})" for name, entry in plan.layers.items() if (why := misfit(modules.get(name), entry))]
     if problems:
         raise ValueError(f"plan does not fit the model: {'; '.join(problems)}")
-    for name, entry in plan["layers"].items():
-        dense = modules[name]
-        device, dtype = dense.weight.device, dense.weight.dtype
-        if entry["kind"] == "linear":
-            new = LowRankLinear(dense.in_features, dense.out_features, entry["rank"], dense.bias is not None,
-                                device=device, dtype=dtype)
-        else:
-            new = LowRankConv2d(dense.in_channels, dense.out_channels, entry["rank"], dense.kernel_size,
-                                dense.stride, dense.padding, dense.dilation, dense.bias is not None,
-                                dense.padding_mode, device=device, dtype=dtype)
-        replace_module(model, name, new)
+
+
+def empty_factored(dense: nn.Module, rank: int) -> nn.Module:
+    """An uninitialized factored layer of ``rank`` with ``dense``'s geometry, device and dtype."""
+    kw = {"device": dense.weight.device, "dtype": dense.weight.dtype}
+    if isinstance(dense, nn.Conv2d):
+        return LowRankConv2d(dense.in_channels, dense.out_channels, rank, dense.kernel_size, dense.stride,
+                             dense.padding, dense.dilation, dense.bias is not None, dense.padding_mode, **kw)
+    return LowRankLinear(dense.in_features, dense.out_features, rank, dense.bias is not None, **kw)
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
+    """Replace every planned layer by an empty factored layer of its rank, in place (the architecture a
+    compressed checkpoint loads into). Raises ``ValueError`` listing every misfit first."""
+    check_fits(model, plan)
+    swap_modules(model, lambda m, name: empty_factored(m, plan.layers[name].rank), names=list(plan.layers))
     return model

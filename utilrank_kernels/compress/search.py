@@ -10,35 +10,40 @@ after the per-layer search all cuts are applied at once, and while they cost mor
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..analysis.report import factored_pays
-from ..analysis.subspace import LayerSubspaces
-from .plan import FilterFn
+from ..analysis.report import LayerReport, Report
+from ..analysis.subspace import LayerSubspaces, Subspaces
+from ..layers import FilterFn, factored_pays
+from .factor import layer_factors
+from .plan import LayerPlan, Plan
+
+logger = logging.getLogger(__name__)
 
 # candidate cuts, shallowest last; the search takes the deepest one within the tolerance
 ENERGY_GRID = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 1.0)
 
 
-def _entry(row: dict, k_in: int, k_out: int, energy: float, reason: str) -> dict:
-    return {"kind": row["kind"], "rank": min(k_in, k_out), "k_in": k_in, "k_out": k_out, "energy": energy,
-            "reason": reason}
+def _entry(row: LayerReport, k_in: int, k_out: int, energy: float, reason: str) -> LayerPlan:
+    return LayerPlan(row.kind, min(k_in, k_out), k_in, k_out, energy, reason)
 
 
-class _ProjectedWeight:
-    """Context manager: one layer's weight replaced by its projection, restored on exit."""
+class _FactoredWeight:
+    """Context manager: one layer's weight replaced by its factored form ``B A``, restored on exit."""
 
-    def __init__(self, module: nn.Module, projected: torch.Tensor):
-        self.module, self.projected = module, projected
+    def __init__(self, module: nn.Module, sub: LayerSubspaces, entry: LayerPlan, method: str):
+        self.module, self.sub, self.entry, self.method = module, sub, entry, method
 
     def __enter__(self):
         self.saved = self.module.weight.detach().clone()
+        a, b = layer_factors(self.module, self.sub, self.entry, self.method)
         with torch.no_grad():
-            self.module.weight.copy_(self.projected.reshape(self.saved.shape).to(self.saved.dtype))
+            self.module.weight.copy_((b @ a).reshape(self.saved.shape).to(self.saved.dtype))
 
     def __exit__(self, *exc):
         with torch.no_grad():
@@ -47,75 +52,79 @@ class _ProjectedWeight:
 
 def plan_ranks(
     model: nn.Module,
-    report: dict,
-    subspaces: dict[str, LayerSubspaces],
+    report: Report,
+    subspaces: Subspaces,
     *,
+    arch: str = "",
+    method: str = "data",
     energy: float = 0.99,
     tolerance: float | None = None,
     total_tolerance: float | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
+    baseline: float | None = None,
     filter_fn: FilterFn | None = None,
     progress: bool = True,
-) -> tuple[dict[str, dict], dict[str, str]]:
-    """Per-layer plan entries and the reasons of the layers kept dense.
+) -> Plan:
+    """The plan: every analyzed layer at its energy cut, or searched.
 
     ``tolerance`` (percentage points) turns on the search: per layer, the deepest cut of
-    ``ENERGY_GRID`` whose projection of that layer alone keeps ``evaluate(model)`` (an accuracy in
-    [0, 1] on a validation split) within ``tolerance`` of the dense model's. Then all cuts together
-    must stay within ``total_tolerance`` (default: the per-layer tolerances summed), else every layer
-    backs off one candidate at a time."""
+    ``ENERGY_GRID`` whose factors (by ``method``) for that layer alone keep ``evaluate(model)`` (an
+    accuracy in [0, 1] on a validation split) within ``tolerance`` of the dense model's (``baseline``,
+    evaluated here when not given). Then all cuts together must stay within ``total_tolerance``
+    (default: the per-layer tolerances summed), else every layer backs off one candidate at a time."""
     modules = dict(model.named_modules())
-    layers: dict[str, dict] = {}
-    dense = {s["name"]: s["reason"] for s in report["skipped"]}
-    baseline = None
+    layers: dict[str, LayerPlan] = {}
+    dense = dict(report.skipped)
     searched: dict[str, _Search] = {}
     if tolerance is not None:
         if evaluate is None:
             raise ValueError("a rank search needs an evaluate(model) callback")
-        baseline = evaluate(model)
-    for row in tqdm(report["layers"], desc="rank search" if tolerance is not None else "plan", disable=not progress,
+        if baseline is None:
+            baseline = evaluate(model)
+    for row in tqdm(report.layers, desc="rank search" if tolerance is not None else "plan", disable=not progress,
                     unit="layer"):
-        name = row["name"]
+        name = row.name
         if filter_fn is not None and not filter_fn(modules[name], name):
             dense[name] = "excluded by filter"
             continue
         if tolerance is None:
-            layers[name] = _entry(row, row["k_in"], row["k_out"], energy, f"energy {energy}")
+            layers[name] = _entry(row, row.k_in, row.k_out, energy, f"energy {energy}")
             continue
-        search = _Search(model, modules[name], row, subspaces[name], baseline, evaluate)
+        search = _Search(model, modules[name], row, subspaces[name], baseline, evaluate, method)
         if search.deepest_within(tolerance) is None:
             dense[name] = f"no cut that saves parameters stays within {tolerance} pp"
             continue
         searched[name] = search
     if searched:
         budget = tolerance * len(searched) if total_tolerance is None else total_tolerance
-        total_drop = _back_off(model, searched, baseline, budget, evaluate, progress)
+        total_drop = _back_off(model, searched, baseline, budget, evaluate)
         layers.update({name: search.entry(total_drop) for name, search in searched.items()})
-    rows = {r["name"]: r for r in report["layers"]}
-    for name in [n for n, e in layers.items() if not factored_pays(e["rank"], rows[n]["in_features"],
-                                                                  rows[n]["out_features"])]:
-        dense[name] = (f"rank {layers.pop(name)['rank']} saves nothing: r (in + out) >= in * out "
-                       f"({rows[name]['in_features']} x {rows[name]['out_features']})")
-    return {n: layers[n] for n in rows if n in layers}, dense
+    rows = {r.name: r for r in report.layers}
+    for name in [n for n, e in layers.items() if not factored_pays(e.rank, rows[n].in_features, rows[n].out_features)]:
+        dense[name] = (f"rank {layers.pop(name).rank} saves nothing: r (in + out) >= in * out "
+                       f"({rows[name].in_features} x {rows[name].out_features})")
+    meta = {"energy": energy, "tolerance": tolerance}
+    if tolerance is not None:
+        meta["total_tolerance"] = total_tolerance
+    return Plan(arch, {n: layers[n] for n in rows if n in layers}, dense, method, meta)
 
 
 class _Search:
     """One layer's candidate cuts (the distinct ranks of ``ENERGY_GRID``, deepest first) and the one
     chosen."""
 
-    def __init__(self, model, module, row, sub, baseline, evaluate):
-        self.model, self.module, self.row, self.sub = model, module, row, sub
+    def __init__(self, model, module, row: LayerReport, sub: LayerSubspaces, baseline: float, evaluate, method: str):
+        self.model, self.module, self.row, self.sub, self.method = model, module, row, sub, method
         self.baseline, self.evaluate = baseline, evaluate
         candidates = sorted({sub.ranks(e): e for e in reversed(ENERGY_GRID)}.items(), key=lambda c: min(c[0]))
-        self.candidates = [(k, e) for k, e in candidates
-                           if factored_pays(min(k), row["in_features"], row["out_features"])]
+        self.candidates = [(k, e) for k, e in candidates if factored_pays(min(k), row.in_features, row.out_features)]
         self.accuracies: dict[int, float] = {}
         self.index: int | None = None
         self.backed_off = 0
 
-    def projection(self, i: int | None = None) -> _ProjectedWeight:
-        k_in, k_out = self.candidates[self.index if i is None else i][0]
-        return _ProjectedWeight(self.module, self.sub.projected_weight(k_in, k_out))
+    def projection(self, i: int | None = None) -> _FactoredWeight:
+        (k_in, k_out), e = self.candidates[self.index if i is None else i]
+        return _FactoredWeight(self.module, self.sub, _entry(self.row, k_in, k_out, e, ""), self.method)
 
     def alone(self, i: int) -> float:
         if i not in self.accuracies:
@@ -137,7 +146,7 @@ class _Search:
         self.index = lo if lo < len(self.candidates) else None
         return self.index
 
-    def entry(self, total_drop: float) -> dict:
+    def entry(self, total_drop: float) -> LayerPlan:
         (k_in, k_out), e = self.candidates[self.index]
         reason = f"search: energy {e}"
         if self.index in self.accuracies:
@@ -147,7 +156,7 @@ class _Search:
         return _entry(self.row, k_in, k_out, e, reason)
 
 
-def _back_off(model, searched: dict[str, _Search], baseline: float, budget: float, evaluate, progress: bool) -> float:
+def _back_off(model, searched: dict[str, _Search], baseline: float, budget: float, evaluate) -> float:
     """Apply every layer's cut at once; while together they cost more than ``budget`` pp, move every
     layer that can one candidate toward more energy. Returns what the final cuts cost together (pp)."""
     while True:
@@ -158,12 +167,12 @@ def _back_off(model, searched: dict[str, _Search], baseline: float, budget: floa
         movable = [s for s in searched.values() if s.index + 1 < len(s.candidates)]
         if drop <= budget or not movable:
             if drop > budget:  # a layer's shallowest candidate is the last cut that still saves parameters
-                print(f"rank search: warning: all {len(searched)} cuts together {drop:+.2f} pp on validation, over "
-                      f"the {budget:.2f} pp budget (--total-tolerance) even at each layer's shallowest cut that "
-                      f"saves parameters; exclude layers (--exclude) to stay within it")
-            elif progress:
-                print(f"rank search: all {len(searched)} cuts together {drop:+.2f} pp on validation "
-                      f"(budget {budget:.2f} pp)")
+                logger.warning(f"rank search: all {len(searched)} cuts together {drop:+.2f} pp on validation, over "
+                               f"the {budget:.2f} pp budget (--total-tolerance) even at each layer's shallowest cut "
+                               "that saves parameters; exclude layers (--exclude) to stay within it")
+            else:
+                logger.info(f"rank search: all {len(searched)} cuts together {drop:+.2f} pp on validation "
+                            f"(budget {budget:.2f} pp)")
             return drop
         for search in movable:
             search.index += 1

@@ -29,6 +29,10 @@ class DataSplits:
     num_classes: int
     in_chans: int
     img_size: int
+    # where the test split comes from: "test" (its own images) or "val" (an ImageFolder without test/:
+    # test accuracy is then measured on the split the rank search tuned on, and every summary says so)
+    test_split: str = "test"
+    augment: bool = False  # whether fine-tuning should use random shifts (the built-in digits)
 
 
 def _split_indices(n: int, seed: int = SPLIT_SEED) -> tuple[list[int], list[int], list[int]]:
@@ -48,7 +52,7 @@ def load_digits_splits() -> DataSplits:
     train, val, test = _split_indices(len(labels))
     full = TensorDataset(images, labels)
     return DataSplits(
-        "digits", Subset(full, train), Subset(full, val), Subset(full, test), 10, 1, DIGITS_SIZE
+        "digits", Subset(full, train), Subset(full, val), Subset(full, test), 10, 1, DIGITS_SIZE, augment=True
     )
 
 
@@ -64,16 +68,19 @@ def load_imagefolder_splits(root: str | Path, model: torch.nn.Module) -> DataSpl
     if (root / "train").is_dir() and (root / "val").is_dir():
         train = ImageFolder(root / "train", transform=transform)
         val = ImageFolder(root / "val", transform=transform)
-        test = ImageFolder(root / "test", transform=transform) if (root / "test").is_dir() else val
-        if val.classes != train.classes:
-            raise ValueError(f"--data {root}: train/ and val/ have different class folders")
+        has_test = (root / "test").is_dir()
+        test = ImageFolder(root / "test", transform=transform) if has_test else val
+        test_split = "test" if has_test else "val"
+        if val.classes != train.classes or test.classes != train.classes:
+            raise ValueError(f"--data {root}: train/, val/ and test/ must have the same class folders")
     else:
         full = ImageFolder(root, transform=transform)
         tr, va, te = _split_indices(len(full))
         train, val, test = Subset(full, tr), Subset(full, va), Subset(full, te)
         train.classes = full.classes
+        test_split = "test"
     in_chans = 3
-    return DataSplits(str(root), train, val, test, len(train.classes), in_chans, img_size)
+    return DataSplits(str(root), train, val, test, len(train.classes), in_chans, img_size, test_split)
 
 
 def load_data(data: str | None, model: torch.nn.Module | None = None) -> DataSplits:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._cache import atomic_path, cache_dir
+from .._cache import atomic_path, cache_dir, load_safetensors
 from .builtin import BUILTIN_MODELS, build_builtin
 
+logger = logging.getLogger(__name__)
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
 INIT_SEED = 0
 
@@ -32,7 +34,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: no such file")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        state = load_safetensors(path, "checkpoint")
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -84,7 +86,7 @@ def trained_builtin(name: str, device: str | torch.device = "cpu") -> nn.Module:
     from ..train import train
 
     recipe = BUILTIN_MODELS[name][2]
-    print(f"training built-in {name} on digits (first use; cached at {path})")
+    logger.info(f"training built-in {name} on digits (first use; cached at {path})")
     train(model, load_data("digits").train, augment=True, device=device, desc=f"train {name}", **recipe)
     model.cpu()
     with atomic_path(path) as tmp:

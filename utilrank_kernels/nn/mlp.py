@@ -131,9 +131,7 @@ def fuse_lowrank_mlps(model: nn.Module) -> int:
     (and whose activation has a fused epilogue) by a ``LowRankMlp``; returns how many were replaced.
 
     State-dict keys are unchanged. ``model`` itself is never replaced (wrap it if it is an Mlp)."""
-    targets = [name for name, m in model.named_modules() if name and fusable_reason(m) is None]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LowRankMlp.from_mlp(getattr(parent, child)))
-    return len(targets)
+    from ..layers import swap_modules
+
+    fused = lambda m, name: LowRankMlp.from_mlp(m) if fusable_reason(m) is None else None  # noqa: E731
+    return len(swap_modules(model, fused))

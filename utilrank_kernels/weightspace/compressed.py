@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..analysis import Statistics, collect_stats, layer_subspaces
-from ..compress.factor import data_factors, factored_layer
-from ..compress.plan import apply_plan, replace_module
+from ..analysis import Statistics, collect_stats, compute_subspaces
+from ..compress.factor import factor_model
+from ..compress.plan import Plan, apply_plan
 from .average import (
     GreedySoup,
     Ingredient,
@@ -42,67 +42,48 @@ from .average import (
 )
 
 
-def dense_state_dict(ingredient: Ingredient, plan: dict, index: int = 0) -> dict[str, torch.Tensor]:
+def dense_state_dict(ingredient: Ingredient, plan: Plan, index: int = 0) -> dict[str, torch.Tensor]:
     """The compressed ingredient's state dict with every planned layer's ``weight_a`` / ``weight_b``
     replaced by its dense ``weight = B @ A`` (formed in fp64, shaped as the dense layer's weight)."""
     state = state_dict_of(ingredient, index)
     label = describe(ingredient, index)
-    for name, entry in plan["layers"].items():
+    for name, entry in plan.layers.items():
         ka, kb = f"{name}.weight_a", f"{name}.weight_b"
         if ka not in state or kb not in state:
             raise ValueError(f"{label}: planned layer {name} is not factored (no {ka} / {kb}); "
                              "was it compressed with this plan?")
         a, b = state.pop(ka), state.pop(kb)
         rank = a.shape[0]
-        if rank != entry["rank"] or b.shape[1] != rank:
+        if rank != entry.rank or b.shape[1] != rank:
             raise ValueError(f"{label}: {name} has rank {rank} (weight_a {tuple(a.shape)}, weight_b "
-                             f"{tuple(b.shape)}), the plan says {entry['rank']}")
+                             f"{tuple(b.shape)}), the plan says {entry.rank}")
         w = b.reshape(b.shape[0], rank).double() @ a.reshape(rank, -1).double()
         state[f"{name}.weight"] = w.reshape(b.shape[0], *a.shape[1:]).to(a.dtype)
     return state
 
 
-def dense_equivalent(ingredient: Ingredient, plan: dict, dense_model: nn.Module) -> nn.Module:
+def dense_equivalent(ingredient: Ingredient, plan: Plan, dense_model: nn.Module) -> nn.Module:
     """A copy of ``dense_model`` holding the compressed ingredient's weights, ``W = B A`` per planned
     layer: the same function, with plain layers that statistics hooks see."""
     return _dense_model(dense_model, dense_state_dict(ingredient, plan))
 
 
-def planned_stats(model: nn.Module, plan: dict, batches: Iterable, **collect_kwargs) -> Statistics:
+def planned_stats(model: nn.Module, plan: Plan, batches: Iterable, **collect_kwargs) -> Statistics:
     """One statistics pass over ``batches`` on the planned layers of a dense ``model`` (for a compressed
     one, pass its ``dense_equivalent``: each layer receives exactly the inputs it does there)."""
-    layers = set(plan["layers"])
+    layers = set(plan.layers)
     collect_kwargs.setdefault("progress", False)
     return collect_stats(model, batches, filter_fn=lambda m, name: name in layers, **collect_kwargs)
 
 
-def refactor(model: nn.Module, plan: dict, stats: Statistics) -> nn.Module:
-    """A factored copy of the dense ``model``: each planned layer projected onto the subspaces of
-    ``stats`` at the plan's ``k_in`` / ``k_out`` (both the rank where the plan has no ``k_in``/``k_out``).
-
-    The architecture is exactly the plan's: where the small SVD finds ``M = U_out^T W U_in`` rank
-    deficient, the factors are padded with zeros to the planned rank (the same function)."""
-    model = copy.deepcopy(model)
-    modules = dict(model.named_modules())
-    missing = [n for n in plan["layers"] if n not in stats.layers]
+def refactor(model: nn.Module, plan: Plan, stats: Statistics) -> nn.Module:
+    """A factored copy of the dense ``model`` on the subspaces of ``stats``, in exactly the plan's shape:
+    where a layer comes out rank deficient its factors are zero-padded to the planned rank (the same
+    function), so that every ingredient of a soup shares one architecture."""
+    missing = [n for n in plan.layers if n not in stats.layers]
     if missing:
         raise ValueError(f"no statistics for planned layers {', '.join(missing[:8])}")
-    for name, entry in plan["layers"].items():
-        dense = modules.get(name)
-        if not isinstance(dense, (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"planned layer {name} is {type(dense).__name__ if dense else 'missing'} in the "
-                             "model, not a dense nn.Linear / nn.Conv2d")
-        rank = entry["rank"]
-        k_in, k_out = entry.get("k_in", rank), entry.get("k_out", rank)
-        if min(k_in, k_out) != rank:
-            raise ValueError(f"plan entry {name}: rank {rank} is not min(k_in={k_in}, k_out={k_out})")
-        a, b = data_factors(layer_subspaces(stats.layers[name], dense.weight), k_in, k_out)
-        if a.shape[0] < rank:
-            a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
-            b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], 1)
-        device = dense.weight.device
-        replace_module(model, name, factored_layer(dense, a.to(device), b.to(device)))
-    return model
+    return factor_model(model, plan, compute_subspaces(model, stats, progress=False), keep_ranks=True)[0]
 
 
 @dataclass
@@ -120,7 +101,7 @@ def _dense_model(template: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.M
 
 def compressed_soup(
     ingredients: Sequence[Ingredient],
-    plan: dict,
+    plan: Plan,
     dense_model: nn.Module,
     *,
     batches: Iterable | None = None,
@@ -141,7 +122,7 @@ def compressed_soup(
     return CompressedSoup(refactor(dense, plan, stats), dense, stats)
 
 
-def compressed_module(ingredient: Ingredient, plan: dict, dense_model: nn.Module) -> nn.Module:
+def compressed_module(ingredient: Ingredient, plan: Plan, dense_model: nn.Module) -> nn.Module:
     """The ingredient as a factored module (a module is returned as is; weights are loaded into
     ``dense_model``'s architecture with the plan applied)."""
     if isinstance(ingredient, nn.Module):
@@ -152,7 +133,7 @@ def compressed_module(ingredient: Ingredient, plan: dict, dense_model: nn.Module
 
 def greedy_compressed_soup(
     ingredients: Sequence[Ingredient],
-    plan: dict,
+    plan: Plan,
     dense_model: nn.Module,
     evaluate: Callable[[nn.Module], float],
     *,

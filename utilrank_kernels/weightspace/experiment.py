@@ -15,17 +15,17 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..analysis import analyze, collect_stats
-from ..compress import make_plan, plan_ranks
+from ..compress import CompressConfig, compress_model
 from ..measure import count_params
-from ..train import evaluate, train
+from ..train import TrainRecipe, evaluate, train
 from .average import greedy_soup, load_soup, state_dict_of, swa, uniform_soup
-from .compressed import compressed_soup, greedy_compressed_soup, planned_stats, refactor
+from .compressed import compressed_soup, greedy_compressed_soup
 
 SOUP_FORMAT = "utilrank.soup/1"
 
@@ -103,24 +103,23 @@ def soup_experiment(
 
     # -- compressed soups
     if compressed:
-        stats = collect_stats(base, stats_loader, progress=False)
-        report, subspaces = analyze(base, stats, energy)
-        layers, kept_dense = plan_ranks(base, report, subspaces, energy=energy, progress=False)
-        plan = make_plan(arch, layers, kept_dense, energy=energy, method="data")
-        log(f"plan: {len(layers)} layers factored at energy {energy}; each ingredient factored on its own "
+        # one plan, from the base model at `energy`; every ingredient factored to it on its own statistics
+        # (zero-padded where rank deficient: the soups need one architecture) and fine-tuned
+        config = CompressConfig(method="data", energy=energy, tolerance=None, keep_ranks=True,
+                                stats_batch_size=batch_size, finetune=TrainRecipe(epochs=0))
+        plan = compress_model(base, data, config, arch=arch, device=device, score=False, progress=False).plan
+        log(f"plan: {len(plan.layers)} layers factored at energy {energy}; each ingredient factored on its own "
             f"statistics and fine-tuned {compressed_epochs} epochs")
         cmodels = []
         for i, (m, entry) in enumerate(zip(models, meta, strict=True)):
-            c = refactor(m, plan, planned_stats(m, plan, stats_loader))
-            entry["projected"] = _row(c, data, device)
-            if compressed_epochs:
-                train(c, data.train, epochs=compressed_epochs, lr=compressed_lr, weight_decay=weight_decay,
-                      seed=entry.get("seed", seed + 1 + i), augment=augment, device=device,
-                      desc=f"compressed {i + 1}")
-            entry["compressed"] = _row(c, data, device)
-            cmodels.append(c.eval())
+            recipe = TrainRecipe(epochs=compressed_epochs, lr=compressed_lr, weight_decay=weight_decay,
+                                 seed=entry.get("seed", seed + 1 + i), augment=augment)
+            result = compress_model(m, data, replace(config, finetune=recipe), plan=plan, arch=arch, device=device,
+                                    progress=False)
+            entry["projected"], entry["compressed"] = result.scores["projected"], result.scores["compressed"]
+            cmodels.append(result.model)
         crows = [e["compressed"] for e in meta]
-        comp: dict = {"params": count_params(cmodels[0]), "energy": energy, "layers_factored": len(layers),
+        comp: dict = {"params": count_params(cmodels[0]), "energy": energy, "layers_factored": len(plan.layers),
                       "finetune_epochs": compressed_epochs}
         comp["param_ratio"] = comp["params"] / dense["params"]
         b = _best(crows)
@@ -134,7 +133,7 @@ def soup_experiment(
         naive = load_soup(copy.deepcopy(cmodels[0]), uniform_soup(cmodels))
         comp["factorwise"] = _row(naive, data, device)
         doc["compressed"] = comp
-        doc["plan"] = plan
+        doc["plan"] = plan.to_dict()
     doc["rows"] = table_rows(doc)
     doc["seconds"] = time.perf_counter() - started
     return doc

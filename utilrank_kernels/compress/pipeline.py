@@ -1,0 +1,244 @@
+"""``compress_model``: the whole pipeline in one call, statistics -> subspaces -> report -> plan -> factors
+-> fine-tuning, each stage a function of the previous stage's artefact (and each artefact may be passed
+in to start later: ``statistics=``, ``subspaces=``, ``plan=``).
+
+    from utilrank_kernels import CompressConfig, compress_model
+    result = compress_model(model, data, CompressConfig(tolerance=0.5))
+    result.save("out/", config)                # model.safetensors, plan.json, config.json
+
+``utilrank compress``, ``utilrank bench`` and ``utilrank soup`` all run through it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..analysis import Report, Statistics, Subspaces, build_report, collect_stats, compute_subspaces
+from ..layers import FilterFn, name_filter
+from ..measure import count_params
+from ..train import TrainRecipe, evaluate
+from .budget import uniform_plan
+from .factor import factor_model
+from .plan import METHODS, Plan
+from .search import plan_ranks
+
+logger = logging.getLogger(__name__)
+Metric = Callable[[nn.Module, Dataset], float]
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What ``compress_model`` does; the defaults are ``utilrank compress``'s.
+
+    - ``method``: ``"data"`` (the paper's projection ``P_out W P_in``), ``"optimal"`` (the output-optimal
+      ``U_r U_r^T W``) or ``"svd"`` (weights only).
+    - ranks: ``tolerance`` (percentage points of validation accuracy per layer, with ``total_tolerance``
+      for all cuts together) runs the paper's search; ``tolerance=None`` cuts every layer at ``energy``;
+      ``param_fraction`` keeps that fraction of every layer's weights (no data needed with ``"svd"``).
+    - ``include`` / ``exclude`` (globs on layer names) or ``filter_fn(module, name)``: which layers.
+    - ``finetune``: the recipe for the factored model (``epochs=0``: none); ``finetune_dense`` fine-tunes a
+      copy of the dense model with the same recipe, the like-for-like control.
+    - ``target_device`` / ``target_batch``: the latency-aware pass (layers stay dense where factoring is
+      not faster there; ranks rounded up to tile multiples where that costs nothing).
+    - ``keep_ranks``: factors of a rank-deficient layer are zero-padded to the planned rank instead of
+      shrinking it (compressed models that must share one architecture, e.g. soup ingredients).
+    """
+
+    method: str = "data"
+    energy: float = 0.99
+    tolerance: float | None = 0.2
+    total_tolerance: float | None = None
+    param_fraction: float | None = None
+    rank_multiple: int = 16
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    filter_fn: FilterFn | None = None
+    finetune: TrainRecipe = field(default_factory=TrainRecipe)
+    finetune_dense: bool = False
+    target_device: str | None = None
+    target_batch: int = 32
+    keep_ranks: bool = False
+    stats_batch_size: int = 128
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r}: choose one of {', '.join(METHODS)}")
+        if not 0 < self.energy <= 1:
+            raise ValueError(f"energy {self.energy}: must be in (0, 1]")
+        if self.tolerance is not None and self.tolerance < 0:
+            raise ValueError(f"tolerance {self.tolerance}: must be >= 0 percentage points")
+        if self.total_tolerance is not None and self.total_tolerance < 0:
+            raise ValueError(f"total tolerance {self.total_tolerance}: must be >= 0 percentage points")
+        if self.param_fraction is not None and not 0 < self.param_fraction < 1:
+            raise ValueError(f"parameter fraction {self.param_fraction}: must be in (0, 1)")
+        if self.target_batch < 1 or self.stats_batch_size < 1 or self.rank_multiple < 1:
+            raise ValueError("target_batch, stats_batch_size and rank_multiple must be >= 1")
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def layer_filter(self) -> FilterFn | None:
+        if self.filter_fn is None and not (self.include or self.exclude):
+            return None
+        by_name = name_filter(self.include, self.exclude)
+        if self.filter_fn is None:
+            return by_name
+        return lambda m, name: by_name(m, name) and self.filter_fn(m, name)
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "svd"
+
+    @property
+    def searches(self) -> bool:
+        return self.param_fraction is None and self.tolerance is not None
+
+
+@dataclass
+class CompressedModel:
+    """What ``compress_model`` made: the factored ``model`` (as trained, ``LowRankLinear`` /
+    ``LowRankConv2d`` in place of the planned layers), the ``plan`` it holds, and the artefacts of every
+    stage it ran (``None`` where a stage was skipped). ``scores``: ``{"dense" | "projected" | "compressed" |
+    "dense_finetuned": {"val": x, "test": y}}`` (the metric, accuracy by default, in [0, 1])."""
+
+    model: nn.Module
+    plan: Plan
+    report: Report | None = None
+    statistics: Statistics | None = None
+    subspaces: Subspaces | None = None
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    dense_finetuned: nn.Module | None = None
+
+    def save(self, out_dir: str | Path, config: Mapping) -> None:
+        """``model.safetensors``, ``plan.json`` and ``config.json`` (the architecture, see ``load_compressed``)."""
+        from .io import save_compressed
+
+        save_compressed(self.model, self.plan, config, out_dir)
+
+
+def _split(data, name: str) -> Dataset | None:
+    return getattr(data, name, None) if data is not None else None
+
+
+def compress_model(
+    model: nn.Module,
+    data=None,
+    config: CompressConfig | None = None,
+    *,
+    statistics: Statistics | None = None,
+    subspaces: Subspaces | None = None,
+    plan: Plan | None = None,
+    metric: Metric | None = None,
+    arch: str | None = None,
+    device: torch.device | str | None = None,
+    score: bool = True,
+    progress: bool = True,
+) -> CompressedModel:
+    """Compress ``model`` (not modified) on ``data`` (``utilrank_kernels.data.DataSplits`` or any object with
+    ``train`` / ``val`` / ``test`` datasets yielding ``(input, label)``; ``val`` drives the rank search,
+    ``test`` is only reported) as ``config`` says.
+
+    Stages already done elsewhere are passed in: ``statistics`` (of ``model`` on its training data),
+    ``subspaces`` (``compute_subspaces``'s), ``plan`` (then no planning: only factors, fine-tuning and
+    scores). ``metric(model, dataset)`` replaces top-1 accuracy (higher is better, in [0, 1]). ``score``:
+    evaluate dense, projected and compressed on val/test (off: only what the search needs)."""
+    config = config or CompressConfig()
+    device = torch.device(device) if device is not None else next(
+        (p.device for p in model.parameters()), torch.device("cpu"))
+    metric = metric or (lambda m, ds: evaluate(m, ds, device=device))
+    train_split, val, test = _split(data, "train"), _split(data, "val"), _split(data, "test")
+    arch = arch or (plan.arch if plan is not None else type(model).__name__)
+    searches = plan is None and config.searches
+    # every input problem before any long compute
+    if searches and val is None:
+        raise ValueError("the rank search (tolerance) needs a validation split: data.val")
+    if config.finetune.epochs and train_split is None:
+        raise ValueError("fine-tuning needs a training split: data.train")
+    if config.needs_data and subspaces is None and statistics is None and train_split is None:
+        raise ValueError(f"method {config.method!r} needs statistics: pass data with a train split, statistics= "
+                         "or subspaces=")
+    if plan is not None and plan.method != config.method:
+        plan = replace(plan, method=config.method)
+    model = model.eval()
+    result = CompressedModel(model, plan)  # placeholders until each stage runs
+    scores: dict[str, dict[str, float]] = {}
+
+    def scored(key: str, m: nn.Module) -> None:
+        if not score:
+            return
+        scores[key] = {split: metric(m, ds) for split, ds in (("val", val), ("test", test)) if ds is not None}
+
+    # -- statistics and subspaces (the planned layers only when the plan is given)
+    if config.needs_data and subspaces is None:
+        if statistics is None:
+            only = None if plan is None else set(plan.layers)
+            layer_filter = config.layer_filter if only is None else (lambda m, name: name in only)
+            loader = DataLoader(train_split, batch_size=config.stats_batch_size, shuffle=False)
+            statistics = collect_stats(model, loader, filter_fn=layer_filter, device=device, progress=progress,
+                                       meta={"model": arch, "dataset": getattr(data, "name", "")})
+        subspaces = compute_subspaces(model, statistics, progress=progress)
+    elif subspaces is not None:
+        subspaces.check_model(model)
+    report = build_report(model, statistics, subspaces, config.energy) if statistics is not None else None
+
+    # -- plan
+    if plan is None:
+        if searches or score:
+            scored("dense", model)
+        if config.param_fraction is not None:
+            plan = uniform_plan(model, config.param_fraction, multiple=config.rank_multiple, arch=arch,
+                                method=config.method, filter_fn=config.layer_filter)
+        else:
+            if report is None:
+                raise ValueError(f"method {config.method!r} with an energy or tolerance cut needs statistics")
+            baseline = scores.get("dense", {}).get("val")
+            plan = plan_ranks(model, report, subspaces, arch=arch, method=config.method, energy=config.energy,
+                              tolerance=config.tolerance, total_tolerance=config.total_tolerance,
+                              evaluate=(lambda m: metric(m, val)) if searches else None, baseline=baseline,
+                              filter_fn=config.layer_filter, progress=progress)
+        if config.target_device:
+            from .latency import latency_aware
+
+            example = _example_input(data, model)
+            plan = latency_aware(model, plan, example, config.target_device, config.target_batch, progress=progress)
+    elif score:
+        scored("dense", model)
+
+    # -- factors, fine-tuning
+    compressed, plan = factor_model(model, plan, subspaces, keep_ranks=config.keep_ranks)
+    scored("projected", compressed)
+    if config.finetune.epochs:
+        config.finetune.run(compressed, train_split, device=device, desc="fine-tune")
+        scored("compressed", compressed)
+    elif "projected" in scores:
+        scores["compressed"] = dict(scores["projected"])
+    dense_finetuned = None
+    if config.finetune_dense and config.finetune.epochs:
+        dense_finetuned = config.finetune.run(copy.deepcopy(model), train_split, device=device,
+                                              desc="fine-tune dense (control)")
+        scored("dense_finetuned", dense_finetuned)
+    if report is not None:
+        report = report.with_saved_ranks(plan.ranks, {"dense": count_params(model),
+                                                      "compressed": count_params(compressed)})
+    result.model, result.plan, result.report = compressed.eval(), plan, report
+    result.statistics, result.subspaces, result.scores = statistics, subspaces, scores
+    result.dense_finetuned = dense_finetuned
+    return result
+
+
+def _example_input(data, model: nn.Module) -> torch.Tensor:
+    """One input (batch of 1) from the data's test split (else val, else train)."""
+    for split in ("test", "val", "train"):
+        ds = _split(data, split)
+        if ds is not None and len(ds):
+            x = ds[0][0] if isinstance(ds[0], (tuple, list)) else ds[0]
+            return x[None]
+    raise ValueError("the latency-aware plan needs an example input: data with a non-empty split")
