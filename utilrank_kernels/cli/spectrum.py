@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -24,10 +25,23 @@ def run(args) -> int:
         return _spectrum(args)
 
 
+def esd_options(args):
+    """The ``ESDOptions`` of the command line: the ``--definitions`` preset, then each option given."""
+    from ..analysis.esd import ESDOptions
+
+    given = {k: getattr(args, k) for k in ("ks", "small_sample", "fit_floor", "conv_norm", "mp", "min_evals",
+                                           "max_evals", "count", "grouped_convs") if getattr(args, k) is not None}
+    try:
+        return ESDOptions.utilrank(**given) if args.definitions == "utilrank" else ESDOptions(**given)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _spectrum(args) -> int:
     from ..analysis import Statistics
-    from ..analysis.spectrum import format_spectrum_table, spectrum, write_spectrum
+    from ..analysis.spectrum import spectrum, write_spectrum
 
+    options = esd_options(args)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     rank, world = init_distributed()
     device = resolve_device(args.device)
@@ -45,7 +59,7 @@ def _spectrum(args) -> int:
     if rank != 0:
         return 0
     try:
-        report, esds = spectrum(model, stats, args.energy, dtype=dtype, model_name=args.model)
+        report, esds = spectrum(model, stats, args.energy, options=options, dtype=dtype, model_name=args.model)
     except ValueError as exc:  # statistics of another model
         raise UsageError(str(exc)) from exc
     write_spectrum(report, esds, out)
@@ -54,6 +68,84 @@ def _spectrum(args) -> int:
     print(f"wrote {out}/spectrum.json, alpha.png, esd/ ({len(report['layers'])} plots){kept} "
           f"in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def format_spectrum_table(report: dict) -> str:
+    proj = report["projected"]
+    head = (f"{'layer':<24} {'shape':>14} {'evals':>5} {'alpha':>6} {'KS D':>5} {'a_w':>6} {'logsn':>6} "
+            f"{'stab r':>6} {'mp sr':>5} {'spk':>3}")
+    if proj:
+        head += f" | {'rank':>4} {'alpha':>6} {'mp sr':>5} {'spk':>3}"
+    lines = [head, "-" * len(head)]
+    for r in report["layers"]:
+        shape = "x".join(str(s) for s in r["shape"])
+        line = (f"{r['name'][-24:]:<24} {shape:>14} {r['num_evals']:>5} {r['alpha']:>6.2f} "
+                f"{r['ks_distance']:>5.3f} "
+                f"{r['alpha_weighted']:>6.2f} {r['log_spectral_norm']:>6.2f} {r['stable_rank']:>6.1f} "
+                f"{r['mp_softrank']:>5.2f} {r['num_spikes']:>3}")
+        if proj:
+            p = r["projected"]
+            if "alpha" in p:
+                line += f" | {p['rank']:>4} {p['alpha']:>6.2f} {p['mp_softrank']:>5.2f} {p['num_spikes']:>3}"
+            else:
+                line += f" | {p.get('rank', '-'):>4} {p['reason']}"
+        lines.append(line)
+    for s in report["skipped"]:
+        lines.append(f"{s['name'][-24:]:<24} skipped: {s['reason']}")
+    s = report["summary"]
+    if s["layers"]:
+        lines.append(f"mean over {s['layers']} layers: alpha {s['alpha']:.2f}, "
+                     f"alpha_weighted {s['alpha_weighted']:.2f}, "
+                     f"log spectral norm {s['log_spectral_norm']:.2f}, stable rank {s['stable_rank']:.1f}, "
+                     f"MP soft rank {s['mp_softrank']:.2f}")
+        if "projected" in s:
+            p = s["projected"]
+            lines.append(f"data-projected at energy {report['energy']}: alpha {p['alpha']:.2f}, "
+                         f"alpha_weighted {p['alpha_weighted']:.2f}, MP soft rank {p['mp_softrank']:.2f}")
+        from ..analysis.esd import WELL_TRAINED
+
+        lo, hi = WELL_TRAINED
+        lines.append(f"alpha outside [{lo:g}, {hi:g}]: {len(s['over_trained'])} below (over-fit or heavily "
+                     f"correlated), {len(s['under_trained'])} above (under-trained)")
+    defs = report["definitions"]
+    from ..analysis.esd import ESDOptions
+
+    if defs != ESDOptions().to_dict():
+        changed = ", ".join(f"{k}={v}" for k, v in defs.items() if ESDOptions().to_dict()[k] != v)
+        lines.append(f"definitions differ from WeightWatcher's: {changed}")
+    return "\n".join(lines)
+
+
+def add_esd_options(p: argparse.ArgumentParser) -> None:
+    """The metrics' definitions: WeightWatcher 0.7.7's by default (README, ``utilrank spectrum``)."""
+    g = p.add_argument_group("definitions (default: WeightWatcher 0.7.7's)")
+    g.add_argument("--definitions", choices=("ww", "utilrank"), default="ww",
+                   help="ww: WeightWatcher's definitions; utilrank: this project's (--ks two-sided --fit-floor "
+                        "rank --no-conv-norm --mp-fit robust --count slice --no-grouped-convs); the options "
+                        "below override either (default: %(default)s)")
+    g.add_argument("--ks", choices=("ww", "two-sided"), default=None,
+                   help="KS distance of the xmin search: WeightWatcher's max |F(x_j) - j/n| or the standard "
+                        "two-sided statistic")
+    g.add_argument("--small-sample", action=argparse.BooleanOptionalAction, default=None,
+                   help="below 20 eigenvalues, WeightWatcher's bias-corrected estimator (--no-small-sample: the "
+                        "plain MLE)")
+    g.add_argument("--fit-floor", choices=("ww", "rank"), default=None,
+                   help="eigenvalues the power law is fitted to: above 1e-5 (WeightWatcher's absolute "
+                        "threshold) or above the fp32 rank tolerance (scale-free)")
+    g.add_argument("--conv-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale pooled conv slices by 1/sqrt(2) as WeightWatcher does (log spectral norm -0.301; "
+                        "--no-conv-norm: the weight's own scale)")
+    g.add_argument("--mp-fit", dest="mp", choices=("ww", "robust"), default=None,
+                   help="Marchenko-Pastur fit: WeightWatcher's, or this project's, robust to strong spikes")
+    g.add_argument("--min-evals", type=int, default=None,
+                   help="smallest matrix fitted, in eigenvalues (WeightWatcher's min_evals, default 8)")
+    g.add_argument("--max-evals", type=int, default=None,
+                   help="largest matrix fitted, in eigenvalues (WeightWatcher's max_evals, default 15000)")
+    g.add_argument("--count", choices=("pooled", "slice"), default=None,
+                   help="--min-evals applies to a conv's pooled eigenvalues (WeightWatcher) or to each slice")
+    g.add_argument("--grouped-convs", action=argparse.BooleanOptionalAction, default=None,
+                   help="analyze grouped and depthwise convs by their stored slices as WeightWatcher does "
+                        "(--no-grouped-convs: skip them)")
 
 
 def add_parser(sub) -> None:
@@ -68,6 +160,7 @@ def add_parser(sub) -> None:
                    help="no statistics pass: spectra of the weights alone (WeightWatcher's analysis)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="precision of the eigensolver (default: %(default)s; never half precision)")
+    add_esd_options(p)
     add_threads_option(p)
     p.epilog = ("--energy defaults to 0.999 here: at 0.99 most layers of the built-in ViT keep 4-15 "
                 "directions, too few eigenvalues for a tail fit.")
