@@ -14,8 +14,8 @@ import numpy as np
 from ._cache import atomic_path
 
 if TYPE_CHECKING:
+    from .analysis.esd import ESD
     from .analysis.report import Report
-    from .analysis.spectrum import ESD
 
 
 def _figure(figsize: tuple[float, float]):
@@ -137,7 +137,8 @@ def plot_esds(report: dict, esds: dict[str, dict[str, ESD]], out_dir: str | Path
         ax.set_xscale("log")
         ax.set_yscale("log")
         _readable_log_axes(ax)
-        ax.set_xlabel("eigenvalue of $W^TW$" + (" (kernel slices pooled)" if row["kind"] == "conv2d" else ""))
+        pooled = " (kernel slices pooled" + (", W scaled by 1/sqrt(2))" if row["scale"] != 1 else ")")
+        ax.set_xlabel("eigenvalue of $W^TW$" + (pooled if row["kind"] == "conv2d" else ""))
         ax.set_ylabel("density")
         ax.set_title(f"{row['name']}  {'x'.join(map(str, row['shape']))}\n"
                      f"dashed: xmin, dotted: MP bulk edge; MP soft rank {row['mp_softrank']:.2f}, "
@@ -155,7 +156,7 @@ def plot_alpha(report: dict, path: str | Path) -> None:
     rows = report["layers"]
     xs = np.arange(len(rows))
     fig, ax = _figure(figsize=(max(6.0, 0.36 * len(rows) + 2), 4.4))
-    from .analysis.spectrum import WELL_TRAINED
+    from .analysis.esd import WELL_TRAINED
 
     lo, hi = WELL_TRAINED
     ax.axhspan(lo, hi, color="tab:green", alpha=0.08, label=f"{lo:g} <= alpha <= {hi:g} (well trained)")
