@@ -42,28 +42,22 @@ _MAX_SPLITS = 128
 _INTERPRETER_SMS = 4
 _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# BLOCK_D (square output tile), BLOCK_K (rows per step), num_warps, num_stages. The first row is the
-# one the interpreter and UTILRANK_TRITON_CONFIG=first use: its operand buffers fit the shared
-# memory of every dtype on A100 and H100 (fp32: 2 x 128 x 32 x 4 B x 3 stages = 96 KiB).
-_SYRK_ROWS = [
-    (128, 32, 8, 3),
-    (128, 64, 8, 3),
-    (128, 64, 4, 4),
-    (128, 32, 4, 4),
-    (64, 64, 4, 4),
-    (64, 32, 4, 3),
-    (64, 128, 4, 3),
-    (32, 64, 4, 3),
-    (32, 128, 4, 3),
-]
-_CONV_ROWS = [
-    (128, 32, 8, 3),
-    (128, 64, 8, 3),
-    (128, 32, 4, 4),
-    (64, 64, 4, 4),
-    (64, 32, 4, 3),
-    (32, 64, 4, 3),
-]
+# BLOCK_D (square output tile), BLOCK_K (rows per step), num_warps, num_stages; one table for 16-bit inputs
+# (tensor cores) and one for fp32 (IEEE products on the FMA units, or TF32). The first row of each is what
+# the interpreter and UTILRANK_TRITON_CONFIG=first run. Rows are kept only where the compiled kernel moves no
+# local memory inside its loop and fits 163 KiB of shared memory on sm_80 and sm_90, in every dtype of its
+# table (benchmarks/results/kernel-resources-triton*.md): 128-wide tiles on 4 warps spilled 0.5-1.8 KB per
+# thread, in the loop on sm_80; BLOCK_K = 64 with 128-wide fp32 tiles, 8-13 KB. Shared memory of a row:
+# stages x 2 x BLOCK_K x BLOCK_D x element size, at most 128 KiB (fp32 64/64/4 stages).
+_SYRK_ROWS = {
+    "16-bit": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3), (64, 128, 4, 3), (32, 64, 4, 3)],
+    "fp32": [(64, 32, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (32, 128, 4, 3)],
+}
+# the conv kernel also forms its patch addresses in the loop: 128-wide tiles spill there with BLOCK_K = 64
+_CONV_ROWS = {
+    "16-bit": [(128, 32, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3), (32, 64, 4, 3)],
+    "fp32": [(64, 32, 4, 3), (32, 64, 4, 3)],
+}
 _KEYS = ("BLOCK_D", "BLOCK_K", "num_warps", "num_stages")
 
 
@@ -101,27 +95,70 @@ def _split_rows(n_rows, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _halves(v):
+    """The two halves ``(v[:n/2], v[n/2:])`` of a 1-D block."""
+    n: tl.constexpr = v.shape[0]
+    return tl.split(tl.permute(tl.reshape(v, [2, n // 2]), [1, 0]))
+
+
+@triton.jit
+def _column_halves(b):
+    """The two column halves ``(b[:, :n/2], b[:, n/2:])`` of a 2-D block."""
+    m: tl.constexpr = b.shape[0]
+    n: tl.constexpr = b.shape[1]
+    return tl.split(tl.permute(tl.reshape(b, [m, 2, n // 2]), [0, 2, 1]))
+
+
+@triton.jit
+def _add_piece(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1):
+    """``acc[idx_m, idx_n] += b_c`` where ``o_m <= o_n`` and ``acc[idx_n, idx_m] += b_c`` where
+    ``o_m < o_n`` (``b_c``: ``[BD, W]`` fp32)."""
+    b_c = b_c.to(acc_ptr.dtype.element_ty)
+    m_c = m_m[:, None] & m_n[None, :]
+    m_up = m_c & (o_m[:, None] <= o_n[None, :])  # [BD, W]
+    m_lo = m_c & (o_m[:, None] < o_n[None, :])  # [BD, W]
+    # 32-bit offsets (the launcher checks that acc has fewer than 2^31 elements): int64 address tiles
+    # are what made this epilogue spill
+    p_c = acc_ptr + (idx_m[:, None] * stride_a0 + idx_n[None, :] * stride_a1)  # [BD, W]
+    if tl.num_programs(1) == 1:
+        # this program is the only writer of both tiles
+        tl.store(p_c, tl.load(p_c, mask=m_up, other=0.0) + b_c, mask=m_up)
+    else:
+        tl.atomic_add(p_c, b_c, mask=m_up, sem="relaxed")
+    # the mirror stores the same registers through transposed addresses (no tl.trans of the tile)
+    p_ct = acc_ptr + (idx_n[None, :] * stride_a0 + idx_m[:, None] * stride_a1)  # [BD, W]
+    if tl.num_programs(1) == 1:
+        tl.store(p_ct, tl.load(p_ct, mask=m_lo, other=0.0) + b_c, mask=m_lo)
+    else:
+        tl.atomic_add(p_ct, b_c, mask=m_lo, sem="relaxed")
+
+
+@triton.jit
 def _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1):
     """``acc[idx_m, idx_n] += b_c`` on and above the diagonal, and the same values mirrored below it.
 
     A diagonal tile's dot product is not bitwise symmetric (its two halves sum the same products in
     different orders), so only its upper half is used, for both halves: the result is exactly
-    symmetric. Off-diagonal tiles (``o_m < o_n`` everywhere) are written whole, twice.
+    symmetric. Off-diagonal tiles (``o_m < o_n`` everywhere) are written whole, twice. The fp64
+    read-modify-write goes in two column halves: a whole 128 x 128 tile held its fp64 values, its
+    fp32 sums and its addresses at once and spilled 1.3-2.1 KB per thread (benchmarks/kernel_resources.py).
     """
-    b_c = b_c.to(acc_ptr.dtype.element_ty)
-    m_c = m_m[:, None] & m_n[None, :]
-    m_up = m_c & (o_m[:, None] <= o_n[None, :])  # [BD, BD]
-    m_lo = m_c & (o_m[:, None] < o_n[None, :])  # [BD, BD]
-    p_c = acc_ptr + idx_m[:, None].to(tl.int64) * stride_a0 + idx_n[None, :] * stride_a1  # [BD, BD]
-    # the mirror stores the same registers through transposed addresses (no tl.trans of the tile)
-    p_ct = acc_ptr + idx_n[None, :].to(tl.int64) * stride_a0 + idx_m[:, None] * stride_a1  # [BD, BD]
-    if tl.num_programs(1) == 1:
-        # this program is the only writer of both tiles
-        tl.store(p_c, tl.load(p_c, mask=m_up, other=0.0) + b_c, mask=m_up)
-        tl.store(p_ct, tl.load(p_ct, mask=m_lo, other=0.0) + b_c, mask=m_lo)
-    else:
-        tl.atomic_add(p_c, b_c, mask=m_up, sem="relaxed")
-        tl.atomic_add(p_ct, b_c, mask=m_lo, sem="relaxed")
+    b_0, b_1 = _column_halves(b_c)  # [BD, BD / 2] each
+    o_n0, o_n1 = _halves(o_n)
+    m_n0, m_n1 = _halves(m_n)
+    idx_n0, idx_n1 = _halves(idx_n)
+    _add_half(acc_ptr, b_0, o_m, o_n0, m_m, m_n0, idx_m, idx_n0, stride_a0, stride_a1)
+    _add_half(acc_ptr, b_1, o_m, o_n1, m_m, m_n1, idx_m, idx_n1, stride_a0, stride_a1)
+
+
+@triton.jit
+def _add_half(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1):
+    b_0, b_1 = _column_halves(b_c)  # [BD, BD / 4] each
+    o_n0, o_n1 = _halves(o_n)
+    m_n0, m_n1 = _halves(m_n)
+    idx_n0, idx_n1 = _halves(idx_n)
+    _add_piece(acc_ptr, b_0, o_m, o_n0, m_m, m_n0, idx_m, idx_n0, stride_a0, stride_a1)
+    _add_piece(acc_ptr, b_1, o_m, o_n1, m_m, m_n1, idx_m, idx_n1, stride_a0, stride_a1)
 
 
 @triton.jit
@@ -183,24 +220,31 @@ def _patch_columns(o_k, C, stride_xc, stride_xh, stride_xw,
         idx = o_k
     dh = (tap // KW) * DH
     dw = (tap % KW) * DW
-    off = c.to(tl.int64) * stride_xc + dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw
+    # within one image: 32-bit (the launcher checks that an image has fewer than 2^31 elements)
+    off = c * stride_xc + dh * stride_xh + dw * stride_xw
     return off, dh, dw, idx
 
 
 @triton.jit
-def _patch_tile(x_ptr, off_k, dh, dw, m_k, off_p, ih0, iw0, m_p, H, W, PIXEL_FAST: tl.constexpr):
+def _inside(i, n):
+    """``0 <= i < n`` in one unsigned compare."""
+    return i.to(tl.uint32, bitcast=True) < n.to(tl.uint32)
+
+
+@triton.jit
+def _patch_tile(p_img, off_k, dh, dw, m_k, off_p, ih0, iw0, m_p, H, W, PIXEL_FAST: tl.constexpr):
     """One operand tile of the patch matrix, zero outside the image (zero padding): ``[BD, BK]``
-    (pixels along the fast axis) if PIXEL_FAST, else ``[BK, BD]``."""
+    (pixels along the fast axis) if PIXEL_FAST, else ``[BK, BD]``. ``p_img``: each pixel's image
+    (64-bit pointers, one per pixel); ``off_k``, ``off_p``: 32-bit offsets within an image. Two 64-bit
+    address tiles (and six compares per element) spilled inside the loop (benchmarks/kernel_resources.py)."""
     if PIXEL_FAST:
-        ih = dh[:, None] + ih0[None, :]
-        iw = dw[:, None] + iw0[None, :]
-        m = m_k[:, None] & m_p[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        return tl.load(x_ptr + off_k[:, None] + off_p[None, :], mask=m, other=0.0)  # [BD, BK]
+        m = m_k[:, None] & m_p[None, :]
+        m = m & _inside(dh[:, None] + ih0[None, :], H) & _inside(dw[:, None] + iw0[None, :], W)
+        return tl.load(p_img[None, :] + (off_k[:, None] + off_p[None, :]), mask=m, other=0.0)  # [BD, BK]
     else:
-        ih = ih0[:, None] + dh[None, :]
-        iw = iw0[:, None] + dw[None, :]
-        m = m_p[:, None] & m_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        return tl.load(x_ptr + off_p[:, None] + off_k[None, :], mask=m, other=0.0)  # [BK, BD]
+        m = m_p[:, None] & m_k[None, :]
+        m = m & _inside(ih0[:, None] + dh[None, :], H) & _inside(iw0[:, None] + dw[None, :], W)
+        return tl.load(p_img[:, None] + (off_p[:, None] + off_k[None, :]), mask=m, other=0.0)  # [BK, BD]
 
 
 @triton.jit
@@ -237,9 +281,10 @@ def _conv_syrk_kernel(
         o_hw = o_p % (OH * OW)
         ih0 = (o_hw // OW) * SH - PH
         iw0 = (o_hw % OW) * SW - PW
-        off_p = i_img.to(tl.int64) * stride_xn + ih0.to(tl.int64) * stride_xh + iw0.to(tl.int64) * stride_xw
-        b_a = _patch_tile(x_ptr, off_m, dh_m, dw_m, m_m, off_p, ih0, iw0, m_p, H, W, PIXEL_FAST)
-        b_b = _patch_tile(x_ptr, off_n, dh_n, dw_n, m_n, off_p, ih0, iw0, m_p, H, W, PIXEL_FAST)
+        p_img = x_ptr + i_img.to(tl.int64) * stride_xn  # [BK]
+        off_p = ih0 * stride_xh + iw0 * stride_xw  # [BK]
+        b_a = _patch_tile(p_img, off_m, dh_m, dw_m, m_m, off_p, ih0, iw0, m_p, H, W, PIXEL_FAST)
+        b_b = _patch_tile(p_img, off_n, dh_n, dw_n, m_n, off_p, ih0, iw0, m_p, H, W, PIXEL_FAST)
         if PIXEL_FAST:
             b_c = tl.dot(b_a, tl.trans(b_b), b_c, input_precision=INPUT_PRECISION)  # [BD, BD]
         else:
@@ -249,12 +294,18 @@ def _conv_syrk_kernel(
 
 
 # tuning runs the kernel several times on the live accumulator: restore it in between
-_SYRK = autotune("covariance.syrk", _syrk_kernel, _KEYS, _SYRK_ROWS,
-                 key=["d", "n_bucket", "HAS_MASK", "TWO_LEVEL", "INPUT_PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_tiles}, restore_value=["acc_ptr"])
-_CONV_SYRK = autotune("covariance.conv_syrk", _conv_syrk_kernel, _KEYS, _CONV_ROWS,
-                      key=["d", "n_bucket", "C", "KH", "KW", "SH", "SW", "TAP_MAJOR", "PIXEL_FAST"],
-                      prune_configs_by={"early_config_prune": _prune_tiles}, restore_value=["acc_ptr"])
+_SYRK = {kind: autotune(f"covariance.syrk[{kind}]", _syrk_kernel, _KEYS, rows,
+                        key=["d", "n_bucket", "HAS_MASK", "TWO_LEVEL", "INPUT_PRECISION"],
+                        prune_configs_by={"early_config_prune": _prune_tiles}, restore_value=["acc_ptr"])
+         for kind, rows in _SYRK_ROWS.items()}
+_CONV_SYRK = {kind: autotune(f"covariance.conv_syrk[{kind}]", _conv_syrk_kernel, _KEYS, rows,
+                             key=["d", "n_bucket", "C", "KH", "KW", "SH", "SW", "TAP_MAJOR", "PIXEL_FAST"],
+                             prune_configs_by={"early_config_prune": _prune_tiles}, restore_value=["acc_ptr"])
+              for kind, rows in _CONV_ROWS.items()}
+
+
+def _table(x: torch.Tensor) -> str:
+    return "16-bit" if x.element_size() == 2 else "fp32"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +361,12 @@ def _collapse(sizes: Sequence[int], strides: Sequence[int]) -> tuple[list[int], 
     return out_sizes, out_strides
 
 
+def _check_acc_size(acc: torch.Tensor) -> None:
+    if acc.numel() >= 2**31:  # the kernels address acc with 32-bit offsets
+        raise ValueError(f"covariance (Triton): a {tuple(acc.shape)} accumulator has 2^31 elements or more; "
+                         "use backend='torch'")
+
+
 def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
 
@@ -334,6 +391,7 @@ def covariance_update_triton(
     n_rows = x.numel() // d if d else 0
     if n_rows == 0 or d == 0:
         return
+    _check_acc_size(acc)
     if x.dtype not in _DOT_DTYPES:
         # e.g. fp64 input: the torch reference also forms the product in fp32
         x = x.to(torch.float32)
@@ -355,7 +413,7 @@ def covariance_update_triton(
     fma = x.dtype == torch.float32 and precision == "ieee"
     epilogue_rows = _EPILOGUE_ROWS_FMA if fma else _EPILOGUE_ROWS_TENSOR_CORE
     with _device_guard(x):
-        _SYRK[_grid(d, n_rows, epilogue_rows, x.device, splits)](
+        _SYRK[_table(x)][_grid(d, n_rows, epilogue_rows, x.device, splits)](
             x, mask_arg, acc,
             n_rows, d, r1,
             stride_x0, stride_x1, x.stride(-1), acc.stride(0), acc.stride(1),
@@ -404,12 +462,16 @@ def conv_covariance_update_triton(
     n_rows = n_img * max(out_h, 0) * max(out_w, 0)
     if n_rows == 0 or d == 0:
         return
+    _check_acc_size(acc)
+    if sum((size - 1) * abs(st) for size, st in zip(x.shape[1:], x.stride()[1:], strict=True)) >= 2**31:
+        raise ValueError(f"conv_covariance_update (Triton): one image of {tuple(x.shape[1:])} spans 2^31 elements "
+                         "or more; use backend='torch'")
     if x.dtype not in _DOT_DTYPES:
         x = x.to(torch.float32)
     tap_major, pixel_fast = layout if layout is not None else _conv_layout(x, kw, sw, dw, out_w)
     epilogue_rows = _EPILOGUE_ROWS_FMA if x.dtype == torch.float32 else _EPILOGUE_ROWS_TENSOR_CORE
     with _device_guard(x):
-        _CONV_SYRK[_grid(d, n_rows, epilogue_rows, x.device, splits)](
+        _CONV_SYRK[_table(x)][_grid(d, n_rows, epilogue_rows, x.device, splits)](
             x, acc,
             n_rows, d, channels, h, w, out_h, out_w,
             *x.stride(), acc.stride(0), acc.stride(1),
