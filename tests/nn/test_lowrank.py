@@ -16,7 +16,7 @@ from utilrank_kernels.compress import factor_layer, svd_factors
 from utilrank_kernels.layers import swap_modules
 from utilrank_kernels.nn import LowRankMlp, fuse_lowrank_mlps
 from utilrank_kernels.ops import lowrank_conv2d, lowrank_linear, lowrank_mlp
-from utilrank_kernels.ops._lowrank_dispatch import select
+from utilrank_kernels.ops._dispatch import choose
 from utilrank_kernels.ops.lowrank import lowrank_linear_reference, lowrank_mlp_reference
 
 
@@ -145,7 +145,12 @@ def test_vit_compile_inductor_matches_eager():
 # dispatch
 # ---------------------------------------------------------------------------------------------
 def test_select():
+    """The front ends' use of the dispatch rule (its cases: tests/ops/test_dispatch.py)."""
     x = torch.randn(3, 4)
+
+    def select(op, t, backend, needs_grad):
+        return choose(op, backend, t, needs_grad=needs_grad).impl
+
     assert select("lowrank_linear", x, "auto", needs_grad=False) == "torch"  # CPU: torch path
     assert select("lowrank_linear", x, "torch", needs_grad=True) == "torch"
     with pytest.raises(RuntimeError, match="inference-only"):

@@ -17,7 +17,7 @@ from torch import nn
 
 from utilrank_kernels.nn import LowRankLinear, LowRankMlp, fuse_lowrank_mlps
 from utilrank_kernels.ops import lowrank_conv2d, lowrank_linear, lowrank_mlp
-from utilrank_kernels.ops._lowrank_dispatch import select
+from utilrank_kernels.ops._dispatch import choose
 from utilrank_kernels.ops.lowrank import (
     lowrank_conv2d_reference,
     lowrank_linear_reference,
@@ -332,7 +332,7 @@ def test_lowrank_linear_gpu(device, path, m, k, n, r, dtype):
     a, b, c = factors(k, n, r, dtype, device)
     out = lowrank_linear_triton(x, a, b, c, "gelu", path=path)
     assert_fp64_close(out, *linear_refs(x, a, b, c, "gelu"), dtype)
-    assert select("lowrank_linear", x, "auto", needs_grad=False) == "triton"
+    assert choose("lowrank_linear", "auto", x, (a, b, c), rows=m, shape=(k, n, r)).impl != "torch"
 
 
 @pytest.mark.gpu

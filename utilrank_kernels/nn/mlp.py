@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..ops import lowrank_mlp
-from ..ops.lowrank import ACTIVATIONS, _kernel_backend, apply_activation
+from ..ops.lowrank import ACTIVATIONS, apply_activation, mlp_choice
 from .lowrank import LowRankLinear
 
 
@@ -116,11 +116,10 @@ class LowRankMlp(nn.Module):
         if dropout or _has_hooks(self.fc1) or _has_hooks(self.fc2):
             return self._modules_path(x)
         fc1, fc2 = self.fc1, self.fc2
-        params = (x, fc1.weight_a, fc1.weight_b, fc1.bias, fc2.weight_a, fc2.weight_b, fc2.bias)
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-        if _kernel_backend("lowrank_mlp", x, self.backend, needs_grad) == "torch":
+        params = (fc1.weight_a, fc1.weight_b, fc1.bias, fc2.weight_a, fc2.weight_b, fc2.bias)
+        if mlp_choice(x, *params, backend=self.backend).impl == "torch":  # the one dispatch rule (ops/_dispatch.py)
             return self._modules_path(x)
-        return lowrank_mlp(*params, self.activation, backend=self.backend)
+        return lowrank_mlp(x, *params, self.activation, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, backend={self.backend!r}"

@@ -1,68 +1,41 @@
-"""Backend selection shared by every op: ``"auto" | "torch" | "triton" | "cuda"``."""
+"""What the kernel backends need and whether it is here: the backend names, Triton, the interpreter, the
+compiled CUDA extension. The rule that picks a backend from these is ``ops/_dispatch.py``."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
-import os
 
-import torch
+from .. import env
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 logger = logging.getLogger("utilrank_kernels")
+# read once at import: torch.compile then sees a constant, not a call into importlib
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+_extension: list = []  # the loaded utilrank_kernels._C (or None), once looked up
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env.flag("TRITON_INTERPRET")
 
 
-@functools.cache
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return HAS_TRITON
 
 
-@functools.cache
 def cuda_extension():
     """The compiled ``utilrank_kernels._C`` module, or None; a missing build never breaks import."""
-    try:
-        from utilrank_kernels import _C  # noqa: F401
+    if not _extension:
+        try:
+            from utilrank_kernels import _C
 
-        return _C
-    except ImportError as exc:  # built only with UTILRANK_BUILD_CUDA=1
-        logger.debug("utilrank_kernels._C not loaded: %s", exc)
-        return None
-
-
-def triton_runs_on(t: torch.Tensor) -> bool:
-    """Triton kernels run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``."""
-    if not triton_available():
-        return False
-    return t.is_cuda or (t.device.type == "cpu" and triton_interpret())
+            _extension.append(_C)
+        except ImportError as exc:  # built only with UTILRANK_BUILD_CUDA=1
+            logger.debug("utilrank_kernels._C not loaded: %s", exc)
+            _extension.append(None)
+    return _extension[0]
 
 
 def check_backend(op: str, backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-
-
-def require_triton(op: str, t: torch.Tensor) -> None:
-    if not triton_available():
-        raise RuntimeError(f"{op}: backend='triton' needs the triton package, which is not installed")
-    if not triton_runs_on(t):
-        raise RuntimeError(
-            f"{op}: backend='triton' needs a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors); "
-            f"got a tensor on {t.device}"
-        )
-
-
-def require_cuda_extension(op: str, t: torch.Tensor):
-    ext = cuda_extension()
-    if ext is None:
-        raise RuntimeError(
-            f"{op}: backend='cuda' needs the compiled extension; build it with "
-            "UTILRANK_BUILD_CUDA=1 pip install -e . --no-build-isolation"
-        )
-    if not t.is_cuda:
-        raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors; got a tensor on {t.device}")
-    return ext

@@ -23,13 +23,13 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 from pathlib import Path
 
 import torch
 
-from ._backend import cuda_extension, logger, require_cuda_extension
+from .. import env
+from ._backend import cuda_extension, logger
 
 MAX_M = 16  # rows (tokens) the small-M kernels take
 TABLE_FORMAT = "utilrank.small_m_table/1"
@@ -55,6 +55,13 @@ def _check_rows(op: str, x: torch.Tensor) -> None:
         )
 
 
+def _require(op: str, x: torch.Tensor) -> None:
+    if cuda_extension() is None:
+        raise RuntimeError(f"{op}: backend='cuda' needs the compiled extension; build it with .ci/build_cuda_ext.sh")
+    if not x.is_cuda:
+        raise RuntimeError(f"{op}: backend='cuda' needs CUDA tensors; got a tensor on {x.device}")
+
+
 def _c(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
@@ -64,7 +71,7 @@ def lowrank_linear_cuda(
     activation: str | None = None,
 ) -> torch.Tensor:
     """``act(x a^T b^T + bias)`` for ``x`` of shape ``(..., in)`` with at most 16 rows, one launch."""
-    require_cuda_extension("lowrank_linear", x)
+    _require("lowrank_linear", x)
     _check_rows("lowrank_linear", x)
     return torch.ops.utilrank_C.lowrank_linear_small_m(
         x.contiguous(), a.contiguous(), b.contiguous(), _c(bias), activation
@@ -76,7 +83,7 @@ def lowrank_mlp_cuda(
     a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, activation: str | None = "gelu",
 ) -> torch.Tensor:
     """``act(x a1^T b1^T + bias1) a2^T b2^T + bias2`` for at most 16 rows, one launch."""
-    require_cuda_extension("lowrank_mlp", x)
+    _require("lowrank_mlp", x)
     _check_rows("lowrank_mlp", x)
     return torch.ops.utilrank_C.lowrank_mlp_small_m(
         x.contiguous(), a1.contiguous(), b1.contiguous(), _c(bias1),
@@ -127,7 +134,7 @@ def device_slug(name: str) -> str:
 
 
 def table_path(device_name: str) -> Path:
-    override = os.environ.get("UTILRANK_SMALL_M_TABLE")
+    override = env.get("UTILRANK_SMALL_M_TABLE")
     return Path(override) if override else RESULTS_DIR / f"{device_slug(device_name)}-cuda.json"
 
 

@@ -1,15 +1,15 @@
-"""Kernel backends of the low-rank ops: backend selection and the ``torch.library`` custom ops.
+"""The low-rank ops' kernel implementations, and their ``torch.library`` custom ops.
 
-``utilrank::lowrank_linear``, ``utilrank::lowrank_mlp`` and ``utilrank::lowrank_conv2d`` wrap the kernel
-paths (Triton, the CUDA extension; "torch" runs the reference, for ``opcheck`` and tests) as opaque ops:
-``torch.compile`` traces through the dispatch in ``ops/lowrank.py`` and sees one node per call, with a
-fake implementation for shapes and a flop formula so that ``FlopCounterMode`` counts it. The ops are
-inference paths (no autograd formula): the front ends send anything that needs a gradient to the
-torch path, which is plain autograd.
+Eager calls run the chosen implementation directly (the custom op's Python dispatch costs tens of
+microseconds a call, which batch-1 latency feels). Under ``torch.compile``, ``ops/lowrank.py``'s front ends
+call ``utilrank::lowrank_linear``, ``utilrank::lowrank_mlp`` and ``utilrank::lowrank_conv2d`` instead:
+opaque nodes with a fake implementation for shapes and a flop formula so that ``FlopCounterMode`` counts
+them. The implementation ("triton", "cuda", or "torch": the reference, for ``opcheck`` and tests) is
+chosen before, by ``ops/_dispatch.py``. The ops are inference paths (no autograd formula): the rule sends
+anything that needs a gradient to the torch path, which is plain autograd.
 
 The CUDA extension's entry points live in ``ops/_cuda_ext.py`` (``lowrank_linear_cuda(x, a, b, bias,
-activation)``, ``lowrank_mlp_cuda(x, a1, b1, bias1, a2, b2, bias2, activation)``), imported only when
-``backend="cuda"`` is asked for.
+activation)``, ``lowrank_mlp_cuda(x, a1, b1, bias1, a2, b2, bias2, activation)``).
 """
 
 from __future__ import annotations
@@ -20,55 +20,51 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-from ._backend import require_cuda_extension, require_triton, triton_available, triton_interpret
+from ._dispatch import through_op
 from .lowrank import lowrank_conv2d_reference, lowrank_linear_reference
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# read once at import: dynamo then sees a constant, not a cached call into importlib
-_HAS_TRITON = triton_available()
-_CUDA_FUNCTIONS = {"lowrank_linear": "lowrank_linear_cuda", "lowrank_mlp": "lowrank_mlp_cuda",
-                   "lowrank_conv2d": "lowrank_conv2d_cuda"}
-
-
-def select(op: str, x: torch.Tensor, backend: str, needs_grad: bool) -> str:
-    """The implementation that runs ``op`` on ``x``: "torch" | "triton" | "cuda".
-
-    "auto" takes Triton for CUDA tensors of a supported dtype when no gradient is needed, the torch
-    path otherwise; "triton" and "cuda" are used or fail with the reason."""
-    if backend == "torch":
-        return "torch"
-    if backend == "auto":
-        if not needs_grad and x.is_cuda and x.dtype in SUPPORTED_DTYPES and _HAS_TRITON:
-            return "triton"
-        return "torch"
-    if needs_grad:
-        raise RuntimeError(f"{op}: backend={backend!r} is inference-only; use backend='torch' to train")
-    if backend == "triton":
-        if not (_HAS_TRITON and (x.is_cuda or (x.device.type == "cpu" and triton_interpret()))):
-            require_triton(op, x)  # raises with the reason; not called otherwise: dynamo warns on its cache
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{op}: backend='triton' supports float32, float16 and bfloat16; got {x.dtype}")
-        return "triton"
-    if backend == "cuda":
-        require_cuda_extension(op, x)
-        _cuda_function(op)
-        return "cuda"
-    raise ValueError(f"{op}: unknown backend {backend!r}")
 
 
 def _cuda_function(op: str):
-    name = _CUDA_FUNCTIONS[op]
-    try:
-        from . import _cuda_ext
-    except ImportError as exc:
-        raise RuntimeError(
-            f"{op}: backend='cuda' is unavailable: ops/_cuda_ext could not be imported ({exc})"
-        ) from exc
-    fn = getattr(_cuda_ext, name, None)
-    if fn is None:
-        raise RuntimeError(f"{op}: the CUDA extension has no kernel for this op ({name}); "
-                           "use backend='triton' or 'torch'")
-    return fn
+    from . import _cuda_ext
+
+    return getattr(_cuda_ext, f"{op}_cuda")
+
+
+def run_linear(impl: str, x, a, b, bias, activation) -> torch.Tensor:
+    if impl == "triton":
+        from utilrank_kernels.triton.lowrank_linear import lowrank_linear_triton
+
+        return lowrank_linear_triton(x, a, b, bias, activation)
+    if impl == "cuda":
+        return _cuda_function("lowrank_linear")(x, a, b, bias, activation)
+    if impl == "torch":
+        return lowrank_linear_reference(x, a, b, bias, activation).contiguous()
+    raise ValueError(f"lowrank_linear: unknown implementation {impl!r}")
+
+
+def run_mlp(impl: str, x, a1, b1, bias1, a2, b2, bias2, activation) -> torch.Tensor:
+    if impl == "triton":
+        from utilrank_kernels.triton.lowrank_mlp import lowrank_mlp_triton
+
+        return lowrank_mlp_triton(x, a1, b1, bias1, a2, b2, bias2, activation)
+    if impl == "cuda":
+        return _cuda_function("lowrank_mlp")(x, a1, b1, bias1, a2, b2, bias2, activation)
+    if impl == "torch":
+        h = lowrank_linear_reference(x, a1, b1, bias1, activation)
+        return lowrank_linear_reference(h, a2, b2, bias2).contiguous()
+    raise ValueError(f"lowrank_mlp: unknown implementation {impl!r}")
+
+
+def run_conv2d(impl: str, x, a, b, bias, stride, padding, dilation) -> torch.Tensor:
+    """Every implementation returns channels_last, the layout the Triton path produces."""
+    if impl == "triton":
+        from utilrank_kernels.triton.lowrank_conv2d import lowrank_conv2d_triton
+
+        return lowrank_conv2d_triton(x, a, b, bias, stride, padding, dilation)
+    if impl == "torch":
+        y = lowrank_conv2d_reference(x, a, b, bias, stride, padding, dilation)
+        return y.clone(memory_format=torch.channels_last)
+    raise ValueError(f"lowrank_conv2d: unknown implementation {impl!r}")
 
 
 def _pair(v: int | Sequence[int]) -> list[int]:
@@ -85,16 +81,7 @@ def _numel(shape: Sequence[int]) -> int:
 @torch.library.custom_op("utilrank::lowrank_linear", mutates_args=())
 def _lowrank_linear_op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
                        activation: str | None, impl: str) -> torch.Tensor:
-    if impl == "triton":
-        from utilrank_kernels.triton.lowrank_linear import lowrank_linear_triton
-
-        return lowrank_linear_triton(x, a, b, bias, activation)
-    if impl == "cuda":
-        y = _cuda_function("lowrank_linear")(x.reshape(-1, x.shape[-1]), a, b, bias, activation)
-        return y.reshape(*x.shape[:-1], b.shape[0])
-    if impl == "torch":
-        return lowrank_linear_reference(x, a, b, bias, activation).contiguous()
-    raise ValueError(f"lowrank_linear: unknown implementation {impl!r}")
+    return run_linear(impl, x, a, b, bias, activation)
 
 
 @_lowrank_linear_op.register_fake
@@ -116,18 +103,7 @@ def _lowrank_linear_flops(x_shape, a_shape, b_shape, *args, out_shape=None, **kw
 def _lowrank_mlp_op(x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, bias1: torch.Tensor | None,
                     a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, activation: str | None,
                     impl: str) -> torch.Tensor:
-    if impl == "triton":
-        from utilrank_kernels.triton.lowrank_mlp import lowrank_mlp_triton
-
-        return lowrank_mlp_triton(x, a1, b1, bias1, a2, b2, bias2, activation)
-    if impl == "cuda":
-        fn = _cuda_function("lowrank_mlp")
-        y = fn(x.reshape(-1, x.shape[-1]), a1, b1, bias1, a2, b2, bias2, activation)
-        return y.reshape(*x.shape[:-1], b2.shape[0])
-    if impl == "torch":
-        h = lowrank_linear_reference(x, a1, b1, bias1, activation)
-        return lowrank_linear_reference(h, a2, b2, bias2).contiguous()
-    raise ValueError(f"lowrank_mlp: unknown implementation {impl!r}")
+    return run_mlp(impl, x, a1, b1, bias1, a2, b2, bias2, activation)
 
 
 @_lowrank_mlp_op.register_fake
@@ -155,18 +131,7 @@ def _lowrank_conv2d_op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: 
                        impl: str) -> torch.Tensor:
     """``padding_str`` is "same"/"valid" (``padding`` then unused) or "" (``padding`` used). Every
     implementation returns channels_last, the layout the Triton path produces."""
-    pad = _conv_padding(padding_str, padding)
-    if impl == "triton":
-        from utilrank_kernels.triton.lowrank_conv2d import lowrank_conv2d_triton
-
-        return lowrank_conv2d_triton(x, a, b, bias, stride, pad, dilation)
-    if impl == "cuda":
-        return _cuda_function("lowrank_conv2d")(x, a, b, bias, stride, pad, dilation).contiguous(
-            memory_format=torch.channels_last)
-    if impl == "torch":
-        y = lowrank_conv2d_reference(x, a, b, bias, stride, pad, dilation)
-        return y.clone(memory_format=torch.channels_last)
-    raise ValueError(f"lowrank_conv2d: unknown implementation {impl!r}")
+    return run_conv2d(impl, x, a, b, bias, stride, _conv_padding(padding_str, padding), dilation)
 
 
 def _conv_out_size(size, k: int, stride: int, pad: int, dilation: int, padding_str: str):
@@ -201,22 +166,28 @@ for _packet, _formula in ((torch.ops.utilrank.lowrank_linear, _lowrank_linear_fl
 
 
 # ---------------------------------------------------------------------------------------------
-# entry points used by ops/lowrank.py once the implementation is chosen
+# entry points used by ops/lowrank.py once the implementation is chosen: eager calls skip the custom op
 # ---------------------------------------------------------------------------------------------
 def lowrank_linear(impl: str, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
                    activation: str | None) -> torch.Tensor:
+    if not through_op():
+        return run_linear(impl, x, a, b, bias, activation)
     return torch.ops.utilrank.lowrank_linear(x, a, b, bias, activation, impl)
 
 
 def lowrank_mlp(impl: str, x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, bias1: torch.Tensor | None,
                 a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None,
                 activation: str | None) -> torch.Tensor:
+    if not through_op():
+        return run_mlp(impl, x, a1, b1, bias1, a2, b2, bias2, activation)
     return torch.ops.utilrank.lowrank_mlp(x, a1, b1, bias1, a2, b2, bias2, activation, impl)
 
 
 def lowrank_conv2d(impl: str, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
                    stride: Sequence[int], padding: Sequence[int] | str,
                    dilation: Sequence[int]) -> torch.Tensor:
+    if not through_op():
+        return run_conv2d(impl, x, a, b, bias, stride, padding, dilation)
     padding_str, pads = (padding, [0, 0]) if isinstance(padding, str) else ("", _pair(padding))
     return torch.ops.utilrank.lowrank_conv2d(x, a, b, bias, _pair(stride), pads, padding_str, _pair(dilation),
                                              impl)

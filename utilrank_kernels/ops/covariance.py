@@ -8,15 +8,16 @@ so rounding does not grow with the number of batches. The Triton path
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import check_backend, require_triton, triton_runs_on
+from .. import env
+from ._backend import check_backend
+from ._dispatch import choose, through_op
 
-_IM2COL_CHUNK_BYTES = int(os.environ.get("UTILRANK_IM2COL_CHUNK_BYTES", 64 << 20))
+_IM2COL_CHUNK_BYTES = int(env.get("UTILRANK_IM2COL_CHUNK_BYTES", str(64 << 20)))
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
@@ -100,26 +101,11 @@ def conv_covariance_update_reference(
 # ---------------------------------------------------------------------------------------------
 # custom ops and dispatch
 # ---------------------------------------------------------------------------------------------
-def _eager_torch_path(op: str, x: torch.Tensor, backend: str) -> bool:
-    """Outside torch.compile the torch path is called directly: the custom op's Python dispatch costs
-    tens of microseconds a call, which the small layers of a statistics pass feel."""
-    return not torch.compiler.is_compiling() and not _use_triton(op, x, backend)
-
-
-def _use_triton(op: str, x: torch.Tensor, backend: str) -> bool:
-    if backend == "triton":
-        require_triton(op, x)
-        return True
-    if backend == "cuda":
-        raise RuntimeError(f"{op}: no CUDA-extension kernel for this op; use backend='triton' or 'torch'")
-    return backend == "auto" and x.is_cuda and triton_runs_on(x)
-
-
-@torch.library.custom_op("utilrank::covariance_update", mutates_args={"acc"})
-def _covariance_update_op(
-    acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, backend: str, allow_tf32: bool
-) -> None:
-    if _use_triton("covariance_update", x, backend):
+# Eager calls run the chosen implementation directly: the custom op's Python dispatch costs tens of
+# microseconds a call, which the small layers of a statistics pass feel. Under torch.compile they go through
+# the custom ops below (``impl``: "triton" or "torch", chosen by ops/_dispatch.py).
+def _covariance_update_impl(acc, x, mask, impl: str, allow_tf32: bool) -> None:
+    if impl == "triton":
         from utilrank_kernels.triton.covariance import covariance_update_triton
 
         covariance_update_triton(acc, x, mask, allow_tf32=allow_tf32)
@@ -127,8 +113,24 @@ def _covariance_update_op(
         covariance_update_reference(acc, x, mask)
 
 
+def _conv_covariance_update_impl(acc, x, kernel_size, stride, padding, dilation, impl: str) -> None:
+    if impl == "triton":
+        from utilrank_kernels.triton.covariance import conv_covariance_update_triton
+
+        conv_covariance_update_triton(acc, x, kernel_size, stride, padding, dilation)
+    else:
+        conv_covariance_update_reference(acc, x, kernel_size, stride, padding, dilation)
+
+
+@torch.library.custom_op("utilrank::covariance_update", mutates_args={"acc"})
+def _covariance_update_op(
+    acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, impl: str, allow_tf32: bool
+) -> None:
+    _covariance_update_impl(acc, x, mask, impl, allow_tf32)
+
+
 @_covariance_update_op.register_fake
-def _(acc, x, mask, backend, allow_tf32) -> None:
+def _(acc, x, mask, impl, allow_tf32) -> None:
     return None
 
 
@@ -140,18 +142,13 @@ def _conv_covariance_update_op(
     stride: list[int],
     padding: list[int],
     dilation: list[int],
-    backend: str,
+    impl: str,
 ) -> None:
-    if _use_triton("conv_covariance_update", x, backend):
-        from utilrank_kernels.triton.covariance import conv_covariance_update_triton
-
-        conv_covariance_update_triton(acc, x, kernel_size, stride, padding, dilation)
-    else:
-        conv_covariance_update_reference(acc, x, kernel_size, stride, padding, dilation)
+    _conv_covariance_update_impl(acc, x, kernel_size, stride, padding, dilation, impl)
 
 
 @_conv_covariance_update_op.register_fake
-def _(acc, x, kernel_size, stride, padding, dilation, backend) -> None:
+def _(acc, x, kernel_size, stride, padding, dilation, impl) -> None:
     return None
 
 
@@ -184,10 +181,11 @@ def covariance_update(
     if mask is not None and mask.device != x.device:
         # the Triton kernel reads the mask through a raw pointer: a host mask would fault on the GPU
         raise ValueError(f"covariance_update: mask is on {mask.device} but x is on {x.device}")
-    if _eager_torch_path("covariance_update", x, backend):
-        covariance_update_reference(acc, x, mask)
+    impl = choose("covariance_update", backend, x).impl
+    if through_op():
+        _covariance_update_op(acc, x, mask, impl, allow_tf32)
     else:
-        _covariance_update_op(acc, x, mask, backend, allow_tf32)
+        _covariance_update_impl(acc, x, mask, impl, allow_tf32)
 
 
 def conv_covariance_update(
@@ -214,10 +212,11 @@ def conv_covariance_update(
     if acc.device != x.device:
         raise ValueError(f"conv_covariance_update: acc is on {acc.device} but x is on {x.device}")
     geometry = [kh, kw], list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
-    if _eager_torch_path("conv_covariance_update", x, backend):
-        conv_covariance_update_reference(acc, x, *geometry)
+    impl = choose("conv_covariance_update", backend, x).impl
+    if through_op():
+        _conv_covariance_update_op(acc, x, *geometry, impl)
     else:
-        _conv_covariance_update_op(acc, x, *geometry, backend)
+        _conv_covariance_update_impl(acc, x, *geometry, impl)
 
 
 __all__ = [

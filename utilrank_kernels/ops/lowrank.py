@@ -3,8 +3,9 @@ both layers factored (``lowrank_mlp``).
 
 The torch path (two ``F.linear`` / ``F.conv2d`` calls) is the reference, the CPU path and the
 training path: it is plain autograd-, ``torch.compile``- and ``FlopCounterMode``-friendly torch.
-Kernel backends (Triton, the CUDA extension) are inference paths behind the same functions; "auto"
-uses them only where they are eligible (device, dtype, no gradient needed) and falls back otherwise.
+Kernel backends (Triton, the CUDA extension) are inference paths behind the same functions; which one runs
+is decided by the one rule in ``ops/_dispatch.py``. Eager calls reach the kernel launchers directly; under
+``torch.compile`` they go through the ``torch.library`` custom ops of ``ops/_lowrank_dispatch.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._backend import check_backend
+from ._dispatch import cast, choose, needs_grad, rows_of
 
 ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
 
@@ -52,18 +53,6 @@ def lowrank_conv2d_reference(
     return F.conv2d(F.conv2d(x, a, None, stride, padding, dilation), b, bias)
 
 
-def _kernel_backend(op: str, x: torch.Tensor, backend: str, needs_grad: bool) -> str:
-    """Which implementation runs: "torch" unless a kernel backend is asked for or eligible."""
-    check_backend(op, backend)
-    if backend == "torch":
-        return "torch"
-    if backend in ("triton", "cuda") and needs_grad:
-        raise RuntimeError(f"{op}: backend={backend!r} is inference-only; use backend='torch' to train")
-    from . import _lowrank_dispatch
-
-    return _lowrank_dispatch.select(op, x, backend, needs_grad)
-
-
 def lowrank_linear(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
     activation: str | None = None, *, backend: str = "auto",
@@ -73,15 +62,14 @@ def lowrank_linear(
         raise ValueError(
             f"lowrank_linear: shapes do not chain: x {tuple(x.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}"
         )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, a, b, bias)
-    )
-    impl = _kernel_backend("lowrank_linear", x, backend, needs_grad)
-    if impl == "torch":
+    choice = choose("lowrank_linear", backend, x, (a, b, bias), needs_grad=needs_grad(x, a, b, bias),
+                    rows=rows_of(x), shape=(a.shape[1], b.shape[0], a.shape[0]))
+    if choice.impl == "torch":
         return lowrank_linear_reference(x, a, b, bias, activation)
     from . import _lowrank_dispatch
 
-    return _lowrank_dispatch.lowrank_linear(impl, x, a, b, bias, activation)
+    x, a, b, bias = (cast(t, choice.cast_to) for t in (x, a, b, bias))
+    return _lowrank_dispatch.lowrank_linear(choice.impl, x, a, b, bias, activation)
 
 
 def lowrank_mlp(
@@ -100,15 +88,22 @@ def lowrank_mlp(
             f"lowrank_mlp: shapes do not chain: x {tuple(x.shape)}, a1 {tuple(a1.shape)}, "
             f"b1 {tuple(b1.shape)}, a2 {tuple(a2.shape)}, b2 {tuple(b2.shape)}"
         )
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, a1, b1, bias1, a2, b2, bias2)
-    )
-    impl = _kernel_backend("lowrank_mlp", x, backend, needs_grad)
-    if impl == "torch":
-        return lowrank_mlp_reference(x, a1, b1, bias1, a2, b2, bias2, activation)
+    params = (a1, b1, bias1, a2, b2, bias2)
+    choice = mlp_choice(x, *params, backend=backend)
+    if choice.impl == "torch":
+        return lowrank_mlp_reference(x, *params, activation)
     from . import _lowrank_dispatch
 
-    return _lowrank_dispatch.lowrank_mlp(impl, x, a1, b1, bias1, a2, b2, bias2, activation)
+    x, *params = (cast(t, choice.cast_to) for t in (x, *params))
+    return _lowrank_dispatch.lowrank_mlp(choice.impl, x, *params, activation)
+
+
+def mlp_choice(x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, bias1: torch.Tensor | None,
+               a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, *, backend: str):
+    """The dispatch rule's choice for ``lowrank_mlp`` (also what ``LowRankMlp`` asks before it fuses)."""
+    params = (a1, b1, bias1, a2, b2, bias2)
+    return choose("lowrank_mlp", backend, x, params, needs_grad=needs_grad(x, *params), rows=rows_of(x),
+                  shape=(a1.shape[1], b2.shape[0], a1.shape[0]))
 
 
 def lowrank_conv2d(
@@ -117,12 +112,10 @@ def lowrank_conv2d(
     *, backend: str = "auto",
 ) -> torch.Tensor:
     """An ``r``-filter conv ``a`` (``(r, C, kh, kw)``) followed by the 1x1 conv ``b`` (``(out, r, 1, 1)``)."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, a, b, bias)
-    )
-    impl = _kernel_backend("lowrank_conv2d", x, backend, needs_grad)
-    if impl == "torch":
+    choice = choose("lowrank_conv2d", backend, x, (a, b, bias), needs_grad=needs_grad(x, a, b, bias))
+    if choice.impl == "torch":
         return lowrank_conv2d_reference(x, a, b, bias, stride, padding, dilation)
     from . import _lowrank_dispatch
 
-    return _lowrank_dispatch.lowrank_conv2d(impl, x, a, b, bias, stride, padding, dilation)
+    x, a, b, bias = (cast(t, choice.cast_to) for t in (x, a, b, bias))
+    return _lowrank_dispatch.lowrank_conv2d(choice.impl, x, a, b, bias, stride, padding, dilation)

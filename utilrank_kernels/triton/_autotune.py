@@ -76,6 +76,18 @@ def smem_fits(configs: Sequence[triton.Config], footprint: Callable[[triton.Conf
     return fits or [min(configs, key=footprint)]
 
 
+# An SM count for the CPU interpreter, so that split paths are exercised there too.
+_INTERPRETER_SMS = 4
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a stand-in count for CPU tensors under the interpreter)."""
+    if device.type != "cuda":
+        return _INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 @dataclass
 class Table:
     """One autotune table: its name, the ``@triton.jit`` kernel, every row as a ``triton.Config`` (whatever

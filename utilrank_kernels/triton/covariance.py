@@ -19,7 +19,6 @@ of the fp64 atomic adds varies from run to run (differences at the 1e-16 level).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -27,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import autotune
+from ._autotune import autotune, sm_count
 
 # Rows of dot products that cost as much as one tile's fp64 epilogue; both scale with BD^2, so the
 # ratio holds for every tile size. Estimated from H100 per-SM rates, not yet measured: the epilogue
@@ -38,8 +37,6 @@ _EPILOGUE_ROWS_TENSOR_CORE = 1024
 _EPILOGUE_ROWS_FMA = 128
 _MIN_ROWS_PER_SPLIT = 256
 _MAX_SPLITS = 128
-# An SM count for the CPU interpreter, so that the split path is exercised there too.
-_INTERPRETER_SMS = 4
 _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # BLOCK_D (square output tile), BLOCK_K (rows per step), num_warps, num_stages; one table for 16-bit inputs
@@ -311,13 +308,6 @@ def _table(x: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _INTERPRETER_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _num_splits(tiles: int, n_rows: int, epilogue_rows: int, device: torch.device) -> int:
     """Splits along N: enough programs to fill the SMs, few enough that the epilogues stay cheap.
 
@@ -326,7 +316,7 @@ def _num_splits(tiles: int, n_rows: int, epilogue_rows: int, device: torch.devic
     ``epilogue_rows`` rows of dot products. d = 384, N = 8192, 16-bit input on 132 SMs: 6 tiles of
     128 take 22 splits (one wave); d = 4096 (528 tiles) takes none.
     """
-    slots = _sm_count(device)
+    slots = sm_count(device)
     s_max = max(1, min(_MAX_SPLITS, n_rows // _MIN_ROWS_PER_SPLIT))
 
     def cost(s: int) -> int:

@@ -3,14 +3,18 @@
 ``a``: ``(r, in)``, ``b``: ``(out, r)``. Two paths, chosen by ``M`` (the number of rows once the leading
 dims are flattened):
 
-- **fused** (``M > SMALL_M``): one launch. Each program owns ``BM`` rows, computes ``t = x a^T``
-  (``[BM, BR]``, ``BR`` = the rank rounded up to a power of two >= 16, fp32) over the K loop, keeps it
-  in registers, then walks its output tiles with ``t b^T``, bias and activation in the epilogue. ``t``
-  never goes through memory and is computed once per row block. ``N_SPLIT > 1`` (an autotune column)
-  splits the output tiles of a row block over ``N_SPLIT`` programs, each recomputing the block's ``t``:
-  more programs where ``M / BM`` alone would leave most SMs idle (M = 197), at the price of the
-  recomputation; the autotuner decides.
-- **split** (``M <= SMALL_M``, or ranks above ``MAX_FUSED_R``): with a handful of rows the fused
+- **fused** (``M > SMALL_M``): one launch. Each program owns ``BM`` rows (``BM >= 64``, so that sm_90
+  runs both GEMMs on wgmma). It computes ``t = x a^T`` ``BR`` rank columns at a time (``BR`` of 16 to 64:
+  the rank is padded to a multiple of ``BR``, not to a power of two, which cost r = 96, 192, 384, 768 a
+  third more FLOPs), rounds each chunk to the input dtype into its own rows of a scratch ``t`` (``[M, r]``,
+  written and read back by the same program, so from L2), then walks its output tiles with ``t b^T``
+  (again ``BR`` rank columns at a time), bias and activation in the epilogue: one launch, ``t`` computed
+  once per row block, the activation fused. Holding ``t`` whole in registers (the previous layout) forced
+  ``BM`` down to 16-32 for ranks above 256, which on sm_90 never reaches wgmma, and made the fp32 rows
+  spill 12 KB per thread (``benchmarks/kernel_resources.py``). Where ``M / 64`` row blocks would leave SMs
+  idle, the launcher splits each block's output tiles over ``n_split`` programs, each with its own copy of
+  ``t`` (scratch ``[n_split, M, r]``, bounded by ``n_split * M <= 64 * SMs`` rows).
+- **split** (``M <= SMALL_M``): with a handful of rows the fused
   kernel would run on ``M / BM`` programs, each streaming all of ``a`` and ``b`` through one SM. Here
   the first GEMM is a split-K "shrink" over ``(row blocks, rank tiles, K splits)`` programs that adds
   its partial products into a zeroed fp32 ``t`` (``[M, r]``, at most 64 x r: it stays in L2), and the
@@ -34,10 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import autotune
+from ._autotune import autotune, sm_count, smem_fits
 
 SMALL_M = 64
-MAX_FUSED_R = 1024
 ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -70,41 +73,51 @@ def _row_offsets(o_m, L, stride_0, stride_1):
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _lowrank_linear_fused_kernel(
-    x, a, b, bias, y,
+    x, a, b, bias, t, y,
     M, N, K, R, L,
     stride_x0, stride_x1, stride_xk, stride_ar, stride_ak, stride_bn, stride_br,
     M_KEY,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, BR: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, N_SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):
-    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    i_m, i_s, n_s = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
-    o_r = tl.arange(0, BR)
-    m_r = o_r < R
     o_xm = _row_offsets(o_m, L, stride_x0, stride_x1)
+    # this program's copy of its rows of t: [n_split, M, R], rounded to the input dtype
+    p_tm = t + (i_s * M + o_m).to(tl.int64)[:, None] * R  # [BM, 1]
 
-    # t = x a^T over the K loop; padded rank columns load zeros from a and stay zero
-    b_t = tl.zeros([BM, BR], dtype=tl.float32)  # [BM, BR]
-    for k0 in range(0, K, BK):
-        o_k = k0 + tl.arange(0, BK)
-        m_k = o_k < K
-        p_x = x + o_xm[:, None] + o_k[None, :].to(tl.int64) * stride_xk
-        b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-        p_a = a + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak
-        b_a = tl.load(p_a, mask=m_r[None, :] & m_k[:, None], other=0.0)  # [BK, BR]
-        b_t = tl.dot(b_x, b_a, b_t, input_precision=PRECISION)
-    # rounded to the input dtype, as the two-call path rounds its intermediate: the second GEMM runs
-    # on the tensor cores at the input precision
-    b_tc = b_t.to(y.dtype.element_ty)  # [BM, BR]
+    # 1. t = x a^T, BR rank columns at a time; padded rank columns load zeros from a and are never stored
+    for r0 in range(0, R, BR):
+        o_r = r0 + tl.arange(0, BR)
+        m_r = o_r < R
+        b_t = tl.zeros([BM, BR], dtype=tl.float32)  # [BM, BR]
+        for k0 in range(0, K, BK):
+            o_k = k0 + tl.arange(0, BK)
+            m_k = o_k < K
+            p_x = x + o_xm[:, None] + o_k[None, :].to(tl.int64) * stride_xk
+            b_x = tl.load(p_x, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+            p_a = a + o_r[None, :] * stride_ar + o_k[:, None] * stride_ak
+            b_a = tl.load(p_a, mask=m_r[None, :] & m_k[:, None], other=0.0)  # [BK, BR]
+            b_t = tl.dot(b_x, b_a, b_t, input_precision=PRECISION)
+        # rounded to the input dtype, as the two-call path rounds its intermediate
+        tl.store(p_tm + o_r[None, :], b_t.to(t.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
+    # every thread's chunks of t are visible to every other thread of the program
+    tl.debug_barrier()
 
+    # 2. y = act(t b^T + bias), this program's share of the output tiles
     o_ym = o_m.to(tl.int64) * N
-    for n0 in range(i_n * BN, N, BN * N_SPLIT):
+    for n0 in range(i_s * BN, N, BN * n_s):
         o_n = n0 + tl.arange(0, BN)
         m_n = o_n < N
-        p_b = b + o_n[None, :] * stride_bn + o_r[:, None] * stride_br
-        b_b = tl.load(p_b, mask=m_r[:, None] & m_n[None, :], other=0.0)  # [BR, BN]
-        b_y = tl.dot(b_tc, b_b, input_precision=PRECISION)  # [BM, BN]
+        b_y = tl.zeros([BM, BN], dtype=tl.float32)  # [BM, BN]
+        for r0 in range(0, R, BR):
+            o_r = r0 + tl.arange(0, BR)
+            m_r = o_r < R
+            b_tc = tl.load(p_tm + o_r[None, :], mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BR]
+            p_b = b + o_n[None, :] * stride_bn + o_r[:, None] * stride_br
+            b_b = tl.load(p_b, mask=m_r[:, None] & m_n[None, :], other=0.0)  # [BR, BN]
+            b_y = tl.dot(b_tc, b_b, b_y, input_precision=PRECISION)
         if HAS_BIAS:
             b_y += tl.load(bias + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
         b_y = _activation(b_y, ACT)
@@ -185,49 +198,79 @@ def _linear_epilogue_kernel(
 # autotune tables (data). The first row of each table is what UTILRANK_TRITON_CONFIG=first and the
 # interpreter run; it must be valid for every shape the table serves. Untuned: set without a GPU.
 # ---------------------------------------------------------------------------------------------
-_FUSED_KEYS = ("BM", "BN", "BK", "N_SPLIT", "num_warps", "num_stages")
-# by BR (the padded rank): t is BM x BR fp32 in registers, so BM shrinks as the rank grows
+_FUSED_KEYS = ("BM", "BN", "BK", "BR", "num_warps", "num_stages")
+# BR: rank columns per step of both GEMMs. BM >= 64 everywhere (wgmma on sm_90: 5-16 HGMMA per 16-bit
+# compile). Shared memory of a row: stages x the larger loop's operand tiles, (BM BK + BK BR) or (BM BR +
+# BR BN), x element size (the compiled kernels use at most that, plus 1 KiB on sm_90); rows over a device's
+# limit are pruned at launch. Rows kept: no local memory in any loop on sm_80 or sm_90 (BN = 256 spilled
+# 160 B in the loop on sm_80; fp32 on 4 warps with BR = 32, 8 B), benchmarks/results/kernel-resources-*.md.
 _FUSED_ROWS = {
-    64: [(64, 64, 64, 1, 4, 3), (128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 4),
-         (64, 64, 64, 2, 4, 3), (64, 64, 128, 4, 4, 3), (32, 64, 64, 4, 4, 3)],
-    128: [(64, 64, 64, 1, 4, 3), (128, 64, 64, 1, 8, 3), (64, 128, 32, 1, 8, 3), (64, 64, 64, 2, 4, 3),
-          (32, 128, 64, 4, 4, 3), (32, 64, 64, 8, 4, 3)],
-    256: [(64, 64, 32, 1, 8, 3), (64, 128, 32, 1, 8, 2), (32, 64, 64, 1, 4, 3), (64, 64, 32, 2, 8, 3),
-          (32, 64, 64, 4, 4, 3), (32, 64, 64, 8, 4, 3)],
-    512: [(32, 64, 32, 1, 8, 2), (64, 32, 32, 1, 8, 2), (16, 64, 64, 1, 4, 2), (32, 64, 32, 2, 8, 2),
-          (16, 64, 64, 4, 4, 2)],
-    1024: [(16, 32, 32, 1, 8, 2), (16, 64, 32, 1, 8, 2), (32, 32, 32, 1, 8, 2), (16, 32, 32, 4, 8, 2)],
+    "16-bit": [(128, 128, 64, 64, 8, 3), (128, 64, 64, 64, 4, 3), (64, 128, 64, 64, 4, 3), (128, 128, 64, 32, 8, 4),
+               (64, 64, 64, 32, 4, 3), (64, 128, 64, 16, 4, 4)],
+    "fp32": [(64, 128, 32, 32, 8, 3), (128, 64, 32, 32, 8, 3), (64, 64, 32, 16, 4, 3)],
 }
 _SHRINK_KEYS = ("BM", "BR", "BK", "SPLIT_K", "num_warps", "num_stages")
 # split-K is the point: with M <= 64 rows the parallelism has to come from K and r
 _SHRINK_ROWS = [(16, 64, 64, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 64, 8, 4, 3), (32, 64, 64, 4, 4, 3),
                 (64, 64, 64, 2, 4, 3), (16, 32, 128, 16, 4, 3), (64, 128, 64, 1, 8, 3), (16, 64, 64, 1, 4, 3)]
 _EPILOGUE_KEYS = ("BM", "BN", "BK", "num_warps", "num_stages")
+# by (M class, dtype kind); rows kept where no loop moves local memory on sm_80 or sm_90 (fp32 tiles of
+# 64 x 64 on 4 warps spilled 0.5 KB per thread in the loop on sm_80; 128 x 256 16-bit tiles, 104 B)
 _EPILOGUE_ROWS = {
-    "small": [(16, 64, 64, 4, 3), (16, 128, 64, 4, 4), (16, 32, 128, 4, 3), (32, 64, 64, 4, 3),
-              (64, 64, 64, 4, 3), (16, 256, 64, 8, 3)],
-    "large": [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3),
-              (128, 256, 64, 8, 3), (64, 64, 64, 4, 4)],
+    ("small", "16-bit"): [(16, 64, 64, 4, 3), (16, 128, 64, 4, 4), (16, 32, 128, 4, 3), (32, 64, 64, 4, 3),
+                          (64, 64, 64, 4, 3), (16, 256, 64, 8, 3)],
+    ("small", "fp32"): [(16, 64, 64, 4, 3), (16, 32, 128, 4, 3), (16, 64, 32, 4, 3), (32, 64, 32, 8, 3)],
+    ("large", "16-bit"): [(64, 64, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 64, 4, 3),
+                          (64, 64, 64, 4, 4)],
+    ("large", "fp32"): [(128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3)],
 }
 _KEY = ["M_KEY", "N", "K", "R"]
 
 
-_FUSED = {br: autotune(f"lowrank_linear.fused[BR={br}]", _lowrank_linear_fused_kernel, _FUSED_KEYS, rows, key=_KEY)
-          for br, rows in _FUSED_ROWS.items()}
+def _fused_smem(config: triton.Config, element_size: int) -> int:
+    bm, bn, bk, br = (config.kwargs[k] for k in ("BM", "BN", "BK", "BR"))
+    return config.num_stages * max(bm * bk + bk * br, bm * br + br * bn) * element_size
+
+
+def _fused_prune(configs, named_args, **kwargs):
+    x = named_args["x"]
+    return smem_fits(configs, lambda c: _fused_smem(c, x.element_size()), x)
+
+
+_FUSED = {kind: autotune(f"lowrank_linear.fused[{kind}]", _lowrank_linear_fused_kernel, _FUSED_KEYS, rows,
+                         key=_KEY, prune_configs_by={"early_config_prune": _fused_prune})
+          for kind, rows in _FUSED_ROWS.items()}
 # the autotuner runs the kernel once per candidate: t has to be zeroed before each of those runs
 _SHRINK = autotune("lowrank_linear.shrink", _shrink_splitk_kernel, _SHRINK_KEYS, _SHRINK_ROWS,
                    key=["M_KEY", "K", "R"], reset_to_zero=["t"])
-_EPILOGUE = {size: autotune(f"lowrank_linear.epilogue[{size}]", _linear_epilogue_kernel, _EPILOGUE_KEYS, rows,
-                            key=["M_KEY", "N", "K"])
-             for size, rows in _EPILOGUE_ROWS.items()}
+_EPILOGUE = {(size, kind): autotune(f"lowrank_linear.epilogue[{size},{kind}]", _linear_epilogue_kernel,
+                                    _EPILOGUE_KEYS, rows, key=["M_KEY", "N", "K"])
+             for (size, kind), rows in _EPILOGUE_ROWS.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------
 def padded_rank(r: int) -> int:
-    """The on-chip width of ``t``: ``tl.arange`` needs a power of two, ``tl.dot`` at least 16."""
+    """The on-chip width of a rank held whole in registers (the fused MLP's ``t1``, ``t2``): ``tl.arange``
+    needs a power of two, ``tl.dot`` at least 16."""
     return max(16, triton.next_power_of_2(r))
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """Which table a kernel's rows come from: 16-bit inputs run on tensor cores, fp32 ones (IEEE by
+    default) on the FMA units, which want smaller tiles."""
+    return "fp32" if dtype == torch.float32 else "16-bit"
+
+
+MAX_N_SPLIT = 8
+_SPLIT_ROWS = 64  # the smallest BM of the fused tables
+
+
+def fused_splits(m: int, device: torch.device) -> int:
+    """Programs per row block of the fused path: enough that ``M / 64`` row blocks fill the SMs (at most
+    ``MAX_N_SPLIT``; each recomputes its block's ``t``, a fraction ``r / N`` of the block's work)."""
+    return max(1, min(MAX_N_SPLIT, sm_count(device) // triton.cdiv(m, _SPLIT_ROWS)))
 
 
 def m_key(m: int) -> int:
@@ -305,7 +348,7 @@ def linear_epilogue(t: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
         def grid(meta):
             return triton.cdiv(m, meta["BM"]), triton.cdiv(n, meta["BN"])
 
-        kernel = _EPILOGUE["small" if m <= SMALL_M else "large"]
+        kernel = _EPILOGUE["small" if m <= SMALL_M else "large", dtype_kind(w.dtype)]
         kernel[grid](t3, w, _bias_arg(bias, y), y, m, n, k, seq, s0, s1, sk, w.stride(0), w.stride(1),
                      m_key(m), HAS_BIAS=bias is not None, ACT=activation_code(activation),
                      PRECISION=dot_precision(w.dtype))
@@ -313,32 +356,34 @@ def linear_epilogue(t: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
 
 
 def lowrank_linear_triton(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-                          activation: str | None = None, *, path: str = "auto") -> torch.Tensor:
+                          activation: str | None = None, *, path: str = "auto",
+                          n_split: int | None = None) -> torch.Tensor:
     """``act(x a^T b^T + bias)`` as a fresh contiguous tensor of shape ``x.shape[:-1] + (out,)``.
 
-    ``path``: "auto" (by ``M``, see the module docstring), "fused" or "split" (tests, benchmarks)."""
+    ``path``: "auto" (by ``M``, see the module docstring), "fused" or "split" (tests, benchmarks);
+    ``n_split`` forces the fused path's output split (tests); None picks it."""
     check_operands("lowrank_linear", x, a, b, bias)
     r, k = a.shape
     n = b.shape[0]
     code = activation_code(activation)
     x3, m, seq, (s0, s1, sk) = rows_view(x)
     if path == "auto":
-        path = "split" if m <= SMALL_M or padded_rank(r) > MAX_FUSED_R else "fused"
+        path = "split" if m <= SMALL_M else "fused"
     if path == "split":
         return linear_epilogue(shrink(x, a), b, bias, activation).view(*x.shape[:-1], n)
     if path != "fused":
         raise ValueError(f"lowrank_linear_triton: unknown path {path!r}")
-    br = padded_rank(r)
-    if br > MAX_FUSED_R:
-        raise ValueError(f"lowrank_linear_triton: fused path holds ranks up to {MAX_FUSED_R}, got {r}")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m and n:
-        def grid(meta):
-            return triton.cdiv(m, meta["BM"]), meta["N_SPLIT"]
+        splits = n_split or fused_splits(m, x.device)
+        t = torch.empty(splits * m, r, device=x.device, dtype=x.dtype)  # scratch: each program's rows of t
 
-        _FUSED[max(br, 64)][grid](
-            x3, a, b, _bias_arg(bias, y), y, m, n, k, r, seq, s0, s1, sk,
+        def grid(meta):
+            return triton.cdiv(m, meta["BM"]), splits
+
+        _FUSED[dtype_kind(x.dtype)][grid](
+            x3, a, b, _bias_arg(bias, y), t, y, m, n, k, r, seq, s0, s1, sk,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), m_key(m),
-            HAS_BIAS=bias is not None, ACT=code, PRECISION=dot_precision(x.dtype), BR=br,
+            HAS_BIAS=bias is not None, ACT=code, PRECISION=dot_precision(x.dtype),
         )
     return y.view(*x.shape[:-1], n)

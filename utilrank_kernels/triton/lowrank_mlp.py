@@ -9,10 +9,11 @@ Each program owns ``BM`` rows:
    the ``hidden``-wide activations (4x the model width in a ViT) exist one ``BH`` tile at a time;
 3. ``y = t2 b2^T + bias2`` over the output tiles.
 
-With few rows (``M <= SMALL_M``), or ranks too wide to hold ``t1`` and ``t2`` on chip, the MLP runs as
-two split-path low-rank linears (``lowrank_linear``'s small-M path): there the hidden activations are
-``M x hidden``, a few hundred KB at most, and the weights, read once, dominate. The threshold and the
-autotune table are untuned (set without a GPU): tune them on one with ``benchmarks/lowrank_results.py``.
+With few rows (``M <= SMALL_M``) the MLP runs as two split-path low-rank linears (``lowrank_linear``'s
+small-M path): there the hidden activations are ``M x hidden``, a few hundred KB at most, and the weights,
+read once, dominate. Ranks too wide to hold ``t1`` and ``t2`` in registers (above 512, or 256 in fp32, see
+the tables) run as two fused low-rank linears, the hidden activations through memory. The threshold and
+the autotune tables are untuned (set without a GPU): tune them on one with ``benchmarks/lowrank_results.py``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,12 @@ from .lowrank_linear import (
     activation_code,
     check_operands,
     dot_precision,
+    dtype_kind,
     lowrank_linear_triton,
     m_key,
     padded_rank,
     rows_view,
 )
-
-MAX_FUSED_R = 512
 
 
 @triton.jit
@@ -101,18 +101,29 @@ def _lowrank_mlp_fused_kernel(
         tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-# Autotune table (data), by max(BR1, BR2): t1 and t2 both live in registers, so BM shrinks as the
-# ranks grow. The first row of each is what the interpreter and UTILRANK_TRITON_CONFIG=first run.
+# Autotune tables (data), by dtype kind and max(BR1, BR2): t1 and t2 both live in registers (t2 accumulates
+# over the hidden loop, so it is held whole, at a power-of-two width), so BM shrinks as the ranks grow. The
+# first row of each is what the interpreter and UTILRANK_TRITON_CONFIG=first run. BM >= 64 (wgmma on sm_90)
+# up to BR = 256; at 512, a 64-row t2 alone is 128 KB of registers per program, so BM is 32 (mma.sync on
+# both targets). fp32 stops at 256: the fp32 BR = 512 rows spilled 11.8 KB per thread and needed 196 KiB of
+# shared memory (benchmarks/kernel_resources.py); wider fp32 ranks run as two fused linears.
 _MLP_KEYS = ("BM", "BK", "BH", "BN", "num_warps", "num_stages")
 _MLP_ROWS = {
-    64: [(64, 64, 64, 64, 4, 3), (128, 64, 64, 64, 8, 3), (64, 64, 128, 128, 8, 3), (32, 64, 64, 64, 4, 3)],
-    128: [(64, 64, 64, 64, 4, 3), (64, 32, 128, 64, 8, 3), (128, 32, 64, 64, 8, 2), (32, 64, 64, 128, 4, 3)],
-    256: [(64, 32, 64, 64, 8, 2), (32, 64, 64, 64, 4, 3), (64, 32, 32, 64, 8, 2), (32, 32, 128, 64, 8, 2)],
-    512: [(32, 32, 32, 64, 8, 2), (16, 64, 64, 64, 8, 2), (32, 32, 64, 32, 8, 2)],
+    "16-bit": {
+        64: [(64, 64, 64, 64, 4, 3), (128, 64, 64, 64, 8, 3), (64, 64, 128, 128, 8, 3)],
+        128: [(64, 64, 64, 64, 4, 3), (64, 32, 128, 64, 8, 3), (128, 32, 64, 64, 8, 2)],
+        256: [(64, 32, 64, 64, 8, 2), (64, 32, 32, 64, 8, 2)],
+        512: [(32, 32, 32, 64, 8, 2), (32, 32, 64, 32, 8, 2)],
+    },
+    "fp32": {
+        64: [(64, 64, 64, 64, 4, 3), (64, 32, 64, 64, 8, 3)],
+        128: [(64, 32, 64, 64, 8, 2), (64, 32, 32, 64, 8, 2)],
+        256: [(64, 32, 32, 64, 8, 2)],
+    },
 }
-_MLP = {br: autotune(f"lowrank_mlp.fused[BR={br}]", _lowrank_mlp_fused_kernel, _MLP_KEYS, rows,
-                     key=["M_KEY", "K", "H", "N", "R1", "R2"])
-        for br, rows in _MLP_ROWS.items()}
+_MLP = {(kind, br): autotune(f"lowrank_mlp.fused[{kind},BR={br}]", _lowrank_mlp_fused_kernel, _MLP_KEYS, rows,
+                             key=["M_KEY", "K", "H", "N", "R1", "R2"])
+        for kind, tables in _MLP_ROWS.items() for br, rows in tables.items()}
 
 
 def lowrank_mlp_triton(
@@ -129,22 +140,24 @@ def lowrank_mlp_triton(
     n = b2.shape[0]
     code = activation_code(activation)
     x3, m, seq, (s0, s1, sk) = rows_view(x)
-    br = max(padded_rank(r1), padded_rank(r2))
+    br = max(64, padded_rank(r1), padded_rank(r2))
+    kind = dtype_kind(x.dtype)
     if path == "auto":
-        path = "split" if m <= SMALL_M or br > MAX_FUSED_R else "fused"
-    if path == "split":
-        h = lowrank_linear_triton(x, a1, b1, bias1, activation, path="split")
-        return lowrank_linear_triton(h, a2, b2, bias2, None, path="split")
+        path = "split" if m <= SMALL_M or (kind, br) not in _MLP else "fused"
+    if path == "split":  # two low-rank linears, each on its own path (by M): the hidden activations go to memory
+        h = lowrank_linear_triton(x, a1, b1, bias1, activation)
+        return lowrank_linear_triton(h, a2, b2, bias2, None)
     if path != "fused":
         raise ValueError(f"lowrank_mlp_triton: unknown path {path!r}")
-    if br > MAX_FUSED_R:
-        raise ValueError(f"lowrank_mlp_triton: fused path holds ranks up to {MAX_FUSED_R}, got {r1}, {r2}")
+    if (kind, br) not in _MLP:
+        widest = max(b for k, b in _MLP if k == kind)
+        raise ValueError(f"lowrank_mlp_triton: the fused {kind} path holds ranks up to {widest}, got {r1}, {r2}")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m and n:
         def grid(meta):
             return (triton.cdiv(m, meta["BM"]),)
 
-        _MLP[max(br, 64)][grid](
+        _MLP[kind, br][grid](
             x3, a1, b1, y if bias1 is None else bias1.contiguous(), a2, b2,
             y if bias2 is None else bias2.contiguous(), y,
             m, k, hidden, n, r1, r2, seq, s0, s1, sk,
