@@ -107,6 +107,7 @@ def resnet50_layers() -> tuple[list, list]:
 
 MODELS = {"vit_b16": lambda: vit_layers(768), "vit_l16": lambda: vit_layers(1024), "resnet50": resnet50_layers}
 BATCHES = (1, 64)
+MLP_RANKS = (48, 96, 192)
 
 
 def half_params_rank(n_in: int, n_out: int, multiple: int = 16) -> int:
@@ -145,11 +146,12 @@ def model_calls(model: str, dtype, batches=BATCHES) -> Iterator[tuple[str, Calla
                    lambda x=x, a=a, b=b, bias=bias: lowrank_linear_triton(x, a, b, bias))
         if "fc1" in by_name:
             fc1, fc2 = by_name["fc1"], by_name["fc2"]
-            r1, r2 = half_params_rank(fc1.n_in, fc1.n_out), half_params_rank(fc2.n_in, fc2.n_out)
             x = empty(batch, fc1.tokens, fc1.n_in)
-            p = (empty(r1, fc1.n_in), empty(fc1.n_out, r1), empty(fc1.n_out), empty(r2, fc2.n_in),
-                 empty(fc2.n_out, r2), empty(fc2.n_out))
-            yield (f"{model} b{batch} mlp r{r1}/{r2} lowrank_mlp", lambda x=x, p=p: lowrank_mlp_triton(x, *p, "gelu"))
+            # the fused MLP's tables are by rank width: half the parameters, and cuts of 48, 96 and 192
+            for r in (half_params_rank(fc1.n_in, fc1.n_out), *MLP_RANKS):
+                p = (empty(r, fc1.n_in), empty(fc1.n_out, r), empty(fc1.n_out), empty(r, fc2.n_in),
+                     empty(fc2.n_out, r), empty(fc2.n_out))
+                yield (f"{model} b{batch} mlp r{r} lowrank_mlp", lambda x=x, p=p: lowrank_mlp_triton(x, *p, "gelu"))
         seen = set()
         for conv in convs:
             geometry = (conv.c_in, conv.c_out, conv.k, conv.stride, conv.pad, conv.size)

@@ -210,9 +210,13 @@ _FUSED_ROWS = {
     "fp32": [(64, 128, 32, 32, 8, 3), (128, 64, 32, 32, 8, 3), (64, 64, 32, 16, 4, 3)],
 }
 _SHRINK_KEYS = ("BM", "BR", "BK", "SPLIT_K", "num_warps", "num_stages")
-# split-K is the point: with M <= 64 rows the parallelism has to come from K and r
-_SHRINK_ROWS = [(16, 64, 64, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 64, 8, 4, 3), (32, 64, 64, 4, 4, 3),
-                (64, 64, 64, 2, 4, 3), (16, 32, 128, 16, 4, 3), (64, 128, 64, 1, 8, 3), (16, 64, 64, 1, 4, 3)]
+# split-K is the point: with M <= 64 rows the parallelism has to come from K and r. fp32 keeps the rows
+# that did not spill in the loop on sm_80 (64 x 64 and 16 x 128 tiles on 4 warps spilled 40-536 B).
+_SHRINK_ROWS = {
+    "16-bit": [(16, 64, 64, 4, 4, 3), (16, 64, 128, 8, 4, 3), (16, 128, 64, 8, 4, 3), (32, 64, 64, 4, 4, 3),
+               (64, 64, 64, 2, 4, 3), (16, 32, 128, 16, 4, 3), (64, 128, 64, 1, 8, 3), (16, 64, 64, 1, 4, 3)],
+    "fp32": [(16, 64, 64, 4, 4, 3), (16, 32, 128, 16, 4, 3), (16, 64, 64, 1, 4, 3)],
+}
 _EPILOGUE_KEYS = ("BM", "BN", "BK", "num_warps", "num_stages")
 # by (M class, dtype kind); rows kept where no loop moves local memory on sm_80 or sm_90 (fp32 tiles of
 # 64 x 64 on 4 warps spilled 0.5 KB per thread in the loop on sm_80; 128 x 256 16-bit tiles, 104 B)
@@ -241,8 +245,9 @@ _FUSED = {kind: autotune(f"lowrank_linear.fused[{kind}]", _lowrank_linear_fused_
                          key=_KEY, prune_configs_by={"early_config_prune": _fused_prune})
           for kind, rows in _FUSED_ROWS.items()}
 # the autotuner runs the kernel once per candidate: t has to be zeroed before each of those runs
-_SHRINK = autotune("lowrank_linear.shrink", _shrink_splitk_kernel, _SHRINK_KEYS, _SHRINK_ROWS,
-                   key=["M_KEY", "K", "R"], reset_to_zero=["t"])
+_SHRINK = {kind: autotune(f"lowrank_linear.shrink[{kind}]", _shrink_splitk_kernel, _SHRINK_KEYS, rows,
+                          key=["M_KEY", "K", "R"], reset_to_zero=["t"])
+           for kind, rows in _SHRINK_ROWS.items()}
 _EPILOGUE = {(size, kind): autotune(f"lowrank_linear.epilogue[{size},{kind}]", _linear_epilogue_kernel,
                                     _EPILOGUE_KEYS, rows, key=["M_KEY", "N", "K"])
              for (size, kind), rows in _EPILOGUE_ROWS.items()}
@@ -332,7 +337,7 @@ def shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     def grid(meta):
         return triton.cdiv(m, meta["BM"]), triton.cdiv(r, meta["BR"]), meta["SPLIT_K"]
 
-    _SHRINK[grid](x3, a, t, m, k, r, seq, s0, s1, sk, a.stride(0), a.stride(1), m_key(m),
+    _SHRINK[dtype_kind(x.dtype)][grid](x3, a, t, m, k, r, seq, s0, s1, sk, a.stride(0), a.stride(1), m_key(m),
                   PRECISION=dot_precision(x.dtype))
     return t
 
