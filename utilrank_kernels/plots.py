@@ -178,3 +178,187 @@ def plot_alpha(report: dict, path: str | Path) -> None:
     _save(fig, path, dpi=130)
 
 
+
+
+# -- weight-space regions and accuracy from weights -----------------------------------------------------------
+
+_GROUP_MARKERS = "osD^vP<>Xh"
+
+
+def _group_styles(groups: list[str]) -> dict[str, tuple[str, str]]:
+    """A colour and a marker per group, stable in the groups' order."""
+    return {g: (f"C{i % 10}", _GROUP_MARKERS[i % len(_GROUP_MARKERS)]) for i, g in enumerate(groups)}
+
+
+def _figure_grid(rows: int, cols: int, figsize: tuple[float, float]):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    fig.subplots(rows, cols, squeeze=False)
+    return fig
+
+
+def _scatter_members(ax, doc: dict, key: str, styles: dict) -> None:
+    members = doc["members"]
+    for g, (color, marker) in styles.items():
+        pts = [m[key] for m in members if m["group"] == g]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, marker=marker, s=46, edgecolors="black",
+                   linewidths=0.5, label=f"{g} ({len(pts)})", zorder=3)
+    runs = {}
+    for m in members:  # a training run's snapshots, joined in order of training
+        if m.get("run") is not None:
+            runs.setdefault(m["run"], []).append(m)
+    for run in runs.values():
+        run.sort(key=lambda m: m.get("epochs", 0))
+        color = styles[run[0]["group"]][0]
+        ax.plot([m[key][0] for m in run], [m[key][1] for m in run], "-", color=color, lw=0.8, alpha=0.6, zorder=2)
+        last = run[-1]
+        ax.annotate(f"{last['run']} ({last.get('epochs', '?')} ep)", last[key], fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    for m in members:
+        if m["name"] in ("base", "swa-average"):
+            ax.annotate(m["name"], m[key], fontsize=7, xytext=(4, -9), textcoords="offset points")
+
+
+def plot_regions(doc: dict, path: str | Path) -> None:
+    """The population in 2-D: PCA (axes labelled with the variance they explain), the PCA of the base's
+    neighbourhood when far-away models squash it, and t-SNE; coloured by group, a training run's snapshots
+    joined in order."""
+    styles = _group_styles(doc["groups"])
+    panels = [("pca", "PCA of all models", doc["pca_explained"])]
+    if doc.get("pca_near"):
+        z = doc["pca_near"]
+        panels.append(("pca_near", f"PCA of the {z['members']} models within {z['radius']:.3g} of {z['center']}",
+                       z["explained"]))
+    if all("tsne" in m for m in doc["members"]):
+        panels.append(("tsne", f"t-SNE of all models (perplexity {doc['tsne_perplexity']:.0f})", None))
+    fig = _figure_grid(1, len(panels), (6.0 * len(panels) + 0.5, 5.6))
+    for ax, (key, title, explained) in zip(fig.axes, panels, strict=True):
+        shown = {"members": [m for m in doc["members"] if key in m]}
+        _scatter_members(ax, shown, key, {g: st for g, st in styles.items()
+                                          if any(m["group"] == g for m in shown["members"])})
+        ax.set_title(title, fontsize=10)
+        if explained is None:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            ev = list(explained) + [0.0] * (2 - len(explained))
+            ax.set_xlabel(f"PC 1 ({ev[0]:.0%} of the variance)")
+            ax.set_ylabel(f"PC 2 ({ev[1]:.0%})")
+        ax.grid(alpha=0.3)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.axes[0].legend(handles, labels, fontsize=7, loc="best", framealpha=0.85)
+    space = doc["space"]
+    what = (f"layer {space['layer']}" if space["layer"] else "all parameters") + \
+        (f", projected on the data subspaces (energy {space['energy']})" if space["projected"] else "")
+    fig.suptitle(f"{doc['model']} on {doc['dataset']}: {len(doc['members'])} models in weight space ({what}; "
+                 f"{space['dims']:,} dimensions)", fontsize=10)
+    _save(fig, path, dpi=130)
+
+
+def plot_distances(doc: dict, path: str | Path) -> None:
+    """The pairwise distance matrix, members ordered by group (group boundaries drawn), and the mean
+    distance within each group and between groups."""
+    names = doc["distances"]["names"]
+    dist = np.asarray(doc["distances"]["matrix"])
+    groups = [m["group"] for m in doc["members"]]
+    order = sorted(range(len(names)), key=lambda i: (doc["groups"].index(groups[i]), i))
+    d = dist[np.ix_(order, order)]
+    n = len(names)
+    fig = _figure_grid(1, 1, (max(6.5, 0.2 * n + 3.5), max(5.5, 0.2 * n + 2.5)))
+    ax = fig.axes[0]
+    from matplotlib.colors import LogNorm
+
+    positive = d[d > 0]
+    # a log scale: distances within a basin are ~10x smaller than across basins and would all look alike
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size and positive.max() > 0 else None
+    im = ax.imshow(np.where(d > 0, d, np.nan), cmap="viridis", norm=norm)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="Euclidean distance between weight vectors")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels([names[i] for i in order], rotation=90, fontsize=6)
+    ax.set_yticklabels([names[i] for i in order], fontsize=6)
+    bounds = [k for k in range(1, n) if groups[order[k]] != groups[order[k - 1]]]
+    for b in bounds:
+        ax.axhline(b - 0.5, color="white", lw=1)
+        ax.axvline(b - 0.5, color="white", lw=1)
+    within = ", ".join(f"{g} {v:.3g}" for g, v in doc["distances"]["within"].items() if v is not None)
+    ax.set_title(f"{doc['model']}: pairwise distances (mean within group: {within})", fontsize=8, wrap=True)
+    _save(fig, path, dpi=130)
+
+
+def plot_barriers(doc: dict, path: str | Path) -> None:
+    """Validation accuracy along the straight line between pairs of models (left), and each pair's barrier
+    height (right, largest first)."""
+    pairs = doc["barriers"]["pairs"]
+    fig = _figure_grid(1, 2, (13.0, max(4.8, 0.22 * len(pairs) + 1.5)))
+    ax, bx = fig.axes
+    kinds = {"same group": "tab:blue", "across groups": "tab:red"}
+    for p in pairs:
+        ts = np.linspace(0, 1, len(p["accuracy"]))
+        ax.plot(ts, 100 * np.asarray(p["accuracy"]), "-", color=kinds.get(p["kind"], "gray"), alpha=0.55, lw=1.1)
+    for kind, color in kinds.items():
+        ax.plot([], [], color=color, label=kind)
+    ax.set_xlabel("t: weights (1 - t) A + t B")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(f"{len(pairs)} straight paths between models", fontsize=10)
+    ranked = sorted(pairs, key=lambda p: p["barrier"])
+    ys = np.arange(len(ranked))
+    bx.barh(ys, [100 * p["barrier"] for p in ranked], color=[kinds.get(p["kind"], "gray") for p in ranked])
+    bx.set_yticks(ys)
+    bx.set_yticklabels([f"{p['a']} - {p['b']}" for p in ranked], fontsize=6)
+    bx.set_xlabel("barrier: largest drop below the line between the endpoint accuracies (pp)")
+    bx.grid(alpha=0.3, axis="x")
+    bx.set_title("barrier height (0: one basin, can be averaged)", fontsize=10)
+    fig.suptitle(f"{doc['model']} on {doc['dataset']}", fontsize=10)
+    _save(fig, path, dpi=130)
+
+
+def plot_predict(doc: dict, path: str | Path) -> None:
+    """One scatter per weight metric against the target accuracy (Spearman's rho in each title), coloured
+    by group, and the leave-one-out predictions of the regression against the truth."""
+    metrics = doc["metrics"]
+    members = doc["members"]
+    groups = list(dict.fromkeys(m["group"] for m in members))
+    styles = _group_styles(groups)
+    panels = len(metrics) + 1
+    cols = 4
+    rows = math.ceil(panels / cols)
+    fig = _figure_grid(rows, cols, (3.4 * cols, 3.0 * rows))
+    target = doc["target"]
+    for ax, name in zip(fig.axes, metrics, strict=False):
+        for g, (color, marker) in styles.items():
+            pts = [(m["metrics"][name], 100 * m[target]) for m in members if m["group"] == g]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, marker=marker, s=22, edgecolors="black",
+                       linewidths=0.3, label=g)
+        c = doc["spearman"][name]
+        ax.set_title(f"{name}: rho {c['rho']:+.2f} (p {c['p']:.2g})", fontsize=9)
+        ax.set_xlabel(name, fontsize=8)
+        ax.set_ylabel(f"{target} accuracy (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    ax = fig.axes[len(metrics)]
+    reg = doc["regression"]
+    truth = [100 * m[target] for m in members]
+    pred = [100 * p for p in reg["predictions"]]
+    for g, (color, marker) in styles.items():
+        ii = [i for i, m in enumerate(members) if m["group"] == g]
+        ax.scatter([pred[i] for i in ii], [truth[i] for i in ii], c=color, marker=marker, s=22, edgecolors="black",
+                   linewidths=0.3)
+    lo, hi = min(truth + pred), max(truth + pred)
+    ax.plot([lo, hi], [lo, hi], "--", color="gray", lw=1)
+    ax.set_xlabel("leave-one-out prediction (%)", fontsize=8)
+    ax.set_ylabel(f"{target} accuracy (%)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"ridge on all: LOO MAE {100 * reg['loo_mae']:.1f} pp (mean: {100 * reg['trivial_loo_mae']:.1f})",
+                 fontsize=9)
+    for extra in fig.axes[panels:]:
+        extra.set_visible(False)
+    fig.axes[0].legend(fontsize=6, loc="best")
+    fig.suptitle(f"{doc['model']} on {doc['dataset']}: {target} accuracy against weight metrics "
+                 f"({len(members)} models)", fontsize=10)
+    _save(fig, path, dpi=120)

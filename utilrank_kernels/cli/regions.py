@@ -1,0 +1,144 @@
+"""``utilrank regions``: where models live in weight space: a population embedded in 2-D (PCA, t-SNE), its
+pairwise distances, and the accuracy along straight lines between pairs (barrier heights)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ._common import UsageError, limit_threads, resolve_device
+
+
+def run(args) -> int:
+    with limit_threads(args.threads):
+        return _regions(args)
+
+
+def add_population_options(p: argparse.ArgumentParser) -> None:
+    """The population ``regions`` and ``predict`` share: trained on the built-in (cached), or files."""
+    g = p.add_argument_group("population (default: trained from the built-in model and cached, shared by "
+                             "regions and predict)")
+    g.add_argument("--model", default="vit-digits",
+                   help="built-in vit-digits | vgg-digits (a trained population), or with --from any timm model "
+                        "name (default: %(default)s)")
+    g.add_argument("--from", dest="from_files", nargs="+", metavar="FILE", default=None,
+                   help="checkpoint files (safetensors, or weights-only torch) instead of the trained population")
+    g.add_argument("--groups", nargs="+", metavar="LABEL", default=None,
+                   help="with --from: a group label per file (default: the name of each file's folder)")
+    g.add_argument("--data", default=None,
+                   help="with --from: 'digits' (default) or an ImageFolder directory, for the accuracies")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
+    # one thread by default: the built-ins are 64 wide, so a second thread adds barriers, not speed; on a busy
+    # 2-core machine an epoch of vit-digits took 1.2-2.3 s with 1 thread and 8-30 s with 2
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for PyTorch and BLAS (default: %(default)s; 0: the libraries' defaults)")
+    p.set_defaults(checkpoint=None)
+
+
+def load_population(args, device):
+    """The population the options name, with the data its accuracies are measured on."""
+    from ..data import load_data
+    from ..models import BUILTIN_MODELS, build_builtin
+    from ..weightspace.population import population_from_files, train_population
+
+    if not args.from_files:
+        if args.model not in BUILTIN_MODELS:
+            raise UsageError(f"--model {args.model}: a trained population needs a built-in model "
+                             f"({', '.join(BUILTIN_MODELS)}); pass --from FILE... for others")
+        if args.groups or args.data not in (None, "digits"):
+            raise UsageError("--groups and --data apply to --from files only")
+        return train_population(args.model, device=device), load_data("digits")
+    missing = [f for f in args.from_files if not Path(f).is_file()]
+    if missing:
+        raise UsageError(f"--from {missing[0]}: no such file")
+    if args.groups is not None and len(args.groups) != len(args.from_files):
+        raise UsageError(f"--groups: {len(args.groups)} labels for {len(args.from_files)} files")
+    if args.model in BUILTIN_MODELS:
+        if args.data not in (None, "digits"):
+            raise UsageError(f"--model {args.model} is built for the digits data; use a timm model name")
+        template, data = build_builtin(args.model), load_data("digits")
+    else:
+        from ._common import load_model_and_data
+
+        template, _, data = load_model_and_data(args, device)
+    try:
+        return population_from_files(template, args.from_files, data, model_name=args.model, groups=args.groups,
+                                     device=device), data
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _regions(args) -> int:
+    from .._cache import write_json
+    from ..plots import plot_barriers, plot_distances, plot_regions
+    from ..weightspace.regions import regions_experiment
+
+    if args.points < 2:
+        raise UsageError(f"--points {args.points}: a path needs at least 2 points")
+    device = resolve_device(args.device)
+    out = Path(args.out or f"utilrank-out/regions-{args.model}")
+    started = time.perf_counter()
+    population, data = load_population(args, device)
+    if len(population.members) < 2:
+        raise UsageError("a map of weight space needs at least 2 models")
+    try:
+        doc = regions_experiment(population, data, layer=args.layer, project=args.project, energy=args.energy,
+                                 pairs=args.pairs, points=args.points, seed=args.seed, device=device)
+    except ValueError as exc:  # --layer that the model lacks
+        raise UsageError(str(exc)) from exc
+    write_json(out / "regions.json", doc)
+    plot_regions(doc, out / "regions.png")
+    plot_distances(doc, out / "distances.png")
+    plot_barriers(doc, out / "barriers.png")
+    print(format_regions(doc))
+    print(f"wrote {out}/regions.json, regions.png, distances.png, barriers.png in "
+          f"{time.perf_counter() - started:.1f}s (population: {doc['population']['cache'] or 'files'})")
+    return 0
+
+
+def format_regions(doc: dict) -> str:
+    from ..weightspace.regions import barrier_table
+
+    lines = [f"{doc['model']} on {doc['dataset']}: {len(doc['members'])} models, "
+             f"{doc['space']['dims']:,} weights each", "",
+             f"{'group':<14} {'models':>6} {'val':>7} {'test':>7} {'mean distance within':>21}"]
+    for g in doc["groups"]:
+        ms = [m for m in doc["members"] if m["group"] == g]
+        within = doc["distances"]["within"][g]
+        within = "-" if within is None else f"{within:.3g}"
+        lines.append(f"{g:<14} {len(ms):>6} {sum(m['val'] for m in ms) / len(ms):>7.2%} "
+                     f"{sum(m['test'] for m in ms) / len(ms):>7.2%} {within:>21}")
+    lines += ["", "mean distance between groups: " + ", ".join(f"{k} {v:.3g}" for k, v in
+                                                               doc["distances"]["between"].items()), ""]
+    b = doc["barriers"]
+    lines.append(f"barrier heights, validation accuracy, {b['points']} points per path "
+                 "(largest drop below the line between the endpoints):")
+    lines.append(f"{'pair':<44} {'kind':<14} {'distance':>8} {'acc A':>7} {'acc B':>7} {'mid':>7} {'barrier':>8}")
+    for r in barrier_table(doc):
+        pair = f"{r['a']} - {r['b']}"
+        lines.append(f"{pair[:44]:<44} {r['kind']:<14} {r['distance']:>8.3g} {r['endpoints'][0]:>7.2%} "
+                     f"{r['endpoints'][1]:>7.2%} {r['midpoint']:>7.2%} {r['barrier_pp']:>6.1f}pp")
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("regions", help="where models live in weight space: PCA / t-SNE map, distances, barrier "
+                                       "heights between pairs")
+    add_population_options(p)
+    p.add_argument("--layer", default=None,
+                   help="embed one layer's weight (a module name, e.g. blocks.0.attn.qkv) instead of all "
+                        "parameters")
+    p.add_argument("--project", action="store_true",
+                   help="embed each layer's U_out^T W U_in: its weight restricted to the data subspaces of the "
+                        "first model (the base) at --energy")
+    p.add_argument("--energy", type=float, default=0.99,
+                   help="with --project: energy of the data subspaces (default: %(default)s)")
+    p.add_argument("--pairs", choices=("representative", "all"), default="representative",
+                   help="paths measured: each group's best model with every other group's, and the two best of "
+                        "each group; or every pair (default: %(default)s)")
+    p.add_argument("--points", type=int, default=11,
+                   help="points per path, endpoints included (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of PCA / t-SNE (default: %(default)s)")
+    p.add_argument("--out", default=None, help="output folder (default: utilrank-out/regions-MODEL)")
+    p.set_defaults(func=run)
