@@ -16,6 +16,7 @@ from utilrank_kernels.plots import plot_barriers, plot_distances, plot_regions
 from utilrank_kernels.weightspace.population import Member, Population
 from utilrank_kernels.weightspace.regions import (
     barrier_height,
+    data_projection,
     distance_summary,
     embed,
     interpolate,
@@ -138,6 +139,22 @@ def test_projected_distances_are_those_of_the_projected_weights():
         diff = a - b
         ref += torch.linalg.norm((u_out @ u_out.T) @ diff @ (u_in @ u_in.T)).item() ** 2
     assert d[0, 5] == pytest.approx(ref**0.5, rel=1e-10)
+
+
+def test_data_projection_bases_are_orthonormal_at_the_report_ranks():
+    from torch.utils.data import DataLoader
+
+    from utilrank_kernels.analysis import analyze, collect_stats
+
+    data = splits()
+    model = perturbed_population().load(perturbed_population().members[0])
+    bases = data_projection(model, data, energy=0.9)
+    report, _ = analyze(model, collect_stats(model, DataLoader(data.train, batch_size=256), progress=False), 0.9)
+    assert set(bases) == {r.name for r in report.layers} == {"fc1", "fc2"}
+    for r in report.layers:
+        u_out, u_in = bases[r.name]
+        assert u_out.shape[1] == r.k_out and u_in.shape[1] == r.k_in
+        assert torch.allclose(u_in.T @ u_in, torch.eye(r.k_in, dtype=u_in.dtype), atol=1e-10)
 
 
 def test_representative_pairs_cover_every_group():
