@@ -303,28 +303,51 @@ int mt_index(int mt) { return mt <= 1 ? 0 : mt <= 2 ? 1 : mt <= 4 ? 2 : mt <= 8 
 constexpr int kMaxDevices = 64;
 // Whether cudaFuncAttributeMaxDynamicSharedMemorySize was raised, per (dtype, M bucket, device).
 std::atomic<bool> g_smem_raised[3][5][kMaxDevices];
+// The kernel's static shared memory + 1, per (dtype, M bucket, device); 0: not read yet.
+std::atomic<long long> g_smem_static[3][5][kMaxDevices];
+
+// Static shared memory the cubin declares for `kern` (1 KiB on sm_90, none on sm_80:
+// benchmarks/results/kernel-resources-*.md). The dynamic request may use only the rest of the opt-in size.
+long long static_smem(KernelFn kern, int dtype, int mt, int device, char* err, size_t errlen) {
+  const bool cacheable = device >= 0 && device < kMaxDevices && dtype >= 0 && dtype < 3;
+  std::atomic<long long>* slot = cacheable ? &g_smem_static[dtype][mt_index(mt)][device] : nullptr;
+  const long long seen = slot != nullptr ? slot->load(std::memory_order_acquire) : 0;
+  if (seen > 0) return seen - 1;
+  cudaFuncAttributes attr;
+  const cudaError_t e = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kern));
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    snprintf(err, errlen, "cudaFuncGetAttributes failed: %s", cudaGetErrorString(e));
+    return -1;
+  }
+  if (slot != nullptr) slot->store(static_cast<long long>(attr.sharedSizeBytes) + 1, std::memory_order_release);
+  return static_cast<long long>(attr.sharedSizeBytes);
+}
 
 }  // namespace
 
 int launch_chain(int dtype, const StepSpec* steps, int nsteps, int m, int device, int sm_count,
                  long long smem_optin, void* stream, char* err, size_t errlen) {
   const int esz = dtype == kF32 ? 4 : 2;
-  Chain c;
-  long long smem = 0;
-  if (plan_chain(steps, nsteps, m, esz, sm_count, smem_optin, &c, &smem, err, errlen)) return 1;
   const int mt = m_bucket(m);
   const KernelFn kern = pick_kernel(dtype, mt);
+  const long long fixed = static_smem(kern, dtype, mt, device, err, errlen);
+  if (fixed < 0) return 1;
+  const long long budget = smem_optin - fixed;  // what a dynamic request may ask for
+  Chain c;
+  long long smem = 0;
+  if (plan_chain(steps, nsteps, m, esz, sm_count, budget, &c, &smem, err, errlen)) return 1;
   cudaError_t e;
   if (smem > 48 * 1024) {
     const bool cacheable = device >= 0 && device < kMaxDevices && dtype >= 0 && dtype < 3;
     std::atomic<bool>* raised = cacheable ? &g_smem_raised[dtype][mt_index(mt)][device] : nullptr;
     if (raised == nullptr || !raised->load(std::memory_order_acquire)) {
-      // Raise the limit once to the device's maximum, so any plan for this kernel fits.
+      // Raise the limit once to the device's maximum less the static part, so any plan for this kernel fits.
       e = cudaFuncSetAttribute(reinterpret_cast<const void*>(kern), cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem_optin));
+                               static_cast<int>(budget));
       if (e != cudaSuccess) {
         cudaGetLastError();
-        snprintf(err, errlen, "cudaFuncSetAttribute(%lld bytes of shared memory) failed: %s", smem_optin,
+        snprintf(err, errlen, "cudaFuncSetAttribute(%lld bytes of dynamic shared memory) failed: %s", budget,
                  cudaGetErrorString(e));
         return 1;
       }
