@@ -64,6 +64,10 @@ def input_size(model: nn.Module, name: str, config: dict | None = None) -> tuple
         return kwargs.get("in_chans", 1), size, size
     import timm.data
 
-    return tuple(timm.data.resolve_data_config({}, model=model)["input_size"])
+    channels, height, width = timm.data.resolve_data_config({}, model=model)["input_size"]
+    kwargs = (config or {}).get("model_kwargs", {})  # timm's pretrained config does not follow these overrides
+    img = kwargs.get("img_size", (height, width))
+    height, width = (img, img) if isinstance(img, int) else img
+    return kwargs.get("in_chans", channels), height, width
 
 

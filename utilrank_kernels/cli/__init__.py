@@ -10,7 +10,7 @@ import sys
 from ._common import UsageError
 
 # the order of ``utilrank --help``
-COMMANDS = ("analyze", "compress", "bench", "spectrum", "soup")
+COMMANDS = ("analyze", "compress", "bench", "export", "spectrum", "soup")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,139 @@
+"""``utilrank export``: a compressed folder as an ONNX file or a ``torch.export`` ExportedProgram, checked
+against the PyTorch model before it is written."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import UsageError, resolve_device
+
+DEFAULT_FOLDER = "utilrank-out/compress-vit-digits"  # what `utilrank compress` writes by default
+DTYPE_NAMES = ("fp32", "fp16", "bf16")
+
+
+def _batch(text: str) -> int | None:
+    """``--batch``: a batch size >= 1, or ``dynamic`` (None)."""
+    if text == "dynamic":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a batch size >= 1 or 'dynamic', got {text!r}")
+    return value
+
+
+def default_out(folder: Path, fmt: str, dtype: str, batch: int | None) -> Path:
+    """``utilrank-out/export-FOLDER[-fp16][-bN].onnx|.pt2``: beside the other commands' outputs, not inside
+    the compressed folder (which ``compress`` replaces whole)."""
+    from ..export import SUFFIXES
+
+    tags = "".join(f"-{t}" for t in (dtype if dtype != "fp32" else None, f"b{batch}" if batch else None) if t)
+    return Path("utilrank-out") / f"export-{folder.resolve().name}{tags}{SUFFIXES[fmt]}"
+
+
+def _check_options(args) -> None:
+    """Every problem with the options before the model is loaded."""
+    from ..export import DEPLOY_PACKAGES, missing_packages
+    from ..ops._backend import BACKENDS
+
+    if args.opset is not None and args.format != "onnx":
+        raise UsageError(f"--opset applies to --format onnx, not {args.format}")
+    if args.opset is not None and args.opset < 7:
+        raise UsageError(f"--opset {args.opset}: ONNX opsets start at 7 for these graphs; give 18 or more")
+    if args.backend not in BACKENDS:
+        raise UsageError(f"--backend {args.backend}: choose one of {', '.join(BACKENDS)}")
+    if args.format == "onnx":
+        if args.backend not in ("auto", "torch"):
+            raise UsageError(f"--backend {args.backend}: an ONNX file holds the torch path (plain MatMul nodes); "
+                             "kernel backends are for --format exported-program")
+        if args.dtype == "bf16":
+            raise UsageError("--dtype bf16 with --format onnx: onnxruntime has no bfloat16 MatMul/Conv on its CPU "
+                             "provider, so the file could not be checked; use fp16 or fp32, or --format "
+                             "exported-program")
+        missing = missing_packages(DEPLOY_PACKAGES)
+        if missing:
+            raise UsageError(f"--format onnx needs {', '.join(missing)}: pip install -e '.[deploy]'")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; give a file name")
+
+
+def run(args) -> int:
+    import json
+
+    import torch
+
+    from ..bench import DTYPES, input_size
+    from ..compress import load_compressed
+    from ..export import ExportError, export_onnx, export_program
+
+    _check_options(args)
+    folder = Path(args.dir)
+    if not folder.is_dir():
+        hint = " (run `utilrank compress` first)" if args.dir == DEFAULT_FOLDER else ""
+        raise UsageError(f"{folder}: no such folder{hint}")
+    device = resolve_device(args.device)
+    try:
+        model = load_compressed(folder, device, backend="torch" if args.format == "onnx" else args.backend,
+                                fuse_mlps=True)
+        config = json.loads((folder / "config.json").read_text())
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    dtype = DTYPES[args.dtype]
+    model = model.to(dtype)
+    shape = input_size(model, config["arch"], config)
+    # a dynamic batch axis is traced at batch 2: torch.export specializes a size-1 axis to the constant 1
+    example = torch.randn(args.batch or 2, *shape, device=device, dtype=dtype)
+    out = Path(args.out) if args.out else default_out(folder, args.format, args.dtype, args.batch)
+    print(f"{folder}: {config['arch']}, input {tuple(example.shape[1:])}, {args.dtype}, batch "
+          f"{args.batch or 'dynamic'}, on {device.type}; exporting {args.format} ...")
+    try:
+        if args.format == "onnx":
+            result = export_onnx(model, example, out, dynamic_batch=args.batch is None, opset=args.opset)
+        else:
+            result = export_program(model, example, out, dynamic_batch=args.batch is None)
+    except (ExportError, ImportError, OSError) as exc:
+        raise UsageError(str(exc).splitlines()[0]) from exc
+    if args.format == "onnx":
+        top = ", ".join(f"{op} {n}" for op, n in sorted(result.operators.items(), key=lambda kv: -kv[1])[:6])
+        print(f"graph: opset {result.opset}, {sum(result.operators.values())} nodes ({top}, ...), no custom ops")
+    elif result.custom_ops:
+        print(f"graph: custom ops {', '.join(result.custom_ops)}: reload with `import utilrank_kernels` and "
+              f"torch.export.load({str(out)!r}).module()")
+    else:
+        print(f"graph: aten ops only (the torch path on {device.type}): torch.export.load({str(out)!r}).module() "
+              "runs without this package")
+    print(f"checked: {result.runtime} on a batch of {result.check_batch}: max abs error {result.max_abs_error:.3g} "
+          f"against the PyTorch model (tolerance {result.tolerance:.3g})")
+    print(f"wrote {out}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from ..export import FORMATS
+
+    p = sub.add_parser("export", help="write a compressed model as ONNX or a torch.export ExportedProgram, "
+                                      "checked against the PyTorch model",
+                       description=__doc__)
+    p.add_argument("dir", nargs="?", default=DEFAULT_FOLDER,
+                   help="a folder written by utilrank compress (default: %(default)s)")
+    p.add_argument("--format", choices=FORMATS, default="onnx",
+                   help="onnx: plain MatMul/Add/activation nodes, runs in onnxruntime without this package; "
+                        "exported-program: torch.export.save, kernel backends kept as utilrank custom ops "
+                        "(default: %(default)s)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weights and input (default: %(default)s)")
+    p.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic",
+                   help="a fixed batch size, or dynamic (default: dynamic)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu | cuda | auto: where the model is traced and checked (default: %(default)s)")
+    p.add_argument("--backend", default="auto",
+                   help="exported-program: the factored modules' backend, auto | torch | triton | cuda (auto: a "
+                        "kernel on CUDA tensors, the torch path on the CPU; default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="output file (default: utilrank-out/export-DIRNAME[-DTYPE][-bN].onnx|.pt2); written "
+                        "under a temporary name and renamed once checked")
+    p.set_defaults(func=run)
