@@ -1,4 +1,4 @@
-"""``utilrank bench``'s rows: the contract's fields, realized fractions, the dense twin."""
+"""``utilrank bench``'s rows: the contract's fields, realized fractions, the dense twin, engines."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from utilrank_kernels import load_compressed, save_compressed
-from utilrank_kernels.bench import BENCH_FORMAT, bench, cut_to_ratio, dense_twin, realized, write_rows
+from utilrank_kernels.bench import BENCH_FORMAT, bench, cut_to_ratio, dense_twin, make_step, realized, write_rows
 from utilrank_kernels.compress import load_plan
 from utilrank_kernels.models import build_builtin
 from utilrank_kernels.models.builtin import VIT_DIGITS_KWARGS
 from utilrank_kernels.nn import LowRankLinear
 
 CONTRACT = ("model", "batch_size", "infer_samples_per_sec", "infer_step_time", "param_count", "infer_gmacs",
-            "variant", "backend", "device", "dtype", "torch_version", "triton_version", "step_time_p20",
+            "variant", "backend", "engine", "device", "dtype", "torch_version", "triton_version", "step_time_p20",
             "step_time_p80")
 COMPRESSED = ("speedup", "theoretical_speedup", "realized_fraction")
 
@@ -27,8 +27,8 @@ def _one_thread(one_thread):
     descheduled (a vit-digits step took 288 ms on 2 threads, 1.4 ms on 1, on a loaded 2-core box)."""
 
 
-def _vit_digits_cut(ratio: float = 0.5):
-    dense = build_builtin("vit-digits").eval()  # random init: timing does not need trained weights
+def _vit_digits_cut(ratio: float = 0.5, **kwargs):
+    dense = build_builtin("vit-digits", **kwargs).eval()  # random init: timing does not need trained weights
     compressed, plan = cut_to_ratio(dense, ratio, multiple=1, arch="vit-digits")
     return dense, compressed, plan
 
@@ -81,3 +81,40 @@ def test_dense_twin_computes_what_the_compressed_model_computes(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(twin(x), loaded(x), rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, LowRankLinear) for m in twin.modules())
+
+
+def test_engines_time_dense_and_compressed_in_the_same_engine():
+    """onnxruntime rows time each model's checked ONNX export; a failing engine is a row with its error."""
+    from utilrank_kernels.export import missing_packages
+
+    if missing_packages():
+        pytest.skip("the deploy extra (onnx, onnxscript, onnxruntime)")
+    dense, compressed, _ = _vit_digits_cut(depth=1)
+    rows = bench(dense, compressed, model_name="vit-digits", input_shape=(1, 16, 16), batch_sizes=(3,),
+                 engines=("eager", "onnxruntime"), warmup=1, iters=3, log=lambda _: None)
+    assert [(r["engine"], r["variant"], r["backend"]) for r in rows] == [
+        ("eager", "dense", "torch"), ("eager", "compressed", "auto"),
+        ("onnxruntime", "dense", "torch"), ("onnxruntime", "compressed", "torch")]
+    d, c = rows[2:]
+    for row in (d, c):
+        assert row["onnxruntime_provider"] == "CPUExecutionProvider" and row["export_max_abs_error"] < 1e-4
+        assert row["onnxruntime_version"] and row["timed_steps"] == 3 and row["warmup"] == 1
+    assert c["speedup"] == pytest.approx(d["infer_step_time"] / c["infer_step_time"], rel=1e-3)
+    assert c["theoretical_speedup"] == rows[1]["theoretical_speedup"]  # one FLOP ratio: the model's
+
+
+def test_an_engine_that_cannot_run_is_a_row_with_its_error(monkeypatch):
+    import utilrank_kernels.export as export
+
+    monkeypatch.setattr(export, "missing_packages", lambda names=export.DEPLOY_PACKAGES: list(names))
+    dense, compressed, _ = _vit_digits_cut(depth=1)
+    rows = bench(dense, compressed, model_name="vit-digits", input_shape=(1, 16, 16), batch_sizes=(1, 2),
+                 engines=("onnxruntime",), warmup=0, iters=1, log=lambda _: None)
+    assert [(r["variant"], r["batch_size"]) for r in rows] == [("dense", 1), ("compressed", 1), ("dense", 2),
+                                                                ("compressed", 2)]
+    assert all(r["error"] == "onnxruntime: ONNX export needs onnx, onnxscript, onnxruntime: pip install -e "
+               "'.[deploy]'" and r["engine"] == "onnxruntime" for r in rows)
+    with pytest.raises(ValueError, match="engine 'tvm'"):
+        bench(dense, compressed, model_name="m", input_shape=(1, 16, 16), engines=("tvm",))
+    with pytest.raises(ValueError, match="engine 'tvm'"):
+        make_step(dense, torch.randn(1, 1, 16, 16), engine="tvm")

@@ -40,11 +40,10 @@ def test_cli_bench_param_ratio_and_compressed(tmp_path, capsys):
     assert rows[1]["model"] == "vit-digits" and rows[1]["compressed"] == str(tmp_path / "c")
     assert rows[1]["factored_layers"] == len(plan.layers) and "latency_target" not in rows[1]
 
-    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "benchmarks" / "readme_table.py")
-    readme_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(readme_table)
+    readme_table = _readme_table()
     (line,) = readme_table.table_rows([out])
     assert line.startswith("| vit-digits | utilrank compress | ") and f"| {rows[1]['speedup']:.2f}x |" in line
+    assert "| eager (2 steps after 1) | auto" in line
 
     stats_file = tmp_path / "stats.json"  # a benchmarks/stats_pass.py file
     spread = {"median": 0.3, "p20": 0.25, "p80": 0.35}
@@ -66,3 +65,59 @@ def test_cli_bench_usage_errors(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--dtype", "fp8"])
+
+
+def _readme_table():
+    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "benchmarks" / "readme_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _one_block_folder(path):
+    """A compressed folder of the built-in ViT cut to one block (what compile and export cost scales with)."""
+    kwargs = {**VIT_DIGITS_KWARGS, "depth": 1}
+    compressed, plan = cut_to_ratio(build_builtin("vit-digits", **kwargs).eval(), 0.4, multiple=1, arch="vit-digits")
+    save_compressed(compressed, plan, {"arch": "vit-digits", "source": "builtin", "num_classes": 10,
+                                       "model_kwargs": kwargs}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_cli_bench_engines_on_a_compressed_folder(tmp_path, capsys):
+    """``--engine eager,compile,onnxruntime`` on CPU: a dense and a compressed row per engine and batch size,
+    each pair timed in its engine; the README table keeps them apart."""
+    from utilrank_kernels.export import missing_packages
+
+    if missing_packages():
+        pytest.skip("the deploy extra (onnx, onnxscript, onnxruntime)")
+    folder, out = _one_block_folder(tmp_path / "c"), tmp_path / "e.json"
+    assert main(["bench", "--compressed", str(folder), "--engine", "eager,compile,onnxruntime", "--batch-sizes", "2",
+                 "--device", "cpu", "--warmup", "1", "--iters", "2", "--no-plot", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["engine"], r["variant"]) for r in rows] == [
+        (e, v) for e in ("eager", "compile", "onnxruntime") for v in ("dense", "compressed")]
+    assert not any("error" in r for r in rows) and rows[-1]["export_max_abs_error"] < 1e-4
+    lines = _readme_table().table_rows([out])
+    assert [line.split(" | ")[5].split(" (")[0] for line in lines] == [
+        "eager", "compile", f"onnxruntime {rows[-1]['onnxruntime_version']} CPU"]
+    for line, row in zip(lines, rows[1::2], strict=True):
+        assert f"| {row['speedup']:.2f}x |" in line
+
+
+def test_cli_bench_engine_errors_fail_the_command_unless_keep_going(tmp_path, capsys, monkeypatch):
+    import utilrank_kernels.export as export
+
+    monkeypatch.setattr(export, "missing_packages", lambda names=export.DEPLOY_PACKAGES: list(names))
+    folder, out = _one_block_folder(tmp_path / "c"), tmp_path / "e.json"
+    argv = ["bench", "--compressed", str(folder), "--engine", "onnxruntime", "--batch-sizes", "1", "--device", "cpu",
+            "--warmup", "0", "--iters", "1", "--no-plot", "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "2 configuration(s) failed" in err and "onnxruntime torch: onnxruntime: ONNX export needs" in err
+    assert [r["error"][:11] for r in json.loads(out.read_text())["rows"]] == ["onnxruntime"] * 2
+    assert main([*argv, "--keep-going"]) == 0
+    with pytest.raises(SystemExit):
+        main(["bench", "--engine", "tvm"])
+    assert "--engine: 'tvm' is not a comma-separated list (choose from eager, compile, onnxruntime)" in (
+        capsys.readouterr().err)

@@ -7,7 +7,10 @@ measured ``speedup`` over the dense model of the same run, the ``theoretical_spe
 from ``FlopCounterMode``, attention counted) and ``realized_fraction = speedup / theoretical_speedup``.
 
 The dense and the compressed models are timed interleaved (one step of each in turn, after their
-warm-ups), so that a machine shared with other work slows both alike and their ratio stays honest.
+warm-ups), so that a machine shared with other work slows both alike and their ratio stays honest. Each
+``--engine`` times both in that engine: ``eager`` PyTorch, ``compile`` (``torch.compile``, inductor) or
+``onnxruntime`` (each model's ONNX export, checked against PyTorch first; rows carry the export's
+``export_max_abs_error`` and the ``onnxruntime_provider``).
 
 What is compressed:
 
@@ -24,7 +27,7 @@ What is compressed:
 
 from .models import compress_builtin, cut_to_ratio, dense_twin, input_size
 from .output import BENCH_FORMAT, format_row, write_rows
-from .timing import BACKEND_CHOICES, DTYPES, bench, make_step, realized
+from .timing import BACKEND_CHOICES, DTYPES, ENGINES, bench, make_step, onnxruntime_model, realized
 
-__all__ = ["BACKEND_CHOICES", "BENCH_FORMAT", "DTYPES", "bench", "compress_builtin", "cut_to_ratio", "dense_twin",
-           "format_row", "input_size", "make_step", "realized", "write_rows"]
+__all__ = ["BACKEND_CHOICES", "BENCH_FORMAT", "DTYPES", "ENGINES", "bench", "compress_builtin", "cut_to_ratio",
+           "dense_twin", "format_row", "input_size", "make_step", "onnxruntime_model", "realized", "write_rows"]

@@ -13,15 +13,15 @@ BENCH_FORMAT = "utilrank.bench/1"
 # output
 # ---------------------------------------------------------------------------------------------
 def format_row(row: dict) -> str:
+    where = (f"{row['variant']:<10} {row.get('engine', 'eager'):<11} {row['backend']:<6} {row['dtype']:<4} "
+             f"bs {row['batch_size']:<4}")
     if "error" in row:
-        return (f"{row['variant']:<10} {row['backend']:<6} {row['dtype']:<4} bs {row['batch_size']:<4} "
-                f"FAILED: {row['error']}")
+        return f"{where} FAILED: {row['error']}"
     ratios = ""
     if row["variant"] == "compressed":
         ratios = (f"  speedup {row['speedup']:.2f}x of {row['theoretical_speedup']:.2f}x "
                   f"(realized {row['realized_fraction']:.2f})")
-    return (f"{row['variant']:<10} {row['backend']:<6} {row['dtype']:<4} bs {row['batch_size']:<4} "
-            f"{row['infer_step_time']:10.3f} ms [{row['step_time_p20']:.3f}, {row['step_time_p80']:.3f}] "
+    return (f"{where} {row['infer_step_time']:10.3f} ms [{row['step_time_p20']:.3f}, {row['step_time_p80']:.3f}] "
             f"{row['infer_samples_per_sec']:10.1f}/s  {row['param_count']:.4g}M params "
             f"{row['infer_gmacs']:.4g} GMACs{ratios}")
 
@@ -43,6 +43,9 @@ def write_rows(rows: list[dict], out: str | Path, *, csv_too: bool = False, plot
         path = out.with_suffix(".png")
         from ..plots import plot_speedup
 
+        engines = {r.get("engine", "eager") for r in rows}
+        if len(engines) > 1:  # one series per engine and backend: the plot's series are keyed by backend
+            rows = [{**r, "backend": f"{r.get('engine', 'eager')} {r['backend']}"} for r in rows]
         plot_speedup(rows, path)
         written.append(path)
     return written

@@ -10,7 +10,17 @@ from pathlib import Path
 from torch import nn
 
 from .. import bench as bench_package
-from ..bench import BACKEND_CHOICES, DTYPES, bench, compress_builtin, cut_to_ratio, dense_twin, input_size, write_rows
+from ..bench import (
+    BACKEND_CHOICES,
+    DTYPES,
+    ENGINES,
+    bench,
+    compress_builtin,
+    cut_to_ratio,
+    dense_twin,
+    input_size,
+    write_rows,
+)
 from ..measure import THP_HINT, count_params, cpu_thp_alloc, device_label, keep_freed_memory
 from ._common import DEFAULT_MODEL, UsageError, resolve_device
 
@@ -77,6 +87,8 @@ def run(args) -> int:
         raise UsageError("give --compressed DIR or --param-ratio R, not both")
     if args.warmup < 0 or args.iters < 1:
         raise UsageError("--warmup must be >= 0 and --iters >= 1")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise UsageError(f"--max-seconds {args.max_seconds}: must be > 0")
     backends = list(BACKEND_CHOICES) if args.backend == ["all"] else args.backend
     dense, compressed, name, shape, extra = _models(args)
     keep_memory = device.type == "cpu" and not args.release_memory and keep_freed_memory()
@@ -87,19 +99,20 @@ def run(args) -> int:
     out = Path(args.out or f"utilrank-out/bench-{name}.json")
     print(f"{name}: {count_params(dense):,} -> {count_params(compressed):,} parameters; "
           f"input {tuple(shape)}; {device_label(device)}; "
-          f"{args.warmup} warm-up + {args.iters} timed steps, interleaved")
+          f"{args.warmup} warm-up + {args.iters} timed steps, interleaved; engines {', '.join(args.engine)}")
     try:
         rows = bench(dense, compressed, model_name=name, input_shape=shape, batch_sizes=args.batch_sizes,
-                     dtypes=args.dtype, backends=backends, device=device, channels_last=args.channels_last,
-                     compile=args.compile, cuda_graphs=args.cuda_graphs, warmup=args.warmup, iters=args.iters,
-                     extra=extra, log=print)
+                     dtypes=args.dtype, backends=backends, engines=args.engine, device=device,
+                     channels_last=args.channels_last, cuda_graphs=args.cuda_graphs, warmup=args.warmup,
+                     iters=args.iters, max_seconds=args.max_seconds, extra=extra, log=print)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     written = write_rows(rows, out, csv_too=args.csv, plot=not args.no_plot)
     print("wrote " + ", ".join(map(str, written)))
     failed = [r for r in rows if "error" in r]
     if failed and not args.keep_going:
-        print(f"utilrank bench: error: {len(failed)} configuration(s) failed (rows with 'error' in {out}); "
+        print(f"utilrank bench: error: {len(failed)} configuration(s) failed (rows with 'error' in {out}): "
+              f"{failed[0].get('engine', 'eager')} {failed[0]['backend']}: {failed[0]['error']}; "
               "--keep-going exits 0 anyway", file=sys.stderr)
         return 1
     return 0
@@ -129,10 +142,16 @@ def add_parser(sub) -> None:
                    default=["auto"], help="comma-separated auto,torch,triton,cuda, or all (default: auto); "
                                           "one the device cannot run is skipped with a message")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (convnets)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--engine", type=lambda s: _csv_list(s, "--engine", choices=ENGINES), default=["eager"],
+                   help="comma-separated eager,compile,onnxruntime (default: eager): compile is torch.compile "
+                        "(inductor), onnxruntime runs each model's checked ONNX export (pip install -e "
+                        "'.[deploy]'); an engine that is missing or fails gives rows with its error")
     p.add_argument("--cuda-graphs", action="store_true", help="replay each step from a CUDA graph")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps per model (default: %(default)s)")
     p.add_argument("--iters", type=int, default=40, help="timed steps per model (default: %(default)s)")
+    p.add_argument("--max-seconds", type=float, default=None, metavar="S",
+                   help="end a configuration's timed rounds after S seconds (at least 5 rounds; default: all "
+                        "--iters)")
     p.add_argument("--input-size", type=lambda s: tuple(_csv_list(s, "--input-size", int)), default=None,
                    metavar="C,H,W", help="input size (default: the model's)")
     p.add_argument("--out", default=None, help="JSON file (default: utilrank-out/bench-MODEL.json); the plot "
