@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 TARGETS = (80, 90)
+REPORT_VERSION = 1  # part of every result's cache key: bump when the cubin analysis changes
 DTYPES = ("fp16", "bf16", "fp32")
 # Per-SM limits for the occupancy estimate (CUDA C++ Programming Guide, "Technical Specifications per
 # Compute Capability"; identical for 8.0 and 9.0 except shared memory).
@@ -260,8 +261,10 @@ class Job:
     selectable: bool = False
 
 
-def make_jobs(launches: list[Launch], targets, rows: str) -> list[Job]:
-    """One job per distinct (table row, target, specialization); the launches it serves in ``labels``."""
+def make_jobs(launches: list[Launch], targets, rows: str, representative: bool = False) -> list[Job]:
+    """One job per distinct (table row, target, specialization); the launches it serves in ``labels``.
+    ``representative``: one job per distinct signature and constexprs, whatever the integer and pointer
+    divisibility attributes (the CI subset: those change vectorization, rarely the register budget)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -291,12 +294,14 @@ def make_jobs(launches: list[Launch], targets, rows: str) -> list[Job]:
                 kw = {**launch.kwargs, **config.all_kwargs(), "debug": False}
                 bound, spec, opts = binder(*launch.args, **kw)
                 options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
-                blob = json.dumps([launch.table, i, cc, fn.cache_key, signature, sorted(map(str, constexprs.items())),
+                blob = json.dumps([REPORT_VERSION, launch.table, i, cc, fn.cache_key, signature, sorted(map(str, constexprs.items())),
                                    sorted(map(str, attrs.items())), sorted(map(str, options.__dict__.items()))])
+                group = json.dumps([launch.table, i, cc, signature, sorted(map(str, constexprs.items()))]) \
+                    if representative else blob
                 key = hashlib.sha256(blob.encode()).hexdigest()[:24]
-                job = jobs.get(key)
+                job = jobs.get(group)
                 if job is None:
-                    job = jobs[key] = Job(key, launch.table, i, _config_str(config), cc, launch.dtype,
+                    job = jobs[group] = Job(key, launch.table, i, _config_str(config), cc, launch.dtype,
                                           fn.fn.__module__, fn.fn.__qualname__, signature, constexprs, attrs,
                                           dict(options.__dict__))
                 job.labels.append(launch.label)
@@ -561,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/utilrank/kernel-resources"))
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--representative", action="store_true",
+                   help="one compile per signature and constexprs, whatever the divisibility attributes (CI)")
     p.add_argument("--check", action="store_true", help="exit 1 if a check fails (see above)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("UTILRANK_TRITON_CONFIG") == "first":
@@ -579,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     launches = record_model_launches(models, args.dtypes.split(","))
     if args.tables:
         launches = [lc for lc in launches if re.search(args.tables, lc.table)]
-    jobs = make_jobs(launches, [int(t) for t in args.targets.split(",")], args.rows)
+    jobs = make_jobs(launches, [int(t) for t in args.targets.split(",")], args.rows, args.representative)
     print(f"kernel_resources: {len(launches)} launches recorded, {len(jobs)} compiles "
           f"({args.jobs} at a time, cache {cache})", flush=True)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
@@ -595,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
               "seconds": round(time.perf_counter() - start, 1)}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"kernel-resources-triton{triton.__version__}" + ("-first" if args.rows == "first" else "")
+    stem = (f"kernel-resources-triton{triton.__version__}" + ("-first" if args.rows == "first" else "")
+            + ("-representative" if args.representative else ""))
     _write(out_dir / f"{stem}.json", json.dumps({"format": "utilrank.kernel-resources/1", **header,
                                                   "summary": summary, "cuda_extension": ext_rows,
                                                   "problems": found, "compiles": rows}, indent=1) + "\n")

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import triton
+
+from .. import env
 
 # Per-block opt-in shared memory of the targets the kernels are built for (CUDA programming guide,
 # "Technical Specifications per Compute Capability"): 8.0 -> 163 KiB, 9.0 -> 227 KiB.
@@ -32,8 +33,7 @@ _assumed_target: list[int] = []  # set by assume_target (the resource report com
 
 
 def single_config() -> bool:
-    forced = os.environ.get("UTILRANK_TRITON_CONFIG", "") == "first"
-    return forced or os.environ.get("TRITON_INTERPRET") == "1"
+    return env.get("UTILRANK_TRITON_CONFIG", "") == "first" or env.flag("TRITON_INTERPRET")
 
 
 @contextlib.contextmanager
