@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 from utilrank_kernels.plots import plot_predict
-from utilrank_kernels.weightspace.population import train_population
+from utilrank_kernels.weightspace.population import train_population, weights_digest
 from utilrank_kernels.weightspace.predict import (
     METRICS,
     average_ranks,
@@ -82,6 +82,15 @@ def test_model_metrics_of_a_small_model():
     m = model_metrics(model, data, energy=0.99)
     assert set(m) == set(METRICS) and 0 < m["mlu"] <= 1 and m["alpha"] > 1
     assert set(model_metrics(model)) == set(METRICS) - {"mlu"}
+
+
+def test_weights_digest_covers_every_tensor_including_batchnorm_counters():
+    state = torch.nn.BatchNorm1d(3).state_dict()  # num_batches_tracked: a 0-d int64 tensor
+    digest = weights_digest(state)
+    changed = dict(state, num_batches_tracked=torch.tensor(1))
+    assert weights_digest(changed) != digest
+    assert weights_digest(dict(state, weight=state["weight"] + 1e-7)) != digest
+    assert weights_digest({k: v.clone() for k, v in state.items()}) == digest
 
 
 @pytest.mark.slow

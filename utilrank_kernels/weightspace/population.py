@@ -106,7 +106,7 @@ def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
     for k in sorted(state):
         v = state[k].detach().cpu().contiguous()
         h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")  # 0-d: BN counters
     return h.hexdigest()
 
 
