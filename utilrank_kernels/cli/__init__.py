@@ -10,7 +10,7 @@ import sys
 from ._common import UsageError
 
 # the order of ``utilrank --help``
-COMMANDS = ("analyze", "compress", "bench", "export", "spectrum", "soup")
+COMMANDS = ("analyze", "compress", "bench", "export", "spectrum", "soup", "regions", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
