@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from utilrank_kernels.bench import ENGINES, bench, cut_to_ratio, input_size, write_rows
-from utilrank_kernels.measure import THP_HINT, cpu_thp_alloc, device_label, keep_freed_memory
+from utilrank_kernels.measure import THP_HINT, cpu_model_name, cpu_thp_alloc, device_label, keep_freed_memory
 from utilrank_kernels.models import BUILTIN_MODELS, build_builtin
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(THP_HINT)
     keep_freed = keep_freed_memory()
     label = device_label("cpu")
-    slug = re.sub(r"[^a-z0-9]+", "-", f"cpu {label}".lower()).strip("-")
+    name = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b", "", cpu_model_name())  # "cpu-intel-xeon-2t", as beside
+    slug = re.sub(r"[^a-z0-9]+", "-", f"cpu {name} {torch.get_num_threads()}t".lower()).strip("-")
     out = Path(args.out) if args.out else RESULTS / f"{slug}_{args.model}-engines.json"
 
     dense = _dense(args.model)

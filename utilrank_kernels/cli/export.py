@@ -41,8 +41,8 @@ def _check_options(args) -> None:
 
     if args.opset is not None and args.format != "onnx":
         raise UsageError(f"--opset applies to --format onnx, not {args.format}")
-    if args.opset is not None and args.opset < 7:
-        raise UsageError(f"--opset {args.opset}: ONNX opsets start at 7 for these graphs; give 18 or more")
+    if args.opset is not None and args.opset < 1:
+        raise UsageError(f"--opset {args.opset}: must be >= 1 (the exporter writes 18 or more and converts down)")
     if args.backend not in BACKENDS:
         raise UsageError(f"--backend {args.backend}: choose one of {', '.join(BACKENDS)}")
     if args.format == "onnx":
@@ -96,7 +96,7 @@ def run(args) -> int:
         else:
             result = export_program(model, example, out, dynamic_batch=args.batch is None)
     except (ExportError, ImportError, OSError) as exc:
-        raise UsageError(str(exc).splitlines()[0]) from exc
+        raise UsageError(f"{folder}: {str(exc).splitlines()[0]}") from exc
     if args.format == "onnx":
         top = ", ".join(f"{op} {n}" for op, n in sorted(result.operators.items(), key=lambda kv: -kv[1])[:6])
         print(f"graph: opset {result.opset}, {sum(result.operators.values())} nodes ({top}, ...), no custom ops")
