@@ -27,6 +27,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        from ._folder import file_mode
+
+        os.chmod(tmp, file_mode())  # mkstemp made it 0600: give it the mode any new file gets
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -15,6 +15,7 @@ VARIABLES: dict[str, str] = {
     "UTILRANK_BUILD_CUDA": "'1': `pip install -e .` / setup.py also builds the CUDA extension utilrank_kernels._C",
     "UTILRANK_PTXAS_VERBOSE": "'1': the CUDA-extension build prints ptxas register and spill counts",
     "UTILRANK_REQUIRE_CUDA_EXT": "'1': tests fail instead of skipping when the CUDA extension is not built (CI)",
+    "UTILRANK_TEST_KILL_AT": "tests only: kill the process (SIGKILL) at a named point of writing an output folder",
     "TRITON_INTERPRET": "'1': Triton kernels run on CPU tensors in Triton's interpreter (tests; set before import)",
     "THP_MEM_ALLOC_ENABLE": "'1': PyTorch backs large CPU tensors with transparent huge pages (read by c10 at "
                             "start-up; recorded in benchmark rows)",

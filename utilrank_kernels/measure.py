@@ -16,18 +16,18 @@ from torch.utils import flop_counter
 from . import env
 
 
-def _register_cpu_attention_flops() -> None:
-    """PyTorch counts SDPA's FLOPs on CUDA kernels only; CPU runs use the ``_for_cpu`` op."""
+def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def flop_formulas() -> dict:
+    """The formulas ``count_flops`` adds to ``FlopCounterMode``'s for this call only (nothing is registered
+    process-wide, so other code's FLOP counts do not depend on whether this package was imported): PyTorch
+    counts SDPA's FLOPs on CUDA kernels only; CPU runs use the ``_for_cpu`` op."""
     op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if op is None or op.default in flop_counter.flop_registry:
-        return
-
-    @flop_counter.register_flop_formula(op)
-    def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-_register_cpu_attention_flops()
+    if op is None or op in flop_counter.flop_registry or op.default in flop_counter.flop_registry:
+        return {}
+    return {op: _sdpa_cpu_flop}  # the op packet, unwrapped: FlopCounterMode wraps and resolves overloads
 
 
 def count_params(model: nn.Module) -> int:
@@ -39,7 +39,7 @@ def count_flops(model: nn.Module, example: torch.Tensor) -> int:
     """FLOPs of one forward pass on ``example`` (a multiply-add counts 2), from FlopCounterMode."""
     was_training = model.training
     model.eval()
-    with flop_counter.FlopCounterMode(display=False) as counter:
+    with flop_counter.FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
         model(example)
     model.train(was_training)
     return counter.get_total_flops()
@@ -68,15 +68,17 @@ def step_times(fn, *, warmup: int = 10, iters: int = 40, device: torch.device | 
 
 @torch.inference_mode()
 def latency_ms(models: dict[str, nn.Module], example: torch.Tensor, *, warmup: int = 3, iters: int = 40,
-               max_seconds: float = 6.0) -> dict[str, float]:
-    """Median milliseconds of one forward pass of each model on ``example``, timed in alternation so
-    that a machine whose speed drifts slows them alike (within a time budget, at least 5 rounds)."""
+               max_seconds: float = 6.0, progress: bool = False) -> dict[str, dict[str, float]]:
+    """``{"median", "p20", "p80"}`` milliseconds of one forward pass of each model on ``example``, timed in
+    alternation so that a machine whose speed drifts slows them alike (within a time budget, at least 5
+    rounds)."""
     steps = {}
     for name, model in models.items():
         model.eval()
         steps[name] = lambda model=model: model(example)
-    times = time_interleaved(steps, warmup=warmup, iters=iters, device=example.device, max_seconds=max_seconds)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    times = time_interleaved(steps, warmup=warmup, iters=iters, device=example.device, max_seconds=max_seconds,
+                             progress="latency" if progress else None)
+    return {name: dict(zip(("median", "p20", "p80"), quantiles_ms(ts), strict=True)) for name, ts in times.items()}
 
 
 def cpu_model_name() -> str:
@@ -143,16 +145,21 @@ def quantiles_ms(times: Sequence[float]) -> tuple[float, float, float]:
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 10, iters: int = 40,
-                     device: torch.device | None = None, max_seconds: float | None = None) -> dict[str, list[float]]:
+                     device: torch.device | None = None, max_seconds: float | None = None,
+                     progress: str | None = None) -> dict[str, list[float]]:
     """Seconds per step of each callable: each warmed up ``warmup`` times, then ``iters`` rounds of one
     step of each in turn (order reversed every other round); ``max_seconds`` ends the rounds early
-    (after at least 5)."""
+    (after at least 5); ``progress`` names a progress bar over the rounds."""
+    from tqdm.auto import tqdm
+
     for fn in fns.values():
         step_times(fn, warmup=warmup, iters=0, device=device)
     names, times = list(fns), {k: [] for k in fns}
-    for i in range(iters):
-        for k in names if i % 2 == 0 else reversed(names):
-            times[k] += step_times(fns[k], warmup=0, iters=1, device=device)
-        if max_seconds is not None and i >= 4 and sum(map(sum, times.values())) > max_seconds:
-            break
+    with tqdm(total=iters, desc=progress, unit="round", disable=progress is None, leave=False) as bar:
+        for i in range(iters):
+            for k in names if i % 2 == 0 else reversed(names):
+                times[k] += step_times(fns[k], warmup=0, iters=1, device=device)
+            bar.update()
+            if max_seconds is not None and i >= 4 and sum(map(sum, times.values())) > max_seconds:
+                break
     return times

@@ -95,6 +95,22 @@ class TrainRecipe:
                      batch_size=self.batch_size, seed=self.seed, augment=self.augment, device=device, desc=desc)
 
 
+def train_head(model: nn.Module, dataset: Dataset, head: nn.Module, *, epochs: int, lr: float = 1e-3,
+               device: torch.device | str = "cpu") -> nn.Module:
+    """A linear probe: only ``head``'s parameters are trained (the backbone's are frozen meanwhile)."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    try:
+        train(model, dataset, epochs=epochs, lr=lr, weight_decay=0.0, device=device, desc="train the new head")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return model.eval()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, device: torch.device | str = "cpu") -> float:
     """Top-1 accuracy as a fraction in [0, 1]."""

@@ -95,6 +95,20 @@ class Statistics:
                 )
         return cls(layers, header["skipped"], header["batches"], header["meta"])
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming the first layer the statistics have and ``model`` has not, or has in
+        another shape (statistics of another model)."""
+        modules = dict(model.named_modules())
+        who = f" (collected on {self.meta['model']})" if self.meta.get("model") else ""
+        for name, s in self.layers.items():
+            module = modules.get(name)
+            if module is None or not hasattr(module, "weight"):
+                raise ValueError(f"the statistics{who} have layer {name}, which the model does not have")
+            weight = module.weight
+            if weight[0].numel() != s.in_features or weight.shape[0] != s.out_features:
+                raise ValueError(f"layer {name}: the statistics{who} are for a {s.out_features} x {s.in_features} "
+                                 f"layer, the model's is {weight.shape[0]} x {weight[0].numel()}")
+
     def merge(self, other: Statistics) -> Statistics:
         """The statistics of both passes together (sums); layers must match."""
         if self.layers.keys() != other.layers.keys():

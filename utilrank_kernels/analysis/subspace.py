@@ -195,21 +195,14 @@ class Subspaces(Mapping[str, LayerSubspaces]):
 def compute_subspaces(model: nn.Module, stats: Statistics, *, progress: bool = True) -> Subspaces:
     """Eigendecompose every layer's ``C_in`` and ``C_out = W C_in W^T`` (fp64), one progress step per layer
     (the slow phase on wide layers: minutes for a 4608-wide conv covariance on a 2-core CPU)."""
+    stats.check_model(model)
     modules = dict(model.named_modules())
     layers, skipped = {}, {}
-    missing = [n for n in stats.layers if n not in modules]
-    if missing:
-        raise ValueError(f"statistics name layer {missing[0]}, which the model does not have "
-                         "(statistics of another model?)")
     work = sorted(stats.layers.items(), key=lambda kv: -kv[1].in_features)  # widest first: an honest ETA
     bar = tqdm(work, desc="eigendecompositions", unit="layer", disable=not progress)
     for name, s in bar:
         bar.set_postfix_str(f"{name} ({s.in_features} wide)", refresh=False)
         module = modules[name]
-        if module.weight[0].numel() != s.in_features or module.weight.shape[0] != s.out_features:
-            raise ValueError(f"layer {name}: the statistics are for a {s.out_features} x {s.in_features} layer, "
-                             f"the model's is {module.weight.shape[0]} x {module.weight[0].numel()} "
-                             "(statistics of another model?)")
         if s.tokens == 0:
             skipped[name] = "saw no tokens"
             continue

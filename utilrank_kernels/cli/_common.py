@@ -1,5 +1,5 @@
-"""What the ``utilrank`` commands share: usage errors, the device option, torchrun setup, the model and
-data options, and the statistics pass with its checkpoints."""
+"""What the ``utilrank`` commands share: usage errors, option types, the device option, torchrun setup, the
+output folder, the model and data options, and the statistics pass with its checkpoints."""
 
 from __future__ import annotations
 
@@ -12,12 +12,56 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from .. import env
+from .._folder import test_kill
 
 DEFAULT_MODEL = "vit-digits"
 
 
 class UsageError(Exception):
     """A problem with the command's input: printed as one line, exit status 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
+def output_folder(args, command: str):
+    """The command's ``--out`` folder, checked before any compute: writable, and not a folder of results this
+    run must not replace (``--force``). Files go to ``OUT.partial/`` until ``commit``."""
+    from .._folder import FolderError, OutputFolder
+
+    out = Path(args.out or f"utilrank-out/{command}-{Path(args.model).name}")
+    try:
+        return OutputFolder(out, command, force=args.force, resume=getattr(args, "resume", False)).prepare()
+    except FolderError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def commit(folder) -> Path:
+    """Swap the finished folder into place; if that fails the results stay where the error says."""
+    from .._folder import FolderError
+
+    try:
+        return folder.commit()
+    except FolderError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,11 +94,14 @@ def load_model_and_data(args, device: torch.device):
     from ..data import load_data
     from ..models import BUILTIN_MODELS, build_model
 
+    new_head = getattr(args, "num_classes", None)
     try:
         if args.model in BUILTIN_MODELS:
             if args.data not in (None, "digits"):
                 raise ValueError(f"--model {args.model} is built for the digits data (1x16x16); "
                                  f"with --data {args.data} use a timm model name")
+            if new_head is not None:
+                raise ValueError(f"--num-classes: the built-in {args.model} already has the digits' 10 classes")
             model, config = build_model(args.model, args.checkpoint, device=str(device))
             data = load_data(args.data, model)
         else:
@@ -65,10 +112,33 @@ def load_model_and_data(args, device: torch.device):
                 with torch.device("meta"):
                     probe, _ = build_model(args.model)
                 data, shape = load_data(args.data, probe), {}
-            model, config = build_model(args.model, args.checkpoint, num_classes=data.num_classes, **shape)
+            if new_head is not None and new_head != data.num_classes:
+                raise ValueError(f"--num-classes {new_head}: the data has {data.num_classes} classes")
+            if new_head is not None and args.checkpoint is None:
+                raise ValueError("--num-classes replaces a checkpoint's classifier: give --checkpoint")
+            model, config = build_model(args.model, args.checkpoint, num_classes=data.num_classes,
+                                        reset_head=new_head is not None, **shape)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise UsageError(str(exc).strip("'\"")) from exc
-    return model.to(device), config, data
+    check_finite(model, f"--checkpoint {args.checkpoint}" if args.checkpoint else f"--model {args.model}")
+    model = model.to(device)
+    if config.get("head_reset"):  # a fresh classifier: trained first, so that the search measures a real model
+        from ..train import train_head
+
+        epochs = getattr(args, "head_epochs", 5)
+        print(f"--num-classes {new_head}: a new {new_head}-class head, trained {epochs} epochs with the backbone "
+              "frozen")
+        train_head(model, data.train, model.get_classifier(), epochs=epochs, device=device)
+    elif new_head is not None:
+        print(f"--num-classes {new_head}: the checkpoint's head already has {new_head} classes; kept")
+    return model, config, data
+
+
+def check_finite(model: torch.nn.Module, source: str) -> None:
+    """Refuse weights that hold NaN or Inf, naming the tensor (before they poison every statistic after it)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UsageError(f"{source}: {name} holds NaN or Inf")
 
 
 def _stream_loader(dataset, batch_size: int, start_batch: int, rank: int, world: int, workers: int) -> DataLoader:
@@ -77,33 +147,64 @@ def _stream_loader(dataset, batch_size: int, start_batch: int, rank: int, world:
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def collect_statistics(args, model, data, device, out: Path, rank: int, world: int):
-    """The statistics pass of ``analyze`` and ``compress``, with checkpoints and resume."""
+def pass_identity(args, model, data, rank: int, world: int) -> dict:
+    """What makes a statistics pass reproducible, recorded in its checkpoints: a resume must match it."""
+    from ..layers import find_layers, layer_shape
+
+    layers, _ = find_layers(model)
+    return {"model": args.model, "checkpoint": args.checkpoint, "dataset": data.name,
+            "examples": len(data.train), "batch_size": args.batch_size, "order": "dataset order, no shuffle",
+            "shard": f"{rank} of {world}", "mask": "none",
+            "layers": {n: [layer_shape(m).out_features, layer_shape(m).in_features] for n, m in layers.items()}}
+
+
+def statistics_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the fp64 accumulators (and of ``stats.safetensors``) a pass over ``model`` holds."""
+    from ..layers import find_layers, layer_shape
+
+    return sum(8 * layer_shape(m).in_features ** 2 for m in find_layers(model)[0].values())
+
+
+def collect_statistics(args, model, data, device, folder, rank: int, world: int):
+    """The statistics pass of the commands, with checkpoints in the output folder and a checked resume."""
     from ..analysis import Statistics, collect_stats
 
+    path = folder.path if hasattr(folder, "path") else (lambda name: Path(folder) / name)  # OutputFolder or a Path
     suffix = f".rank{rank}" if world > 1 else ""
-    ckpt = out / f"stats.ckpt{suffix}.safetensors"
+    ckpt = path(f"stats.ckpt{suffix}.safetensors")
+    identity = pass_identity(args, model, data, rank, world)
     resume = None
     if args.resume:
         if not ckpt.is_file():
-            raise UsageError(f"--resume: no checkpoint at {ckpt}")
-        resume = Statistics.load(ckpt, device="cpu" if args.stats_on_cpu else device)
+            raise UsageError(f"--resume: no checkpoint at {ckpt} (nothing to resume; run without --resume)")
+        try:
+            resume = Statistics.load(ckpt, device="cpu" if args.stats_on_cpu else device)
+        except ValueError as exc:
+            raise UsageError(f"--resume: {exc}") from exc
+        recorded = resume.meta.get("pass", {})
+        for key, value in identity.items():
+            if recorded.get(key) != value:
+                what = "layers" if key == "layers" else f"{key} {recorded.get(key)!r}"
+                now = "a model with other layers" if key == "layers" else repr(value)
+                raise UsageError(f"--resume: the checkpoint {ckpt} was made with {what}, this run has {now}; "
+                                 "rerun without --resume to start over")
         if rank == 0:
             print(f"resuming after {resume.batches} batches from {ckpt}")
     start = resume.batches if resume else 0
     loader = _stream_loader(data.train, args.batch_size, start, rank, world, args.num_workers)
     n_batches = start + len(loader)
-    if args.checkpoint_every and args.checkpoint_every < 0:
-        raise UsageError("--checkpoint-every must be a positive number of batches")
+    if args.max_batches is not None and args.max_batches <= start:
+        raise UsageError(f"--max-batches {args.max_batches}: the checkpoint already holds {start} batches")
     stats = collect_stats(
         model, loader, device=device, stats_on_cpu=args.stats_on_cpu, max_batches=args.max_batches,
         resume=resume, skip_resumed=False, checkpoint_path=ckpt, checkpoint_every=args.checkpoint_every,
-        progress=rank == 0, meta={"model": args.model, "dataset": data.name}, total=n_batches,
+        progress=rank == 0, meta={"model": args.model, "dataset": data.name, "pass": identity}, total=n_batches,
         overlap=False if args.no_overlap else None,
     )
     if rank == 0:
-        stats.save(out / "stats.safetensors")
-    if ckpt.exists():
+        stats.save(path("stats.safetensors"))
+    test_kill("after-statistics")
+    if not hasattr(folder, "path") and ckpt.exists():
         ckpt.unlink()
     return stats
 
@@ -113,25 +214,38 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="built-in vit-digits | vgg-digits, or any timm model name (default: %(default)s)")
     p.add_argument("--checkpoint", default=None,
                    help="weights for --model: .safetensors, or a torch file loaded with weights_only=True")
+    p.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
+                   help="the checkpoint's classifier has other classes than --data: replace it by a new N-class "
+                        "head (timm's reset_classifier), trained with the backbone frozen for --head-epochs before "
+                        "the statistics pass")
+    p.add_argument("--head-epochs", type=positive_int, default=5,
+                   help="with --num-classes: epochs of training the new head (default: %(default)s)")
     p.add_argument("--data", default=None,
                    help="'digits' (built-in, default) or an ImageFolder directory (DIR/train + DIR/val, or one "
                         "folder split 70/15/15)")
     p.add_argument("--energy", type=float, default=0.99,
                    help="fraction of each covariance's trace the kept eigenvectors must hold (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=128,
+    p.add_argument("--batch-size", type=positive_int, default=128,
                    help="batch size of the statistics pass (default: %(default)s)")
-    p.add_argument("--max-batches", type=int, default=None, help="stop the statistics pass after N batches")
+    p.add_argument("--max-batches", type=positive_int, default=None,
+                   help="stop the statistics pass after N batches")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: %(default)s)")
-    p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="write the statistics to OUT/stats.ckpt.safetensors every N batches (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue the statistics pass from OUT's checkpoint")
+    p.add_argument("--num-workers", type=non_negative_int, default=0,
+                   help="DataLoader workers (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=non_negative_int, default=0,
+                   help="write the statistics to OUT.partial/stats.ckpt.safetensors every N batches (0: never)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted statistics pass from its checkpoint in OUT.partial/ (the same "
+                        "model, data and --batch-size, or an error says what differs)")
     p.add_argument("--stats-on-cpu", action="store_true", help="keep the fp64 accumulators in host memory")
     p.add_argument("--no-overlap", action="store_true",
                    help="on CPU, run the covariance updates in the forward's thread instead of a second thread "
                         "(each with half of torch's threads); needed only by models that modify a layer's "
                         "input in place after the layer")
-    p.add_argument("--out", default=None, help=f"output folder (default: utilrank-out/{command}-MODEL)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: utilrank-out/{command}-MODEL); written as a unit: files go to "
+                        "OUT.partial/ and replace OUT only once all are written")
+    p.add_argument("--force", action="store_true", help="replace an --out folder that already holds results")
 
 
 def positive_floats(text: str) -> list[float]:

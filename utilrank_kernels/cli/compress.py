@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import torch
 
@@ -11,25 +10,38 @@ from ._common import (
     UsageError,
     add_common_options,
     collect_statistics,
+    commit,
     init_distributed,
     load_model_and_data,
+    output_folder,
+    positive_int,
     resolve_device,
+    statistics_bytes,
 )
 
 
 def _summary_table(summary: dict) -> str:
     d, p, c = summary["dense"], summary["projected"], summary["compressed"]
+    spread = lambda m: f"[{m['latency_p20_ms']:.2f}-{m['latency_p80_ms']:.2f}]"  # noqa: E731
+    test = "test" if summary["test_split"] == "test" else "test (= val!)"
     lines = [
-        f"{'':<18}{'dense':>14}{'compressed':>14}{'ratio':>9}",
-        f"{'parameters':<18}{d['params']:>14,}{c['params']:>14,}{c['params'] / d['params']:>9.3f}",
-        f"{'FLOPs / image':<18}{d['flops']:>14,}{c['flops']:>14,}{c['flops'] / d['flops']:>9.3f}",
-        f"{'CPU ms (batch 32)':<18}{d['latency_ms']:>14.2f}{c['latency_ms']:>14.2f}"
+        f"{'':<20}{'dense':>14}{'compressed':>14}{'ratio':>9}",
+        f"{'parameters':<20}{d['params']:>14,}{c['params']:>14,}{c['params'] / d['params']:>9.3f}",
+        f"{'FLOPs / image':<20}{d['flops']:>14,}{c['flops']:>14,}{c['flops'] / d['flops']:>9.3f}",
+        f"{'CPU ms (batch 32)':<20}{d['latency_ms']:>14.2f}{c['latency_ms']:>14.2f}"
         f"{c['latency_ms'] / d['latency_ms']:>9.3f}",
-        f"{'test accuracy':<18}{d['accuracy']:>14.2%}{c['accuracy']:>14.2%}"
+        f"{'  p20-p80':<20}{spread(d):>14}{spread(c):>14}",
+        f"{test + ' accuracy':<20}{d['accuracy']:>14.2%}{c['accuracy']:>14.2%}"
         f"{100 * (c['accuracy'] - d['accuracy']):>+8.2f}pp",
         f"projected ({summary['method']}, before fine-tuning): {p['accuracy']:.2%}; "
         f"fine-tuned {summary['finetune_epochs']} epochs: {c['accuracy']:.2%}; MLU {summary['mlu']:.3f}",
     ]
+    if "dense_finetuned" in summary:
+        lines.append(f"control: the dense model fine-tuned the same {summary['finetune_epochs']} epochs: "
+                     f"{summary['dense_finetuned']['accuracy']:.2%} (compressed "
+                     f"{100 * (c['accuracy'] - summary['dense_finetuned']['accuracy']):+.2f} pp against it)")
+    lines += [f"note: {n}" for n in summary["notes"]]
+    lines += [f"warning: {w}" for w in summary["warnings"]]
     return "\n".join(lines)
 
 
@@ -48,10 +60,12 @@ def compress_config(args):
     try:
         recipe = TrainRecipe(epochs=args.finetune_epochs, lr=args.lr, weight_decay=args.weight_decay,
                              batch_size=args.finetune_batch_size, augment=args.data in (None, "digits"))
+        if args.finetune_dense and not args.finetune_epochs:
+            raise ValueError("--finetune-dense needs --finetune-epochs >= 1")
         return CompressConfig(method=args.method, energy=args.energy, tolerance=args.tolerance,
                               total_tolerance=args.total_tolerance, include=tuple(args.include),
-                              exclude=tuple(args.exclude), finetune=recipe, target_device=args.target_device,
-                              target_batch=args.target_batch)
+                              exclude=tuple(args.exclude), finetune=recipe, finetune_dense=args.finetune_dense,
+                              target_device=args.target_device, target_batch=args.target_batch)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -61,19 +75,17 @@ def run(args) -> int:
 
     from .._cache import write_json
     from ..analysis import Statistics, format_table, write_report
-    from ..compress import compress_model
+    from ..compress import Plan, check_fits, compress_model, write_compressed
     from ..measure import count_flops, count_params, latency_ms
 
     config = compress_config(args)
+    folder = output_folder(args, "compress")
     rank, world = init_distributed()
     device = resolve_device(args.device)
-    out = Path(args.out or f"utilrank-out/compress-{args.model}")
     started = time.perf_counter()
     model, model_config, data = load_model_and_data(args, device)
-    plan = None
+    plan = stats = None
     if args.plan:  # re-enter at the factors: the plan is the one saved, not planned again
-        from ..compress import Plan, check_fits
-
         try:
             plan = Plan.load(args.plan)
             check_fits(model, plan)
@@ -82,10 +94,15 @@ def run(args) -> int:
     if args.stats:
         try:
             stats = Statistics.load(args.stats, device=device)
+            stats.check_model(model)
         except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(str(exc)) from exc
-    else:
-        stats = collect_statistics(args, model, data, device, out, rank, world)
+            raise UsageError(f"--stats {args.stats}: {exc}") from exc
+        if stats.meta.get("model") not in (None, args.model):
+            raise UsageError(f"--stats {args.stats}: collected on --model {stats.meta['model']}, not {args.model}")
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    folder.require_space((0 if stats else 2 * statistics_bytes(model)) + model_bytes)
+    if stats is None:
+        stats = collect_statistics(args, model, data, device, folder, rank, world)
     if rank != 0:
         return 0
     try:
@@ -96,32 +113,49 @@ def run(args) -> int:
     example = data.test[0][0][None].to(device)
     bench_input = torch.stack([data.test[i % len(data.test)][0] for i in range(32)])
     latency = latency_ms({"dense": copy.deepcopy(model).cpu(), "compressed": copy.deepcopy(compressed).cpu()},
-                         bench_input)
-    projected_params = count_params(compressed)
+                         bench_input, progress=True)
+    notes = []
+    if max(v["p80"] / v["p20"] for v in latency.values()) > 1.25:
+        notes.append("latency p80/p20 above 1.25: a busy or throttling machine; compare with `utilrank bench`")
+    if data.test_split != "test":
+        notes.append(f"--data {args.data} has no test/ folder: 'test' accuracy is measured on val/, the split the "
+                     "rank search tuned on (optimistic)")
     summary = {
         "format": "utilrank.summary/1", "model": args.model, "dataset": data.name, "method": plan.method,
         "dense": {"params": count_params(model), "flops": count_flops(model, example),
-                  "accuracy": scores["dense"]["test"], "latency_ms": latency["dense"]},
-        "projected": {"params": projected_params, "flops": count_flops(compressed, example),
+                  "accuracy": scores["dense"]["test"], **_latency(latency["dense"])},
+        "projected": {"params": count_params(compressed), "flops": count_flops(compressed, example),
                       "accuracy": scores["projected"]["test"]},
         "compressed": {"params": count_params(compressed), "flops": count_flops(compressed, example),
-                       "accuracy": scores["compressed"]["test"], "latency_ms": latency["compressed"]},
+                       "accuracy": scores["compressed"]["test"], **_latency(latency["compressed"])},
         "mlu": result.report.mlu, "finetune_epochs": config.finetune.epochs, "test_split": data.test_split,
+        "latency_batch": 32, "notes": notes, "warnings": result.warnings,
     }
-    result.save(out, model_config)
-    write_report(result.report, out)
-    write_json(out / "summary.json", summary)
+    if "dense_finetuned" in scores:
+        summary["dense_finetuned"] = {"accuracy": scores["dense_finetuned"]["test"]}
+    write_compressed(compressed, plan, model_config, folder.partial)
+    write_report(result.report, folder.partial)
+    write_json(folder.path("summary.json"), summary)
     print(format_table(result.report))
     print(f"factored {len(plan.layers)} layers; kept dense: "
           + (", ".join(f"{n} ({r})" for n, r in plan.dense.items()) or "none"))
     print(_summary_table(summary))
-    print(f"wrote {out}/ (model.safetensors, plan.json, config.json, report.json, summary.json, "
-          f"utilization.png) in {time.perf_counter() - started:.1f}s")
+    out = commit(folder)
+    print(f"wrote {out}/ (model.safetensors, plan.json, config.json, report.json, summary.json, utilization.png, "
+          f"stats.safetensors, manifest.json) in {time.perf_counter() - started:.1f}s")
     return 0
 
 
+def _latency(ms: dict[str, float]) -> dict[str, float]:
+    return {"latency_ms": ms["median"], "latency_p20_ms": ms["p20"], "latency_p80_ms": ms["p80"]}
+
+
 def add_parser(sub) -> None:
-    p = sub.add_parser("compress", help="factor every layer to its utilized rank, fine-tune, save")
+    p = sub.add_parser("compress", help="factor every layer to its utilized rank, fine-tune, save",
+                       description="Factor every Linear/Conv2d to its utilized rank (or the deepest cut the rank "
+                                   "search keeps within --tolerance), fine-tune, and save a folder that "
+                                   "load_compressed() rebuilds: model.safetensors, plan.json, config.json, "
+                                   "report.json, summary.json, utilization.png, stats.safetensors, manifest.json.")
     add_common_options(p, "compress")
     p.add_argument("--tolerance", type=float, default=0.2,
                    help="rank search: per layer, the deepest cut whose projection alone costs at most PP "
@@ -138,8 +172,12 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.01,
                    help="fine-tuning AdamW weight decay (default: %(default)s)")
-    p.add_argument("--finetune-batch-size", type=int, default=64,
+    p.add_argument("--finetune-batch-size", type=positive_int, default=64,
                    help="fine-tuning batch size (default: %(default)s)")
+    p.add_argument("--finetune-dense", action="store_true",
+                   help="also fine-tune a copy of the dense model with the same recipe and report it: the "
+                        "like-for-like control (the compressed model's fine-tuning is otherwise extra training "
+                        "the dense model never got)")
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="factor to this plan.json (from an earlier compress) instead of planning: re-runs only the "
                         "factors and fine-tuning; with --stats FILE no statistics pass either")
@@ -155,6 +193,6 @@ def add_parser(sub) -> None:
     p.add_argument("--target-device", choices=("cpu", "cuda"), default=None,
                    help="keep a layer dense where factoring is not faster on this device, and round ranks up "
                         "to tile multiples where that costs no time (measured; timings cached per device)")
-    p.add_argument("--target-batch", type=int, default=32,
+    p.add_argument("--target-batch", type=positive_int, default=32,
                    help="with --target-device: the batch size to be fast at (default: %(default)s)")
     p.set_defaults(func=run)

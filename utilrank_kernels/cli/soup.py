@@ -8,8 +8,10 @@ from pathlib import Path
 from ._common import (
     UsageError,
     add_threads_option,
+    commit,
     limit_threads,
     load_model_and_data,
+    output_folder,
     positive_floats,
     resolve_device,
 )
@@ -31,8 +33,8 @@ def _soup(args) -> int:
     for f in args.from_files or []:
         if not Path(f).is_file():
             raise UsageError(f"--from {f}: no such file")
+    folder = output_folder(args, "soup")
     device = resolve_device(args.device)
-    out = Path(args.out or f"utilrank-out/soup-{args.model}")
     started = time.perf_counter()
     model, _, data = load_model_and_data(args, device)
     try:
@@ -40,19 +42,25 @@ def _soup(args) -> int:
             model, data, arch=args.model, ingredients=args.from_files, n=args.ingredients, epochs=args.epochs,
             lrs=args.lrs, seed=args.seed, swa_cycles=args.swa_cycles, compressed=not args.no_compressed,
             energy=args.energy, compressed_epochs=args.compressed_epochs, compressed_lr=args.compressed_lr,
-            device=device,
+            device=device, log=print,
         )
     except ValueError as exc:  # ingredients that do not fit the model
         raise UsageError(str(exc)) from exc
-    write_json(out / "soup.json", doc)
+    write_json(folder.path("soup.json"), doc)
     print(format_soup_table(doc))
+    out = commit(folder)
     print(f"wrote {out}/soup.json in {time.perf_counter() - started:.1f}s")
     return 0
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("soup", help="fine-tuned variants, uniform and greedy soups and SWA, dense and "
-                                    "compressed")
+                                    "compressed",
+                       description="Fine-tune --ingredients variants of the model (or soup the --from files), then "
+                                   "compare on validation and test: the best single ingredient, the uniform soup, "
+                                   "the greedy soup and cyclical SWA; dense, and compressed (each ingredient "
+                                   "factored on one plan, the soups averaged as dense B @ A and re-factored on the "
+                                   "soup's own statistics). Writes soup.json.")
     p.add_argument("--model", default="vit-digits",
                    help="built-in vit-digits | vgg-digits, or a timm name with --checkpoint "
                         "(default: %(default)s)")
@@ -81,4 +89,5 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
     add_threads_option(p)
     p.add_argument("--out", default=None, help="output folder (default: utilrank-out/soup-MODEL)")
+    p.add_argument("--force", action="store_true", help="replace an --out folder that already holds results")
     p.set_defaults(func=run)

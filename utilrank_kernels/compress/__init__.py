@@ -2,7 +2,7 @@
 
 from .budget import uniform_plan, uniform_rank
 from .factor import decompose, factor_layer, factor_model, layer_factors, svd_factors
-from .io import load_compressed, save_compressed
+from .io import load_compressed, save_compressed, write_compressed
 from .pipeline import CompressConfig, CompressedModel, compress_model
 from .plan import METHODS, PLAN_FORMAT, LayerPlan, Plan, apply_plan, check_fits, load_plan
 from .search import ENERGY_GRID, plan_ranks
@@ -10,5 +10,5 @@ from .search import ENERGY_GRID, plan_ranks
 __all__ = [
     "ENERGY_GRID", "METHODS", "PLAN_FORMAT", "CompressConfig", "CompressedModel", "LayerPlan", "Plan", "apply_plan",
     "check_fits", "compress_model", "decompose", "factor_layer", "factor_model", "layer_factors", "load_compressed",
-    "load_plan", "plan_ranks", "save_compressed", "svd_factors", "uniform_plan", "uniform_rank",
+    "load_plan", "plan_ranks", "save_compressed", "svd_factors", "uniform_plan", "uniform_rank", "write_compressed",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -10,32 +11,49 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .._cache import atomic_path, load_safetensors, write_json
+from .._folder import OutputFolder, verify_manifest
 from ..nn import fuse_lowrank_mlps, set_backend
 from .plan import Plan, apply_plan
 
 CONFIG_FORMAT = "utilrank.config/1"
+logger = logging.getLogger(__name__)
 
 
-def save_compressed(model: nn.Module, plan: Plan, config: dict, out_dir: str | Path) -> None:
-    """Write the folder; each file is written under a temporary name and renamed."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_compressed(model: nn.Module, plan: Plan, config: dict, directory: str | Path) -> None:
+    """``model.safetensors``, ``plan.json`` and ``config.json`` into ``directory`` (each atomically)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / "model.safetensors") as tmp:
+    with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "utilrank.model/1"})
-    plan.save(out_dir / "plan.json")
-    write_json(out_dir / "config.json", {"format": CONFIG_FORMAT, **config})
+    plan.save(directory / "plan.json")
+    write_json(directory / "config.json", {"format": CONFIG_FORMAT, **config})
 
 
-def _build_architecture(config: dict) -> nn.Module:
+def save_compressed(model: nn.Module, plan: Plan, config: dict, out_dir: str | Path) -> Path:
+    """Write the folder as a unit (``OUT.partial/``, then a manifest, then swapped into place): an existing
+    ``out_dir`` is replaced whole, and a crash leaves it as it was."""
+    folder = OutputFolder(out_dir, "save_compressed", force=True).prepare()
+    write_compressed(model, plan, config, folder.partial)
+    return folder.commit(argv=[])
+
+
+def _build_architecture(config: dict, source: str = "config.json") -> nn.Module:
+    """The architecture ``config.json`` names (``arch``, ``source``, ``model_kwargs``), randomly initialized."""
     from ..models import BUILTIN_MODELS, build_builtin
 
-    arch, kwargs = config["arch"], dict(config.get("model_kwargs", {}))
-    if config.get("source") == "builtin" or arch in BUILTIN_MODELS:
-        return build_builtin(arch, **kwargs)
-    import timm
+    arch, kwargs = config.get("arch"), dict(config.get("model_kwargs", {}))
+    try:
+        if config.get("source") == "builtin" or arch in BUILTIN_MODELS:
+            return build_builtin(arch, **kwargs)
+        import timm
 
-    return timm.create_model(arch, pretrained=False, **kwargs)
+        if not isinstance(arch, str) or not timm.is_model(arch):
+            raise ValueError(f"arch {arch!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a timm model")
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{source}: cannot build arch {arch!r} with model_kwargs {kwargs}: "
+                         f"{str(exc).strip(chr(39))}") from exc
 
 
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", *, backend: str = "auto",
@@ -48,11 +66,20 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", *, bac
     for name in ("model.safetensors", "plan.json", "config.json"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"compressed model {path}: missing {name}")
-    config = json.loads((path / "config.json").read_text())
+    if verify_manifest(path, required=("model.safetensors", "plan.json", "config.json")) is None:
+        logger.warning(f"compressed model {path}: no manifest.json (written by hand or by an older version): "
+                       "its files are not checked")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"compressed model {path}: config.json is not JSON ({exc})") from exc
     plan = Plan.load(path / "plan.json")
     state = load_safetensors(path / "model.safetensors", "compressed model", str(device))
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"compressed model {path}: {bad} in model.safetensors holds NaN or Inf")
     with torch.device("meta"):
-        model = apply_plan(_build_architecture(config), plan)
+        model = apply_plan(_build_architecture(config, f"compressed model {path}/config.json"), plan)
     if fuse_mlps:
         fuse_lowrank_mlps(model)
     try:

@@ -116,6 +116,7 @@ class CompressedModel:
     subspaces: Subspaces | None = None
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     dense_finetuned: nn.Module | None = None
+    warnings: list[str] = field(default_factory=list)  # what makes the result less meaningful than it looks
 
     def save(self, out_dir: str | Path, config: Mapping) -> None:
         """``model.safetensors``, ``plan.json`` and ``config.json`` (the architecture, see ``load_compressed``)."""
@@ -190,9 +191,15 @@ def compress_model(
     report = build_report(model, statistics, subspaces, config.energy) if statistics is not None else None
 
     # -- plan
+    warnings: list[str] = []
     if plan is None:
         if searches or score:
             scored("dense", model)
+        if searches:
+            warnings += _search_warnings(scores["dense"]["val"], len(val), config.tolerance,
+                                         getattr(data, "num_classes", None))
+            for w in warnings:
+                logger.warning(f"rank search: warning: {w}")
         if config.param_fraction is not None:
             plan = uniform_plan(model, config.param_fraction, multiple=config.rank_multiple, arch=arch,
                                 method=config.method, filter_fn=config.layer_filter)
@@ -230,8 +237,21 @@ def compress_model(
                                                       "compressed": count_params(compressed)})
     result.model, result.plan, result.report = compressed.eval(), plan, report
     result.statistics, result.subspaces, result.scores = statistics, subspaces, scores
-    result.dense_finetuned = dense_finetuned
+    result.dense_finetuned, result.warnings = dense_finetuned, warnings
     return result
+
+
+def _search_warnings(dense_val: float, n_val: int, tolerance: float, num_classes: int | None) -> list[str]:
+    """Why a search's accuracy differences may be noise: a validation split too small to resolve the
+    tolerance, or a dense model near chance (every cut then looks free)."""
+    warnings = []
+    if n_val and 100.0 / n_val > tolerance:
+        warnings.append(f"the validation split has {n_val} examples: one example is {100.0 / n_val:.2f} pp, more "
+                        f"than the {tolerance} pp tolerance, so the search cannot tell a cut from noise")
+    if num_classes and dense_val < 1.5 / num_classes:
+        warnings.append(f"the dense model is near chance on validation ({dense_val:.2%}, chance {1 / num_classes:.2%}"
+                        "): cuts cannot lower its accuracy measurably; train or fine-tune it first")
+    return warnings
 
 
 def _example_input(data, model: nn.Module) -> torch.Tensor:

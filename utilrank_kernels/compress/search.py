@@ -97,7 +97,7 @@ def plan_ranks(
         searched[name] = search
     if searched:
         budget = tolerance * len(searched) if total_tolerance is None else total_tolerance
-        total_drop = _back_off(model, searched, baseline, budget, evaluate)
+        total_drop = _back_off(model, searched, baseline, budget, evaluate, progress)
         layers.update({name: search.entry(total_drop) for name, search in searched.items()})
     rows = {r.name: r for r in report.layers}
     for name in [n for n, e in layers.items() if not factored_pays(e.rank, rows[n].in_features, rows[n].out_features)]:
@@ -156,16 +156,22 @@ class _Search:
         return _entry(self.row, k_in, k_out, e, reason)
 
 
-def _back_off(model, searched: dict[str, _Search], baseline: float, budget: float, evaluate) -> float:
+def _back_off(model, searched: dict[str, _Search], baseline: float, budget: float, evaluate,
+              progress: bool = True) -> float:
     """Apply every layer's cut at once; while together they cost more than ``budget`` pp, move every
     layer that can one candidate toward more energy. Returns what the final cuts cost together (pp)."""
+    steps = max(len(s.candidates) - s.index for s in searched.values())  # at most this many evaluations
+    bar = tqdm(total=steps, desc="all cuts together", unit="eval", disable=not progress, leave=False)
     while True:
         with contextlib.ExitStack() as stack:
             for search in searched.values():
                 stack.enter_context(search.projection())
             drop = 100.0 * (baseline - evaluate(model))
+        bar.update()
+        bar.set_postfix_str(f"{drop:+.2f} pp (budget {budget:.2f})", refresh=False)
         movable = [s for s in searched.values() if s.index + 1 < len(s.candidates)]
         if drop <= budget or not movable:
+            bar.close()
             if drop > budget:  # a layer's shallowest candidate is the last cut that still saves parameters
                 logger.warning(f"rank search: all {len(searched)} cuts together {drop:+.2f} pp on validation, over "
                                f"the {budget:.2f} pp budget (--total-tolerance) even at each layer's shallowest cut "

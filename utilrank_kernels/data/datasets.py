@@ -8,6 +8,7 @@ by the same seed. Images get timm's eval transforms for the model.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+logger = logging.getLogger(__name__)
 SPLIT_SEED = 0
 DIGITS_SIZE = 16
 DIGITS_MEAN, DIGITS_STD = 0.3, 0.4  # of the upsampled images scaled to [0, 1]
@@ -56,9 +58,50 @@ def load_digits_splits() -> DataSplits:
     )
 
 
+VERIFY_LIMIT = 20_000  # images checked up front (header and chunks, ~0.1 ms each); beyond, checked as read
+
+
+def _read_image(path: str):
+    """torchvision's image loader, whose failures name the file."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL: UnidentifiedImageError is an OSError
+        raise ValueError(f"--data: {path}: not a readable image ({exc})") from exc
+
+
+def _verify_images(folder) -> None:
+    """Open and verify every image of an ImageFolder before any compute (a truncated or non-image file
+    would otherwise stop a long pass midway, with PIL's message and no file name)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    if len(folder.samples) > VERIFY_LIMIT:
+        logger.info(f"{folder.root}: {len(folder.samples)} images, more than {VERIFY_LIMIT}: each is checked when read")
+        return
+    for path, _ in tqdm(folder.samples, desc=f"check images in {Path(folder.root).name}", unit="image",
+                        leave=False, disable=len(folder.samples) < 2000):
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"--data: {path}: not a readable image ({exc})") from exc
+
+
+def _image_folder(root: Path, transform):
+    from torchvision.datasets import ImageFolder
+
+    try:
+        folder = ImageFolder(root, transform=transform, loader=_read_image)
+    except (FileNotFoundError, OSError) as exc:  # no class folders, or none with images
+        raise ValueError(f"--data: {root}: {exc}") from exc
+    _verify_images(folder)
+    return folder
+
+
 def load_imagefolder_splits(root: str | Path, model: torch.nn.Module) -> DataSplits:
     import timm.data
-    from torchvision.datasets import ImageFolder
 
     root = Path(root)
     if not root.is_dir():
@@ -66,15 +109,15 @@ def load_imagefolder_splits(root: str | Path, model: torch.nn.Module) -> DataSpl
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
     img_size = timm.data.resolve_data_config({}, model=model)["input_size"][-1]
     if (root / "train").is_dir() and (root / "val").is_dir():
-        train = ImageFolder(root / "train", transform=transform)
-        val = ImageFolder(root / "val", transform=transform)
+        train = _image_folder(root / "train", transform)
+        val = _image_folder(root / "val", transform)
         has_test = (root / "test").is_dir()
-        test = ImageFolder(root / "test", transform=transform) if has_test else val
+        test = _image_folder(root / "test", transform) if has_test else val
         test_split = "test" if has_test else "val"
         if val.classes != train.classes or test.classes != train.classes:
             raise ValueError(f"--data {root}: train/, val/ and test/ must have the same class folders")
     else:
-        full = ImageFolder(root, transform=transform)
+        full = _image_folder(root, transform)
         tr, va, te = _split_indices(len(full))
         train, val, test = Subset(full, tr), Subset(full, va), Subset(full, te)
         train.classes = full.classes

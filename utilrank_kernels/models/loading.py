@@ -52,16 +52,42 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+class HeadMismatch(ValueError):
+    """The checkpoint fits the model except for its classifier's number of classes."""
+
+    def __init__(self, message: str, checkpoint_classes: int):
+        super().__init__(message)
+        self.checkpoint_classes = checkpoint_classes
+
+
+def _classifier_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    return next((n for n, m in model.named_modules() if m is head), None) if isinstance(head, nn.Module) else None
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, what: str = "model") -> nn.Module:
+    """Load ``path`` into ``model`` strictly, after checking that every tensor is there in its shape: a misfit
+    is one ``ValueError`` naming the tensors (``HeadMismatch`` where only the classifier's classes differ)."""
     state = load_state_dict_file(path)
-    result = model.load_state_dict(state, strict=False)
-    problems = []
-    if result.missing_keys:
-        problems.append(f"missing {', '.join(result.missing_keys[:8])}")
-    if result.unexpected_keys:
-        problems.append(f"unexpected {', '.join(result.unexpected_keys[:8])}")
-    if problems:
-        raise ValueError(f"checkpoint {path} does not fit the model: {'; '.join(problems)}")
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected:
+        problems = [f"missing {', '.join(missing[:6])}" if missing else "",
+                    f"unexpected {', '.join(unexpected[:6])}" if unexpected else ""]
+        raise ValueError(f"checkpoint {path} is not a {what} checkpoint: {'; '.join(p for p in problems if p)} "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
+    if shapes:
+        head = _classifier_name(model)
+        listed = ", ".join(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(shapes)[:4])
+        if head and all(k.startswith(head + ".") for k in shapes):
+            classes = state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else -1
+            raise HeadMismatch(f"checkpoint {path} has a {classes}-class classifier ({listed}); give --num-classes "
+                               f"{own[f'{head}.weight'].shape[0] if f'{head}.weight' in own else 'N'} to replace its "
+                               "head with one for the data's classes", classes)
+        raise ValueError(f"checkpoint {path} does not fit the {what}: {listed}")
+    model.load_state_dict(state, strict=True)
     return model
 
 
@@ -96,15 +122,19 @@ def trained_builtin(name: str, device: str | torch.device = "cpu") -> nn.Module:
 
 def build_model(
     name: str, checkpoint: str | Path | None = None, num_classes: int | None = None, device: str = "cpu",
-    **model_kwargs,
+    *, reset_head: bool = False, **model_kwargs,
 ) -> tuple[nn.Module, dict]:
-    """Return ``(model, config)``; ``config`` (arch, source, num_classes, model kwargs) rebuilds it."""
+    """Return ``(model, config)``; ``config`` (arch, source, num_classes, model kwargs) rebuilds it.
+
+    ``reset_head``: a checkpoint whose classifier has another number of classes is loaded whole, then its
+    head replaced by a fresh ``num_classes`` one (timm's ``reset_classifier``; ``config["head_reset"]``):
+    the pretrained backbone on the user's classes. The new head is untrained."""
     if name in BUILTIN_MODELS:
         kwargs = dict(BUILTIN_MODELS[name][1])
         if checkpoint is None:
             model = trained_builtin(name, device=device)
         else:
-            model = load_checkpoint(build_builtin(name), checkpoint)
+            model = load_checkpoint(build_builtin(name), checkpoint, name)
         config = {"arch": name, "source": "builtin", "num_classes": kwargs["num_classes"], "model_kwargs": kwargs}
         return model.eval(), config
     import timm
@@ -115,7 +145,21 @@ def build_model(
         )
     kwargs = dict(model_kwargs) if num_classes is None else {**model_kwargs, "num_classes": num_classes}
     model = _seeded_init(timm.create_model, name, pretrained=False, **kwargs)
+    head_reset = False
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        try:
+            load_checkpoint(model, checkpoint, name)
+        except HeadMismatch as exc:
+            if not reset_head or num_classes is None:
+                raise
+            model = _seeded_init(timm.create_model, name, pretrained=False,
+                                 **{**kwargs, "num_classes": exc.checkpoint_classes})
+            load_checkpoint(model, checkpoint, name)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(INIT_SEED)
+                model.reset_classifier(num_classes)
+            head_reset = True
     config = {"arch": name, "source": "timm", "num_classes": model.num_classes, "model_kwargs": kwargs}
+    if head_reset:
+        config["head_reset"] = True
     return model.eval(), config

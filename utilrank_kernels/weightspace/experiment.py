@@ -13,6 +13,7 @@ and, for contrast, the naive factor-by-factor average.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -28,6 +29,7 @@ from .average import greedy_soup, load_soup, state_dict_of, swa, uniform_soup
 from .compressed import compressed_soup, greedy_compressed_soup
 
 SOUP_FORMAT = "utilrank.soup/1"
+logger = logging.getLogger(__name__)
 
 
 def _row(model: nn.Module, data, device) -> dict:
@@ -57,9 +59,10 @@ def soup_experiment(
     compressed_lr: float = 1e-3,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Run the experiment; returns the ``soup.json`` document (accuracies are fractions in [0, 1])."""
+    log = log or logger.info
     started = time.perf_counter()
     augment = data.name == "digits"
     base = base.to(device).eval()
