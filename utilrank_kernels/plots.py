@@ -170,7 +170,7 @@ def plot_alpha(report: dict, path: str | Path) -> None:
     ax.set_ylabel("power-law exponent alpha")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="best")  # the patch embedding's alpha often sits top left
     s = report["summary"]
     ax.set_title(f"{report['model']}: mean alpha {s['alpha']:.2f}, "
                  f"mean alpha_weighted {s['alpha_weighted']:.2f}"
