@@ -294,9 +294,12 @@ def make_jobs(launches: list[Launch], targets, rows: str, representative: bool =
                 kw = {**launch.kwargs, **config.all_kwargs(), "debug": False}
                 bound, spec, opts = binder(*launch.args, **kw)
                 options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, opts)
-                blob = json.dumps([REPORT_VERSION, launch.table, i, cc, fn.cache_key, signature, sorted(map(str, constexprs.items())),
-                                   sorted(map(str, attrs.items())), sorted(map(str, options.__dict__.items()))])
-                group = json.dumps([launch.table, i, cc, signature, sorted(map(str, constexprs.items()))]) \
+                # keyed by the config, not its row index: reordering a table reuses its results
+                blob = json.dumps([REPORT_VERSION, launch.table, _config_str(config), cc, fn.cache_key, signature,
+                                   sorted(map(str, constexprs.items())), sorted(map(str, attrs.items())),
+                                   sorted(map(str, options.__dict__.items()))])
+                group = json.dumps([launch.table, _config_str(config), cc, signature,
+                                    sorted(map(str, constexprs.items()))]) \
                     if representative else blob
                 key = hashlib.sha256(blob.encode()).hexdigest()[:24]
                 job = jobs.get(group)

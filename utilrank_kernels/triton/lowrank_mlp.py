@@ -11,8 +11,8 @@ Each program owns ``BM`` rows:
 
 With few rows (``M <= SMALL_M``) the MLP runs as two split-path low-rank linears (``lowrank_linear``'s
 small-M path): there the hidden activations are ``M x hidden``, a few hundred KB at most, and the weights,
-read once, dominate. Ranks too wide to hold ``t1`` and ``t2`` in registers (above 512, or 256 in fp32, see
-the tables) run as two fused low-rank linears, the hidden activations through memory. The threshold and
+read once, dominate. Ranks too wide to hold ``t1`` and ``t2`` in registers (above 512), and fp32 inputs (see
+the tables), run as two fused low-rank linears, the hidden activations through memory. The threshold and
 the autotune tables are untuned (set without a GPU): tune them on one with ``benchmarks/lowrank_results.py``.
 """
 
@@ -30,7 +30,6 @@ from .lowrank_linear import (
     activation_code,
     check_operands,
     dot_precision,
-    dtype_kind,
     lowrank_linear_triton,
     m_key,
     padded_rank,
@@ -101,29 +100,23 @@ def _lowrank_mlp_fused_kernel(
         tl.store(p_y, b_y.to(y.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
 
 
-# Autotune tables (data), by dtype kind and max(BR1, BR2): t1 and t2 both live in registers (t2 accumulates
-# over the hidden loop, so it is held whole, at a power-of-two width), so BM shrinks as the ranks grow. The
-# first row of each is what the interpreter and UTILRANK_TRITON_CONFIG=first run. BM >= 64 (wgmma on sm_90)
-# up to BR = 256; at 512, a 64-row t2 alone is 128 KB of registers per program, so BM is 32 (mma.sync on
-# both targets). fp32 stops at 256: the fp32 BR = 512 rows spilled 11.8 KB per thread and needed 196 KiB of
-# shared memory (benchmarks/kernel_resources.py); wider fp32 ranks run as two fused linears.
+# Autotune tables (data), by max(BR1, BR2): t1 and t2 both live in registers (t2 accumulates over the hidden
+# loop, so it is held whole, at a power-of-two width), so BM shrinks as the ranks grow. The first row of each
+# is what the interpreter and UTILRANK_TRITON_CONFIG=first run. BM >= 64 (wgmma on sm_90) up to BR = 256; at
+# 512 a 64-row t2 alone is 128 KB of registers per program, so BM is 32 (mma.sync on both targets). 16-bit
+# only: with fp32 FMA dots every first row spilled 0.6-8 KB per thread inside its loops (sm_80 and sm_90,
+# benchmarks/kernel_resources.py), so fp32 MLPs run as two fused linears. 4-warp rows at BR = 128 spilled
+# 24 B in the loop on sm_80.
 _MLP_KEYS = ("BM", "BK", "BH", "BN", "num_warps", "num_stages")
 _MLP_ROWS = {
-    "16-bit": {
-        64: [(64, 64, 64, 64, 4, 3), (128, 64, 64, 64, 8, 3), (64, 64, 128, 128, 8, 3)],
-        128: [(64, 64, 64, 64, 4, 3), (64, 32, 128, 64, 8, 3), (128, 32, 64, 64, 8, 2)],
-        256: [(64, 32, 64, 64, 8, 2), (64, 32, 32, 64, 8, 2)],
-        512: [(32, 32, 32, 64, 8, 2)],  # BH = 64: 168 KiB of shared memory, over A100's 163
-    },
-    "fp32": {
-        64: [(64, 64, 64, 64, 4, 3), (64, 32, 64, 64, 8, 3)],
-        128: [(64, 32, 64, 64, 8, 2), (64, 32, 32, 64, 8, 2)],
-        256: [(64, 32, 32, 64, 8, 2)],
-    },
+    64: [(64, 64, 64, 64, 4, 3), (128, 64, 64, 64, 8, 3), (64, 64, 128, 128, 8, 3)],
+    128: [(64, 32, 64, 64, 8, 2), (64, 32, 128, 64, 8, 3), (128, 32, 64, 64, 8, 2)],
+    256: [(64, 32, 64, 64, 8, 2), (64, 32, 32, 64, 8, 2)],
+    512: [(32, 32, 32, 64, 8, 2)],  # BH = 64: 168 KiB of shared memory, over A100's 163
 }
-_MLP = {(kind, br): autotune(f"lowrank_mlp.fused[{kind},BR={br}]", _lowrank_mlp_fused_kernel, _MLP_KEYS, rows,
-                             key=["M_KEY", "K", "H", "N", "R1", "R2"])
-        for kind, tables in _MLP_ROWS.items() for br, rows in tables.items()}
+_MLP = {br: autotune(f"lowrank_mlp.fused[BR={br}]", _lowrank_mlp_fused_kernel, _MLP_KEYS, rows,
+                     key=["M_KEY", "K", "H", "N", "R1", "R2"])
+        for br, rows in _MLP_ROWS.items()}
 
 
 def lowrank_mlp_triton(
@@ -141,23 +134,23 @@ def lowrank_mlp_triton(
     code = activation_code(activation)
     x3, m, seq, (s0, s1, sk) = rows_view(x)
     br = max(64, padded_rank(r1), padded_rank(r2))
-    kind = dtype_kind(x.dtype)
+    fusable = br in _MLP and x.dtype != torch.float32
     if path == "auto":
-        path = "split" if m <= SMALL_M or (kind, br) not in _MLP else "fused"
+        path = "fused" if m > SMALL_M and fusable else "split"
     if path == "split":  # two low-rank linears, each on its own path (by M): the hidden activations go to memory
         h = lowrank_linear_triton(x, a1, b1, bias1, activation)
         return lowrank_linear_triton(h, a2, b2, bias2, None)
     if path != "fused":
         raise ValueError(f"lowrank_mlp_triton: unknown path {path!r}")
-    if (kind, br) not in _MLP:
-        widest = max(b for k, b in _MLP if k == kind)
-        raise ValueError(f"lowrank_mlp_triton: the fused {kind} path holds ranks up to {widest}, got {r1}, {r2}")
+    if not fusable:
+        raise ValueError(f"lowrank_mlp_triton: the fused path takes 16-bit inputs and ranks up to {max(_MLP)}; "
+                         f"got {x.dtype}, ranks {r1}, {r2}")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m and n:
         def grid(meta):
             return (triton.cdiv(m, meta["BM"]),)
 
-        _MLP[kind, br][grid](
+        _MLP[br][grid](
             x3, a1, b1, y if bias1 is None else bias1.contiguous(), a2, b2,
             y if bias2 is None else bias2.contiguous(), y,
             m, k, hidden, n, r1, r2, seq, s0, s1, sk,
