@@ -23,7 +23,6 @@ fits run in numpy on the host.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._cache import write_json
+from ..layers import FilterFn
 from .esd import ESD, WELL_TRAINED, ESDOptions, check_dtype, matrix_esd
 from .stats import Statistics
 
@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 SPECTRUM_FORMAT = "utilrank.spectrum/1"
 SUMMARY_KEYS = ("alpha", "alpha_weighted", "log_spectral_norm", "log_norm", "stable_rank", "mp_softrank",
                 "num_spikes")
-FilterFn = Callable[[nn.Module, str], bool]
 
 
 def spectral_layers(

@@ -63,7 +63,8 @@ def compress_config(args):
         if args.finetune_dense and not args.finetune_epochs:
             raise ValueError("--finetune-dense needs --finetune-epochs >= 1")
         return CompressConfig(method=args.method, energy=args.energy, tolerance=args.tolerance,
-                              total_tolerance=args.total_tolerance, include=tuple(args.include),
+                              total_tolerance=args.total_tolerance, target_params=args.target_params,
+                              target_flops=args.target_flops, refine=not args.no_refine, include=tuple(args.include),
                               exclude=tuple(args.exclude), finetune=recipe, finetune_dense=args.finetune_dense,
                               target_device=args.target_device, target_batch=args.target_batch)
     except ValueError as exc:
@@ -133,6 +134,11 @@ def run(args) -> int:
     }
     if "dense_finetuned" in scores:
         summary["dense_finetuned"] = {"accuracy": scores["dense_finetuned"]["test"]}
+    if config.budget is not None:
+        measure, target = config.budget
+        achieved = summary["compressed"][measure] / summary["dense"][measure]
+        summary["target"] = {"measure": measure, "fraction": target, "achieved": achieved}
+        notes.append(f"target {measure} {target:g} of dense: the saved model has {achieved:.4f}")
     write_compressed(compressed, plan, model_config, folder.partial)
     write_report(result.report, folder.partial)
     write_json(folder.path("summary.json"), summary)
@@ -167,6 +173,15 @@ def add_parser(sub) -> None:
                         "times the number of searched layers)")
     p.add_argument("--no-search", dest="tolerance", action="store_const", const=None,
                    help="no rank search: cut every layer at --energy")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--target-params", type=float, default=None, metavar="R",
+                        help="size the whole model to R (a fraction, e.g. 0.5) of the dense parameters: ranks go "
+                             "where they cost the least output energy per parameter saved (from the "
+                             "eigendecompositions), refined on the validation split (replaces the rank search)")
+    budget.add_argument("--target-flops", type=float, default=None, metavar="R",
+                        help="as --target-params, for FLOPs per example (FlopCounterMode's, attention counted)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="with a target: allocate by output energy alone, no validation refinement")
     p.add_argument("--finetune-epochs", type=int, default=20,
                    help="epochs of fine-tuning the factored model on the train split (default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default: %(default)s)")

@@ -4,9 +4,8 @@ norms, MLU) rank and predict the test accuracy of a population of models."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from ._common import UsageError, limit_threads, resolve_device
+from ._common import UsageError, commit, limit_threads, output_folder, resolve_device
 from .regions import add_population_options, load_population
 from .spectrum import add_esd_options, esd_options
 
@@ -26,17 +25,18 @@ def _predict(args) -> int:
     if unknown:
         raise UsageError(f"--metrics {unknown[0]}: choose from {', '.join(METRICS)}")
     options = esd_options(args)
+    folder = output_folder(args, "predict")
     device = resolve_device(args.device)
-    out = Path(args.out or f"utilrank-out/predict-{args.model}")
     started = time.perf_counter()
     population, data = load_population(args, device)
     if len(population.members) < 4:
         raise UsageError(f"leave-one-out regression needs at least 4 models, got {len(population.members)}")
     doc = predict_experiment(population, data, target=args.target, energy=args.energy, options=options,
                              metrics=metrics, device=device)
-    write_json(out / "predict.json", doc)
-    plot_predict(doc, out / "predict.png")
+    write_json(folder.path("predict.json"), doc)
+    plot_predict(doc, folder.path("predict.png"))
     print(format_predict(doc))
+    out = commit(folder)
     print(f"wrote {out}/predict.json, predict.png in {time.perf_counter() - started:.1f}s "
           f"(population: {doc['population']['cache'] or 'files'})")
     return 0
@@ -76,4 +76,5 @@ def add_parser(sub) -> None:
     p.add_argument("--energy", type=float, default=0.99, help="energy of the MLU (default: %(default)s)")
     add_esd_options(p)
     p.add_argument("--out", default=None, help="output folder (default: utilrank-out/predict-MODEL)")
+    p.add_argument("--force", action="store_true", help="replace an --out folder that already holds results")
     p.set_defaults(func=run)

@@ -7,7 +7,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ._common import UsageError, limit_threads, resolve_device
+from ._common import UsageError, commit, limit_threads, output_folder, resolve_device
 
 
 def run(args) -> int:
@@ -76,8 +76,8 @@ def _regions(args) -> int:
 
     if args.points < 2:
         raise UsageError(f"--points {args.points}: a path needs at least 2 points")
+    folder = output_folder(args, "regions")
     device = resolve_device(args.device)
-    out = Path(args.out or f"utilrank-out/regions-{args.model}")
     started = time.perf_counter()
     population, data = load_population(args, device)
     if len(population.members) < 2:
@@ -87,11 +87,12 @@ def _regions(args) -> int:
                                  pairs=args.pairs, points=args.points, seed=args.seed, device=device)
     except ValueError as exc:  # --layer that the model lacks
         raise UsageError(str(exc)) from exc
-    write_json(out / "regions.json", doc)
-    plot_regions(doc, out / "regions.png")
-    plot_distances(doc, out / "distances.png")
-    plot_barriers(doc, out / "barriers.png")
+    write_json(folder.path("regions.json"), doc)
+    plot_regions(doc, folder.path("regions.png"))
+    plot_distances(doc, folder.path("distances.png"))
+    plot_barriers(doc, folder.path("barriers.png"))
     print(format_regions(doc))
+    out = commit(folder)
     print(f"wrote {out}/regions.json, regions.png, distances.png, barriers.png in "
           f"{time.perf_counter() - started:.1f}s (population: {doc['population']['cache'] or 'files'})")
     return 0
@@ -141,4 +142,5 @@ def add_parser(sub) -> None:
                    help="points per path, endpoints included (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of PCA / t-SNE (default: %(default)s)")
     p.add_argument("--out", default=None, help="output folder (default: utilrank-out/regions-MODEL)")
+    p.add_argument("--force", action="store_true", help="replace an --out folder that already holds results")
     p.set_defaults(func=run)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -13,10 +12,13 @@ from ._common import (
     add_common_options,
     add_threads_option,
     collect_statistics,
+    commit,
     init_distributed,
     limit_threads,
     load_model_and_data,
+    output_folder,
     resolve_device,
+    statistics_bytes,
 )
 
 
@@ -43,27 +45,30 @@ def _spectrum(args) -> int:
 
     options = esd_options(args)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
+    folder = output_folder(args, "spectrum")
     rank, world = init_distributed()
     device = resolve_device(args.device)
-    out = Path(args.out or f"utilrank-out/spectrum-{args.model}")
     started = time.perf_counter()
     model, _, data = load_model_and_data(args, device)
     stats = None
     if args.stats:
         try:
             stats = Statistics.load(args.stats, device="cpu")
+            stats.check_model(model)
         except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(str(exc)) from exc
+            raise UsageError(f"--stats {args.stats}: {exc}") from exc
     elif not args.weights_only:
-        stats = collect_statistics(args, model, data, device, out, rank, world)
+        folder.require_space(2 * statistics_bytes(model))
+        stats = collect_statistics(args, model, data, device, folder, rank, world)
     if rank != 0:
         return 0
     try:
         report, esds = spectrum(model, stats, args.energy, options=options, dtype=dtype, model_name=args.model)
     except ValueError as exc:  # statistics of another model
         raise UsageError(str(exc)) from exc
-    write_spectrum(report, esds, out)
+    write_spectrum(report, esds, folder.partial)
     print(format_spectrum_table(report))
+    out = commit(folder)
     kept = ", stats.safetensors" if stats is not None and not args.stats else ""
     print(f"wrote {out}/spectrum.json, alpha.png, esd/ ({len(report['layers'])} plots){kept} "
           f"in {time.perf_counter() - started:.1f}s")

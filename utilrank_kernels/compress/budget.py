@@ -1,14 +1,23 @@
-"""Plans sized to a budget: a fraction of the dense parameters, chosen per layer.
+"""Plans sized to a budget.
 
-``uniform_plan``: every layer keeps the same fraction of its own weights (no data needed: the synthetic
-cut ``utilrank bench --param-ratio`` times).
+- ``uniform_plan``: every layer keeps the same fraction of its own weights (no data needed: the synthetic
+  cut ``utilrank bench --param-ratio`` times).
+- ``budget_plan``: the whole model keeps a fraction of its dense parameters or FLOPs, rank allocated where
+  it costs the least output energy (``utilrank compress --target-params / --target-flops``).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
 from torch import nn
 
-from ..layers import FilterFn, find_layers, layer_shape
+from ..analysis.subspace import Subspaces
+from ..layers import FilterFn, LayerShape, find_layers, layer_shape
 from .plan import LayerPlan, Plan
 
 
@@ -38,3 +47,219 @@ def uniform_plan(model: nn.Module, fraction: float, *, multiple: int = 16, arch:
         layers[name] = LayerPlan(shape.kind, rank, reason=f"uniform fraction {fraction} (rank multiple {multiple})")
     meta = {"param_ratio": fraction, "rank_multiple": multiple}
     return Plan(arch or type(model).__name__, layers, dense, method, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# a whole-model target: parameters or FLOPs, allocated where it costs the least
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    """One budgeted layer: the cost of a rank, and the output energy the optimal rank-r map loses."""
+
+    name: str
+    shape: LayerShape
+    unit: int  # cost per unit of rank (r (in + out) weights, or FLOPs of one example)
+    dense_cost: int
+    tail: torch.Tensor  # tail[r] = fraction of C_out's trace beyond the top r eigenvalues
+    weight: float = 1.0
+
+    def loss(self, rank: int | None) -> float:
+        return 0.0 if rank is None else float(self.tail[min(rank, len(self.tail) - 1)])
+
+    def cost(self, rank: int | None) -> int:
+        return self.dense_cost if rank is None else rank * self.unit
+
+    @property
+    def break_even(self) -> int:
+        """The largest rank that still saves anything."""
+        return max(0, (self.shape.in_features * self.shape.out_features - 1) // (self.shape.in_features
+                                                                                 + self.shape.out_features))
+
+
+def _layer_tokens(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
+    """Positions per example each layer's matrix is applied at (tokens of a linear, output pixels of a conv)."""
+    from ..layers import conv_output_size
+    from .latency import layer_input_shapes
+
+    shapes = layer_input_shapes(model, names, example, 1)
+    tokens = {}
+    for name in names:
+        module, shape = model.get_submodule(name), shapes[name]
+        if isinstance(module, nn.Conv2d):
+            padding = module.padding if not isinstance(module.padding, str) else (0, 0)
+            if module.padding == "same":
+                out_hw = shape[2:]
+            else:
+                out_hw = conv_output_size(shape[2:], module.kernel_size, module.stride, padding, module.dilation)
+            tokens[name] = int(math.prod(out_hw))
+        else:
+            tokens[name] = int(math.prod(shape[1:-1])) if len(shape) > 2 else 1
+    return tokens
+
+
+def _allocate(layers: list[_Layer], reducible: int, multiple: int, fill: bool = True) -> dict[str, int | None]:
+    """Ranks (None: dense) whose total cost is at most ``reducible`` with the least total weighted output
+    energy lost, by Lagrangian relaxation: for a price ``lam`` each layer independently takes the option
+    (dense, or a rank in steps of ``multiple``) minimizing ``loss + lam * cost``, and ``lam`` is bisected to
+    the budget. Each such allocation is optimal among all that cost no more than it (no convexity needed, so
+    the jump from dense to factored is exact); ``fill`` then gives back rank within the leftover budget where
+    it buys the most energy per unit of cost."""
+    options = []
+    for layer in layers:
+        top = layer.break_even // multiple * multiple or layer.break_even
+        ranks = [None, *range(top, 0, -multiple)]
+        costs = np.array([layer.cost(r) for r in ranks], dtype=np.float64)
+        losses = np.array([layer.weight * layer.loss(r) for r in ranks], dtype=np.float64)
+        options.append((ranks, costs, losses))
+
+    def choose(lam: float) -> list[int]:
+        return [int(np.argmin(losses + lam * costs + 1e-15 * costs)) for _, costs, losses in options]
+
+    def total(choice: list[int]) -> float:
+        return sum(costs[c] for (_, costs, _), c in zip(options, choice, strict=True))
+
+    if total([len(r) - 1 for r, _, _ in options]) > reducible:
+        raise ValueError("budget out of reach: every budgeted layer is at rank 1")
+    lo, hi = 0.0, 1e-12
+    while total(choose(hi)) > reducible:
+        lo, hi = hi, hi * 4
+    for _ in range(100):  # costs only fall as the price rises: bisect to the cheapest price that fits
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if total(choose(mid)) > reducible else (lo, mid)
+    choice = choose(hi)
+    while fill:
+        slack = reducible - total(choice)
+        best = None
+        for i, (ranks, costs, losses) in enumerate(options):
+            now = choice[i]
+            for j in range(len(ranks)):
+                extra, gain = costs[j] - costs[now], losses[now] - losses[j]
+                if 0 < extra <= slack and gain > 0 and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, i, j)
+        if best is None:
+            break
+        choice[best[1]] = best[2]
+    return {layer.name: ranks[c] for layer, (ranks, _, _), c in zip(layers, options, choice, strict=True)}
+
+
+def budget_plan(
+    model: nn.Module,
+    subspaces: Subspaces,
+    target: float,
+    *,
+    measure: str = "params",
+    example: torch.Tensor | None = None,
+    arch: str = "",
+    method: str = "optimal",
+    filter_fn: FilterFn | None = None,
+    multiple: int = 1,
+    keep_dense: Mapping[str, str] | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    progress: bool = False,
+) -> Plan:
+    """A plan whose whole model keeps at most ``target`` of the dense model's parameters (``measure=
+    "params"``) or FLOPs per example (``"flops"``, needs ``example``): ranks allocated to lose the least total
+    output energy (each layer's relative loss at rank r, the optimal rank-r map's, from the subspaces: no
+    evaluation; ``_allocate``), in steps of ``multiple``. Layers in ``keep_dense`` (name -> reason) stay dense.
+
+    With ``evaluate`` (validation accuracy of a model), the allocation is refined on validation: each layer's
+    sensitivity (the accuracy its cut alone costs) reweights its energy loss by ``sensitivity ** alpha`` and
+    the best of ``alpha`` in {0, 0.5, 1} on validation is kept."""
+    from ..measure import count_flops, count_params
+
+    if measure not in ("params", "flops"):
+        raise ValueError(f"budget measure {measure!r}: choose params or flops")
+    if not 0 < target < 1:
+        raise ValueError(f"--target-{measure} {target}: must be in (0, 1)")
+    if measure == "flops" and example is None:
+        raise ValueError("a FLOPs budget needs an example input")
+    keep_dense = dict(keep_dense or {})
+    found, dense = find_layers(model, filter_fn)
+    dense.update(keep_dense)
+    names = [n for n in found if n in subspaces and n not in keep_dense]
+    dense.update({n: "no statistics (no subspaces)" for n in found if n not in subspaces and n not in keep_dense})
+    total = count_params(model) if measure == "params" else count_flops(model, example)
+    tokens = _layer_tokens(model, names, example) if measure == "flops" else dict.fromkeys(names, 1)
+    layers = []
+    for name in names:
+        shape, eig = layer_shape(found[name]), subspaces[name].eig_out
+        cumulative = torch.cat([eig.new_zeros(1), torch.cumsum(eig, 0)])
+        tail = (1 - cumulative / cumulative[-1]).clamp_min(0) if cumulative[-1] > 0 else torch.zeros_like(cumulative)
+        per_rank = (shape.in_features + shape.out_features) * (2 * tokens[name] if measure == "flops" else 1)
+        dense_cost = shape.in_features * shape.out_features * (2 * tokens[name] if measure == "flops" else 1)
+        layers.append(_Layer(name, shape, per_rank, dense_cost, tail.cpu()))
+    fixed = total - sum(layer.dense_cost for layer in layers)
+    reducible = int(target * total) - fixed
+    what = "parameters" if measure == "params" else "FLOPs"
+    if reducible < sum(layer.unit for layer in layers):
+        raise ValueError(f"--target-{measure} {target}: the layers this plan may not factor hold "
+                         f"{fixed / total:.1%} of the {what} already")
+
+    def plan_for(ranks: dict[str, int | None], note: str) -> Plan:
+        out, kept = {}, dict(dense)
+        for layer in layers:
+            r = ranks[layer.name]
+            if r is None:
+                kept[layer.name] = f"budget: factoring would cost more output energy per {what[:-1]} saved"
+                continue
+            out[layer.name] = LayerPlan(layer.shape.kind, r, r, r, None, (
+                f"budget {target:g} of dense {what}: rank {r} of {layer.shape.full_rank}, output energy lost "
+                f"{layer.loss(r):.2%}{note}"))
+        ordered = {n: out[n] for n in found if n in out}
+        meta = {f"target_{measure}": target, "rank_multiple": multiple}
+        return Plan(arch or type(model).__name__, ordered, kept, method, meta)
+
+    try:
+        ranks = _allocate(layers, reducible, multiple)
+    except ValueError:
+        raise ValueError(f"--target-{measure} {target}: out of reach even with every factored layer at rank 1") \
+            from None
+    plan = plan_for(ranks, "")
+    if evaluate is None:
+        return plan
+    return _refine_on_validation(model, subspaces, layers, ranks, reducible, multiple, plan, plan_for, evaluate,
+                                 progress)
+
+
+def _refine_on_validation(model, subspaces, layers, ranks, reducible, multiple, plan, plan_for, evaluate,
+                          progress) -> Plan:
+    """Reweight each layer's energy loss by its measured validation sensitivity (``** alpha``) and keep the
+    allocation that validates best (alpha 0 is the energy-only plan)."""
+    from tqdm.auto import tqdm
+
+    from .factor import factor_model
+
+    baseline = evaluate(model)
+    sensitivity = {}
+    for layer in tqdm([layer for layer in layers if ranks[layer.name] is not None], desc="budget: sensitivity",
+                      unit="layer", disable=not progress, leave=False):
+        alone = plan.replace_layers({layer.name: plan.layers[layer.name]})
+        sensitivity[layer.name] = max(baseline - evaluate(factor_model(model, alone, subspaces)[0]), 0.0)
+    floor = max(1e-4, 0.1 * sum(sensitivity.values()) / max(1, len(sensitivity)))
+    best, best_score, best_alpha = plan, evaluate(factor_model(model, plan, subspaces)[0]), 0.0
+    for alpha in (0.5, 1.0):
+        for layer in layers:
+            layer.weight = (max(sensitivity.get(layer.name, 0.0), floor) / floor) ** alpha
+        candidate = plan_for(_allocate(layers, reducible, multiple), f"; weighted by validation sensitivity^{alpha:g}")
+        score = evaluate(factor_model(model, candidate, subspaces)[0])
+        if score > best_score:
+            best, best_score, best_alpha = candidate, score, alpha
+    for layer in layers:
+        layer.weight = 1.0
+    return best.replace_layers(best.layers, sensitivity_alpha=best_alpha, validation=round(best_score, 6))
+
+
+def plan_fraction(model: nn.Module, plan: Plan, measure: str = "params", example: torch.Tensor | None = None) -> float:
+    """The fraction of ``model``'s parameters (or FLOPs per ``example``) the model factored to ``plan`` keeps."""
+    from ..measure import count_flops, count_params
+
+    total = count_params(model) if measure == "params" else count_flops(model, example)
+    names = list(plan.layers)
+    tokens = _layer_tokens(model, names, example) if measure == "flops" else dict.fromkeys(names, 1)
+    saved = 0
+    for name, entry in plan.layers.items():
+        shape = layer_shape(model.get_submodule(name))
+        scale = 2 * tokens[name] if measure == "flops" else 1
+        n_in, n_out = shape.in_features, shape.out_features
+        saved += scale * (n_in * n_out - entry.rank * (n_in + n_out))
+    return (total - saved) / total

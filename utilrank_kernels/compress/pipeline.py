@@ -42,6 +42,8 @@ class CompressConfig:
       ``U_r U_r^T W``) or ``"svd"`` (weights only).
     - ranks: ``tolerance`` (percentage points of validation accuracy per layer, with ``total_tolerance``
       for all cuts together) runs the paper's search; ``tolerance=None`` cuts every layer at ``energy``;
+      ``target_params`` / ``target_flops`` size the whole model to that fraction of its dense parameters or
+      FLOPs (rank where it costs the least output energy, refined on validation unless ``refine=False``);
       ``param_fraction`` keeps that fraction of every layer's weights (no data needed with ``"svd"``).
     - ``include`` / ``exclude`` (globs on layer names) or ``filter_fn(module, name)``: which layers.
     - ``finetune``: the recipe for the factored model (``epochs=0``: none); ``finetune_dense`` fine-tunes a
@@ -56,6 +58,9 @@ class CompressConfig:
     energy: float = 0.99
     tolerance: float | None = 0.2
     total_tolerance: float | None = None
+    target_params: float | None = None
+    target_flops: float | None = None
+    refine: bool = True
     param_fraction: float | None = None
     rank_multiple: int = 16
     include: tuple[str, ...] = ()
@@ -79,6 +84,12 @@ class CompressConfig:
             raise ValueError(f"total tolerance {self.total_tolerance}: must be >= 0 percentage points")
         if self.param_fraction is not None and not 0 < self.param_fraction < 1:
             raise ValueError(f"parameter fraction {self.param_fraction}: must be in (0, 1)")
+        for name in ("target_params", "target_flops"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise ValueError(f"{name.replace('_', '-')} {value}: must be a fraction of the dense model in (0, 1)")
+        if sum(v is not None for v in (self.target_params, self.target_flops, self.param_fraction)) > 1:
+            raise ValueError("give one of target_params, target_flops and param_fraction")
         if self.target_batch < 1 or self.stats_batch_size < 1 or self.rank_multiple < 1:
             raise ValueError("target_batch, stats_batch_size and rank_multiple must be >= 1")
         object.__setattr__(self, "include", tuple(self.include))
@@ -98,8 +109,17 @@ class CompressConfig:
         return self.method != "svd"
 
     @property
+    def budget(self) -> tuple[str, float] | None:
+        """``("params" | "flops", fraction)`` for a whole-model target, else None."""
+        if self.target_params is not None:
+            return "params", self.target_params
+        if self.target_flops is not None:
+            return "flops", self.target_flops
+        return None
+
+    @property
     def searches(self) -> bool:
-        return self.param_fraction is None and self.tolerance is not None
+        return self.param_fraction is None and self.budget is None and self.tolerance is not None
 
 
 @dataclass
@@ -203,6 +223,8 @@ def compress_model(
         if config.param_fraction is not None:
             plan = uniform_plan(model, config.param_fraction, multiple=config.rank_multiple, arch=arch,
                                 method=config.method, filter_fn=config.layer_filter)
+        elif config.budget is not None:
+            plan = _budget(model, data, config, subspaces, arch, val, metric, progress)
         else:
             if report is None:
                 raise ValueError(f"method {config.method!r} with an energy or tolerance cut needs statistics")
@@ -216,6 +238,8 @@ def compress_model(
 
             example = _example_input(data, model)
             plan = latency_aware(model, plan, example, config.target_device, config.target_batch, progress=progress)
+            if config.budget is not None:  # rounding and dense layers may have moved it off the target
+                plan = _budget(model, data, config, subspaces, arch, val, metric, progress, after_latency=plan)
     elif score:
         scored("dense", model)
 
@@ -252,6 +276,35 @@ def _search_warnings(dense_val: float, n_val: int, tolerance: float, num_classes
         warnings.append(f"the dense model is near chance on validation ({dense_val:.2%}, chance {1 / num_classes:.2%}"
                         "): cuts cannot lower its accuracy measurably; train or fine-tune it first")
     return warnings
+
+
+def _budget(model, data, config: CompressConfig, subspaces, arch, val, metric, progress,
+            after_latency: Plan | None = None) -> Plan:
+    """The whole-model budget's plan; after a latency-aware pass, re-allocated with the layers that pass kept
+    dense fixed and ranks in steps of the device's tile multiple, so that the target still holds."""
+    from .budget import budget_plan, plan_fraction
+    from .latency import TILE_MULTIPLES
+
+    measure, target = config.budget
+    example = _example_input(data, model) if measure == "flops" else None
+    if after_latency is not None:
+        if plan_fraction(model, after_latency, measure, example) <= target * 1.01:
+            return after_latency
+        keep = {n: r for n, r in after_latency.dense.items() if r.startswith("latency:")}
+        multiple = TILE_MULTIPLES[torch.device(config.target_device).type][0]
+    else:
+        keep, multiple = {}, 1
+    evaluate = (lambda m: metric(m, val)) if config.refine and val is not None else None
+    plan = budget_plan(model, subspaces, target, measure=measure, example=example, arch=arch, method=config.method,
+                       filter_fn=config.layer_filter, multiple=multiple, keep_dense=keep, evaluate=evaluate,
+                       progress=progress)
+    if after_latency is not None:  # keep the timings the latency pass measured for the layers still factored
+        plan = plan.replace_layers({n: replace(e, latency=after_latency.layers[n].latency)
+                                    if n in after_latency.layers else e for n, e in plan.layers.items()},
+                                   target=after_latency.meta.get("target"))
+    logger.info(f"budget: {measure} at {plan_fraction(model, plan, measure, example):.4f} of dense "
+                f"(target {target:g}), {len(plan.layers)} layers factored")
+    return plan
 
 
 def _example_input(data, model: nn.Module) -> torch.Tensor:
