@@ -1,6 +1,6 @@
 """What ``benchmarks/gpu_run.sh`` runs on a lent GPU, step by step, each under its own time limit:
 
-1. ``tests``: the GPU tests (``tests/triton``, ``tests/test_cuda_ext.py``, ``tests/ops/test_dispatch.py``) with
+1. ``tests``: the GPU tests (``tests/triton``, ``tests/ops/test_cuda_ext.py``, ``tests/ops/test_dispatch.py``) with
    one autotune row per kernel (``UTILRANK_TRITON_CONFIG=first``, so compiles, not tuning, bound the time);
 2. ``kernels``: each factored op against two cuBLAS calls (``F.linear`` with the bias), without and with a
    GELU, eager and fused by ``torch.compile``, at ViT-B/L shapes in bf16, with the roofline's ideal times
@@ -87,7 +87,7 @@ def run_tests(seconds: float) -> dict:
     junit = Path(os.environ.get("TMPDIR", "/tmp")) / f"utilrank-gpu-tests-{os.getpid()}.xml"
     env = {**os.environ, "UTILRANK_TRITON_CONFIG": "first"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-           "tests/triton", "tests/test_cuda_ext.py", "tests/ops/test_dispatch.py"]
+           "tests/triton", "tests/ops/test_cuda_ext.py", "tests/ops/test_dispatch.py"]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=seconds)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
+from ..layers import conv_output_size
 from ._dispatch import through_op
 from .lowrank import lowrank_conv2d_reference, lowrank_linear_reference
 
@@ -139,7 +140,7 @@ def _conv_out_size(size, k: int, stride: int, pad: int, dilation: int, padding_s
         return size
     if padding_str == "valid":
         pad = 0
-    return (size + 2 * pad - dilation * (k - 1) - 1) // stride + 1
+    return conv_output_size((size,), (k,), (stride,), (pad,), (dilation,))[0]
 
 
 @_lowrank_conv2d_op.register_fake

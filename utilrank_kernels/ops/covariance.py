@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import env
+from ..layers import conv_output_size
 from ._backend import check_backend
 from ._dispatch import choose, through_op
 
@@ -80,8 +81,7 @@ def conv_covariance_update_reference(
     n_img, channels, h, w = x.shape
     kh, kw = kernel_size
     k = channels * kh * kw
-    out_h = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    out_w = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    out_h, out_w = conv_output_size((h, w), kernel_size, stride, padding, dilation)
     # patchify (a ViT's patch embedding): the patches tile the image, so one reshape gathers them, several
     # times faster than F.unfold on CPU
     tiles = tuple(stride) == (kh, kw) and tuple(padding) == (0, 0) and tuple(dilation) == (1, 1)

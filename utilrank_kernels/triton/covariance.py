@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layers import conv_output_size
 from ._autotune import autotune, sm_count
 
 # Rows of dot products that cost as much as one tile's fp64 epilogue; both scale with BD^2, so the
@@ -447,8 +448,7 @@ def conv_covariance_update_triton(
     sh, sw = (int(v) for v in stride)
     ph, pw = (int(v) for v in padding)
     dh, dw = (int(v) for v in dilation)
-    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    out_h, out_w = conv_output_size((h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw))
     d = channels * kh * kw
     n_rows = n_img * max(out_h, 0) * max(out_w, 0)
     if n_rows == 0 or d == 0:

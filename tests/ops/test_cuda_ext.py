@@ -20,7 +20,7 @@ import torch
 from utilrank_kernels.ops._backend import cuda_extension
 from utilrank_kernels.ops.lowrank import apply_activation
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HAS_CUDA = torch.cuda.is_available()
 
 
