@@ -16,7 +16,7 @@ import itertools
 import json
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +273,33 @@ def _split_batch(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+# The batch adapter: the one place that knows what a batch may be. A tensor, a mapping of tensors (a tokenizer's
+# BatchEncoding, a dict: the model is called with **batch, Hugging Face style) or a tuple/list whose first element
+# is either (``(inputs, labels)``). A mapping's ``attention_mask`` is the padding mask (any integer or bool dtype,
+# nonzero = a real token): without it a padded batch's statistics count its pad tokens.
+ModelInput = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def model_input(batch, device: torch.device | str) -> tuple[ModelInput, torch.Tensor | None]:
+    """The model's input of ``batch`` on ``device``, and the bool token mask it carries (None for a tensor)."""
+    x = _split_batch(batch)
+    if isinstance(x, Mapping):
+        x = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+        mask = x.get("attention_mask")
+        return x, None if mask is None else token_mask(mask)
+    return x.to(device, non_blocking=True), None
+
+
+def call_model(model: nn.Module, inputs: ModelInput):
+    """``model(**inputs)`` for a mapping, ``model(inputs)`` for a tensor."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+
+
+def token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A padding mask as bool (an integer ``attention_mask``: nonzero is a real token)."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
 def collect_stats(
     model: nn.Module,
     batches: Iterable,
@@ -294,10 +321,12 @@ def collect_stats(
 ) -> Statistics:
     """One forward pass per batch updates every analyzable layer's input statistics.
 
-    ``batches`` yields tensors or ``(inputs, ...)`` tuples. ``mask_fn(batch)`` returns a bool token
-    mask of shape ``(B, T)`` for sequence models (masked tokens are excluded in every Linear whose
-    input is ``(B, T, d)``). ``resume`` continues a checkpoint: its first ``resume.batches`` batches
-    are skipped (``skip_resumed=False`` when the caller already started ``batches`` after them).
+    ``batches`` yields tensors, mappings of tensors (a tokenizer's ``BatchEncoding``: the model is called
+    with ``**batch``) or ``(inputs, ...)`` tuples of either. The token mask of shape ``(B, T)`` is a
+    mapping's ``attention_mask`` (any integer or bool dtype), or ``mask_fn(batch)``'s where given: masked
+    tokens are excluded in every Linear whose input is ``(B, T, d)``. ``resume`` continues a checkpoint:
+    its first ``resume.batches`` batches are skipped (``skip_resumed=False`` when the caller already
+    started ``batches`` after them).
     ``checkpoint_every`` writes the statistics to ``checkpoint_path`` every N batches, atomically.
     Under ``torch.distributed`` the result is all-reduced: each process passes its own shard.
     ``overlap`` runs the updates on a second thread, each stream with half of torch's threads (default:
@@ -349,8 +378,10 @@ def collect_stats(
                                    total=total, disable=not progress) as bar:
             for batch in bar:
                 collector.batch_index = stats.batches
-                collector.mask = mask_fn(batch) if mask_fn is not None else None
-                model(_split_batch(batch).to(device, non_blocking=True))
+                inputs, padding_mask = model_input(batch, device)
+                mask = mask_fn(batch) if mask_fn is not None else padding_mask
+                collector.mask = None if mask is None else token_mask(mask)
+                call_model(model, inputs)
                 collector.finish_batch()
                 stats.batches += 1
                 if checkpoint_every and checkpoint_path and stats.batches % checkpoint_every == 0:
