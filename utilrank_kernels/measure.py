@@ -76,7 +76,9 @@ def latency_ms(models: dict[str, nn.Module], example: torch.Tensor, *, warmup: i
     for name, model in models.items():
         model.eval()
         steps[name] = lambda model=model: model(example)
-    times = time_interleaved(steps, warmup=warmup, iters=iters, device=example.device, max_seconds=max_seconds,
+    # a dict example (a model called through models.hf.KeywordInputs): its tensors' device
+    device = example.device if isinstance(example, torch.Tensor) else next(iter(example.values())).device
+    times = time_interleaved(steps, warmup=warmup, iters=iters, device=device, max_seconds=max_seconds,
                              progress="latency" if progress else None)
     return {name: dict(zip(("median", "p20", "p80"), quantiles_ms(ts), strict=True)) for name, ts in times.items()}
 

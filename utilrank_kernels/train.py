@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .analysis.stats import call_model, model_input
+
 
 def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     """Translate each image by up to ``max_shift`` pixels (edge-padded): cheap augmentation for digits."""
@@ -59,11 +61,12 @@ def _train(model, dataset, *, epochs, lr, weight_decay, batch_size, seed, augmen
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
     with tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
         for _ in range(epochs):
-            for images, labels in loader:
+            for batch in loader:
+                images, labels = _labelled(batch, "training")
                 if augment:
                     images = random_shift(images, generator)
-                images, labels = images.to(device), labels.to(device)
-                loss = F.cross_entropy(model(images), labels, label_smoothing=0.1)
+                inputs, _ = model_input(images, device)
+                loss = F.cross_entropy(logits_of(call_model(model, inputs)), labels.to(device), label_smoothing=0.1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -71,6 +74,24 @@ def _train(model, dataset, *, epochs, lr, weight_decay, batch_size, seed, augmen
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
     return model.eval()
+
+
+def logits_of(output) -> torch.Tensor:
+    """The class logits of a model's output: the tensor itself, or an HF output's ``logits``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None:
+        raise ValueError(f"the model's output ({type(output).__name__}) has no class logits: an encoder without a "
+                         "classification head has no accuracy and cannot be trained on labels")
+    return logits
+
+
+def _labelled(batch, what: str):
+    """``(inputs, labels)`` of a batch (inputs: a tensor or a dict of tensors); unlabelled data is refused."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        raise ValueError(f"{what} needs labelled data (batches of (inputs, labels)); this data has no labels")
+    return batch[0], batch[1]
 
 
 @dataclass(frozen=True)
@@ -116,8 +137,9 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256, devic
     """Top-1 accuracy as a fraction in [0, 1]."""
     model.eval()
     correct = total = 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size):
-        logits = model(images.to(device))
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        inputs, labels = _labelled(batch, "accuracy")
+        logits = logits_of(call_model(model, model_input(inputs, device)[0]))
         correct += (logits.argmax(-1).cpu() == labels).sum().item()
         total += labels.numel()
     if total == 0:

@@ -47,7 +47,7 @@ def output_folder(args, command: str):
     run must not replace (``--force``). Files go to ``OUT.partial/`` until ``commit``."""
     from .._folder import FolderError, OutputFolder
 
-    out = Path(args.out or f"utilrank-out/{command}-{Path(args.model).name}")
+    out = Path(args.out or f"utilrank-out/{command}-{Path(args.model.removeprefix('hf:')).name}")
     try:
         return OutputFolder(out, command, force=args.force, resume=getattr(args, "resume", False)).prepare()
     except FolderError as exc:
@@ -96,7 +96,12 @@ def load_model_and_data(args, device: torch.device):
 
     new_head = getattr(args, "num_classes", None)
     try:
-        if args.model in BUILTIN_MODELS:
+        if args.model.startswith("hf:"):
+            model, config, data = _hf_model_and_data(args, new_head)
+        elif args.data is not None and args.data.startswith("text:"):
+            raise ValueError(f"--data {args.data}: text needs a tokenizer: give --model hf:DIR (a Hugging Face "
+                             "model folder with one)")
+        elif args.model in BUILTIN_MODELS:
             if args.data not in (None, "digits"):
                 raise ValueError(f"--model {args.model} is built for the digits data (1x16x16); "
                                  f"with --data {args.data} use a timm model name")
@@ -123,14 +128,62 @@ def load_model_and_data(args, device: torch.device):
     check_finite(model, f"--checkpoint {args.checkpoint}" if args.checkpoint else f"--model {args.model}")
     model = model.to(device)
     if config.get("head_reset"):  # a fresh classifier: trained first, so that the search measures a real model
+        from ..models import hf
         from ..train import train_head
 
         epochs = getattr(args, "head_epochs", 5)
         print(f"--num-classes {new_head}: a new {new_head}-class head, trained {epochs} epochs with the backbone "
               "frozen")
-        train_head(model, data.train, model.get_classifier(), epochs=epochs, device=device)
+        head = hf.classifier(model) if hf.is_hf_model(model) else model.get_classifier()
+        train_head(model, data.train, head, epochs=epochs, device=device)
     elif new_head is not None:
         print(f"--num-classes {new_head}: the checkpoint's head already has {new_head} classes; kept")
+    return model, config, data
+
+
+def _hf_model_and_data(args, new_head: int | None):
+    """``--model hf:DIR``: the folder's model with ``--data text:FILE`` (its tokenizer), an ImageFolder (its image
+    processor) or the built-in digits (a model configured for 1x16x16 images)."""
+    from ..data import load_data, load_imagefolder_splits, load_text_splits
+    from ..data.text import DEFAULT_MAX_LENGTH
+    from ..models import hf
+
+    if args.checkpoint is not None:
+        raise ValueError(f"--checkpoint: --model {args.model} loads the weights of its folder; give no --checkpoint")
+    hf_config = hf.read_config(args.model)
+    image_model = "num_channels" in hf_config and "image_size" in hf_config
+    if args.data is None:
+        raise ValueError(f"--model {args.model}: give --data: " + (
+            "an ImageFolder directory (or digits for a 1x16x16 model)" if image_model else "text:FILE (one example "
+            "per line)"))
+    if args.data.startswith("text:"):
+        if image_model:
+            raise ValueError(f"--data {args.data}: --model {args.model} takes images, not text")
+        max_length = min(hf_config.get("max_position_embeddings", DEFAULT_MAX_LENGTH), DEFAULT_MAX_LENGTH)
+        if args.max_length is not None and args.max_length > hf_config.get("max_position_embeddings", args.max_length):
+            raise ValueError(f"--max-length {args.max_length}: --model {args.model} has "
+                             f"{hf_config['max_position_embeddings']} positions (max_position_embeddings)")
+        data = load_text_splits(args.data, hf.tokenizer(args.model), args.max_length or max_length)
+    elif args.data == "digits":
+        shape = (hf_config.get("num_channels"), hf_config.get("image_size"))
+        if shape != (1, 16):
+            raise ValueError(f"--data digits: the digits are 1x16x16 images; --model {args.model} takes "
+                             f"num_channels {shape[0]}, image_size {shape[1]}")
+        data = load_data("digits")
+    elif not image_model:
+        raise ValueError(f"--data {args.data}: --model {args.model} takes text: give --data text:FILE")
+    else:
+        size = hf_config["image_size"]
+        data = load_imagefolder_splits(args.data, transform=hf.image_transform(args.model),
+                                       img_size=size if isinstance(size, int) else size[0])
+    labels = hf.num_labels(hf_config)
+    task = hf.task_of(hf_config.get("architectures"))
+    if new_head is not None and new_head != data.num_classes:
+        raise ValueError(f"--num-classes {new_head}: the data has {data.num_classes} classes")
+    if task != "encoder" and data.num_classes and labels != data.num_classes and new_head is None:
+        raise ValueError(f"--model {args.model} has a {labels}-class head ({task}), --data {args.data} has "
+                         f"{data.num_classes} classes: give --num-classes {data.num_classes} to replace the head")
+    model, config = hf.load_hf_model(args.model, num_labels=new_head)
     return model, config, data
 
 
@@ -154,7 +207,7 @@ def pass_identity(args, model, data, rank: int, world: int) -> dict:
     layers, _ = find_layers(model)
     return {"model": args.model, "checkpoint": args.checkpoint, "dataset": data.name,
             "examples": len(data.train), "batch_size": args.batch_size, "order": "dataset order, no shuffle",
-            "shard": f"{rank} of {world}", "mask": "none",
+            "shard": f"{rank} of {world}", "mask": "attention_mask" if data.name.startswith("text:") else "none",
             "layers": {n: [layer_shape(m).out_features, layer_shape(m).in_features] for n, m in layers.items()}}
 
 
@@ -211,7 +264,9 @@ def collect_statistics(args, model, data, device, folder, rank: int, world: int)
 
 def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="built-in vit-digits | vgg-digits, or any timm model name (default: %(default)s)")
+                   help="built-in vit-digits | vgg-digits, any timm model name, or hf:DIR, a local Hugging Face model "
+                        "folder (AutoModelForImageClassification / ...ForSequenceClassification where its config "
+                        "has that head, else AutoModel; never downloads) (default: %(default)s)")
     p.add_argument("--checkpoint", default=None,
                    help="weights for --model: .safetensors, or a torch file loaded with weights_only=True")
     p.add_argument("--num-classes", type=positive_int, default=None, metavar="N",
@@ -222,7 +277,11 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="with --num-classes: epochs of training the new head (default: %(default)s)")
     p.add_argument("--data", default=None,
                    help="'digits' (built-in, default) or an ImageFolder directory (DIR/train + DIR/val, or one "
-                        "folder split 70/15/15)")
+                        "folder split 70/15/15); with --model hf:DIR also text:FILE, one example per line (a .tsv: "
+                        "LABEL<TAB>TEXT), tokenized by the folder's tokenizer and split 70/15/15")
+    p.add_argument("--max-length", type=positive_int, default=None, metavar="N",
+                   help="--data text:FILE: truncate each line to N tokens (default: 128, or the model's "
+                        "max_position_embeddings if fewer); lines are padded to the longest line of the file")
     p.add_argument("--energy", type=float, default=0.99,
                    help="fraction of each covariance's trace the kept eigenvectors must hold (default: %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=128,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-
+from ..models.hf import KeywordInputs
 from ._common import (
     UsageError,
     add_common_options,
@@ -22,6 +21,7 @@ from ._common import (
 
 def _summary_table(summary: dict) -> str:
     d, p, c = summary["dense"], summary["projected"], summary["compressed"]
+    score = summary["metric"]  # "accuracy" or "cosine" (--metric): the key of each variant's score
     spread = lambda m: f"[{m['latency_p20_ms']:.2f}-{m['latency_p80_ms']:.2f}]"  # noqa: E731
     test = "test" if summary["test_split"] == "test" else "test (= val!)"
     lines = [
@@ -31,15 +31,14 @@ def _summary_table(summary: dict) -> str:
         f"{'CPU ms (batch 32)':<20}{d['latency_ms']:>14.2f}{c['latency_ms']:>14.2f}"
         f"{c['latency_ms'] / d['latency_ms']:>9.3f}",
         f"{'  p20-p80':<20}{spread(d):>14}{spread(c):>14}",
-        f"{test + ' accuracy':<20}{d['accuracy']:>14.2%}{c['accuracy']:>14.2%}"
-        f"{100 * (c['accuracy'] - d['accuracy']):>+8.2f}pp",
-        f"projected ({summary['method']}, before fine-tuning): {p['accuracy']:.2%}; "
-        f"fine-tuned {summary['finetune_epochs']} epochs: {c['accuracy']:.2%}; MLU {summary['mlu']:.3f}",
+        f"{test + ' ' + score:<20}{d[score]:>14.2%}{c[score]:>14.2%}{100 * (c[score] - d[score]):>+8.2f}pp",
+        f"projected ({summary['method']}, before fine-tuning): {p[score]:.2%}; "
+        f"fine-tuned {summary['finetune_epochs']} epochs: {c[score]:.2%}; MLU {summary['mlu']:.3f}",
     ]
     if "dense_finetuned" in summary:
         lines.append(f"control: the dense model fine-tuned the same {summary['finetune_epochs']} epochs: "
-                     f"{summary['dense_finetuned']['accuracy']:.2%} (compressed "
-                     f"{100 * (c['accuracy'] - summary['dense_finetuned']['accuracy']):+.2f} pp against it)")
+                     f"{summary['dense_finetuned'][score]:.2%} (compressed "
+                     f"{100 * (c[score] - summary['dense_finetuned'][score]):+.2f} pp against it)")
     lines += [f"note: {n}" for n in summary["notes"]]
     lines += [f"warning: {w}" for w in summary["warnings"]]
     return "\n".join(lines)
@@ -85,6 +84,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     started = time.perf_counter()
     model, model_config, data = load_model_and_data(args, device)
+    metric_name, metric = _metric(args, config, model, data, device)
     plan = stats = None
     if args.plan:  # re-enter at the factors: the plan is the one saved, not planned again
         try:
@@ -107,14 +107,16 @@ def run(args) -> int:
     if rank != 0:
         return 0
     try:
-        result = compress_model(model, data, config, statistics=stats, plan=plan, arch=args.model, device=device)
+        result = compress_model(model, data, config, statistics=stats, plan=plan, arch=args.model, device=device,
+                                metric=metric)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     compressed, plan, scores = result.model, result.plan, result.scores
-    example = data.test[0][0][None].to(device)
-    bench_input = torch.stack([data.test[i % len(data.test)][0] for i in range(32)])
-    latency = latency_ms({"dense": copy.deepcopy(model).cpu(), "compressed": copy.deepcopy(compressed).cpu()},
-                         bench_input, progress=True)
+    example, bench_input = _test_inputs(data.test, 1, device), _test_inputs(data.test, 32, "cpu")
+    # a model called with **batch (a Hugging Face model on text) is measured through a wrapper that unpacks it
+    measured = KeywordInputs if isinstance(example, dict) else (lambda m: m)
+    latency = latency_ms({"dense": measured(copy.deepcopy(model).cpu()),
+                          "compressed": measured(copy.deepcopy(compressed).cpu())}, bench_input, progress=True)
     notes = []
     if max(v["p80"] / v["p20"] for v in latency.values()) > 1.25:
         notes.append("latency p80/p20 above 1.25: a busy or throttling machine; compare with `utilrank bench`")
@@ -123,17 +125,18 @@ def run(args) -> int:
                      "rank search tuned on (optimistic)")
     summary = {
         "format": "utilrank.summary/1", "model": args.model, "dataset": data.name, "method": plan.method,
-        "dense": {"params": count_params(model), "flops": count_flops(model, example),
-                  "accuracy": scores["dense"]["test"], **_latency(latency["dense"])},
-        "projected": {"params": count_params(compressed), "flops": count_flops(compressed, example),
-                      "accuracy": scores["projected"]["test"]},
-        "compressed": {"params": count_params(compressed), "flops": count_flops(compressed, example),
-                       "accuracy": scores["compressed"]["test"], **_latency(latency["compressed"])},
+        "metric": metric_name,
+        "dense": {"params": count_params(model), "flops": count_flops(measured(model), example),
+                  metric_name: scores["dense"]["test"], **_latency(latency["dense"])},
+        "projected": {"params": count_params(compressed), "flops": count_flops(measured(compressed), example),
+                      metric_name: scores["projected"]["test"]},
+        "compressed": {"params": count_params(compressed), "flops": count_flops(measured(compressed), example),
+                       metric_name: scores["compressed"]["test"], **_latency(latency["compressed"])},
         "mlu": result.report.mlu, "finetune_epochs": config.finetune.epochs, "test_split": data.test_split,
         "latency_batch": 32, "notes": notes, "warnings": result.warnings,
     }
     if "dense_finetuned" in scores:
-        summary["dense_finetuned"] = {"accuracy": scores["dense_finetuned"]["test"]}
+        summary["dense_finetuned"] = {metric_name: scores["dense_finetuned"]["test"]}
     if config.budget is not None:
         measure, target = config.budget
         achieved = summary["compressed"][measure] / summary["dense"][measure]
@@ -150,6 +153,31 @@ def run(args) -> int:
     print(f"wrote {out}/ (model.safetensors, plan.json, config.json, report.json, summary.json, utilization.png, "
           f"stats.safetensors, manifest.json) in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def _metric(args, config, model, data, device):
+    """``--metric`` (default: accuracy where the model has a head and the data labels, else cosine to the dense
+    model), and the refusal of fine-tuning without labels or a head: it trains on cross-entropy."""
+    from ..metrics import accuracy_problem, select_metric
+
+    try:
+        name, metric = select_metric(args.metric, model, data, device)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    problem = accuracy_problem(model, data)
+    if config.finetune.epochs and problem:
+        raise UsageError(f"--finetune-epochs {config.finetune.epochs}: fine-tuning trains on labels and {problem}; "
+                         "pass --finetune-epochs 0")
+    return name, metric
+
+
+def _test_inputs(dataset, n: int, device):
+    """The model input of the first ``n`` examples (cycling), as a DataLoader would batch them."""
+    from torch.utils.data import default_collate
+
+    from ..analysis.stats import model_input
+
+    return model_input(default_collate([dataset[i % len(dataset)] for i in range(n)]), device)[0]
 
 
 def _latency(ms: dict[str, float]) -> dict[str, float]:
@@ -196,6 +224,13 @@ def add_parser(sub) -> None:
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="factor to this plan.json (from an earlier compress) instead of planning: re-runs only the "
                         "factors and fine-tuning; with --stats FILE no statistics pass either")
+    p.add_argument("--metric", choices=("accuracy", "cosine"), default=None,
+                   help="what the rank search and the summary score (default: accuracy where the model has a "
+                        "classification head and the data labels, else cosine): cosine is the mean cosine "
+                        "similarity of the output embedding (last_hidden_state averaged over the attention mask, "
+                        "else pooler_output, else the logits) to the dense model's on the same split; --tolerance "
+                        "PP then allows a drop of PP/100 in it. Fine-tuning needs labels and a head: without them pass "
+                        "--finetune-epochs 0")
     p.add_argument("--method", choices=("data", "optimal", "svd"), default="data",
                    help="data: project on the data subspaces (P_out W P_in, the paper's); optimal: the rank-r map "
                         "closest to W on the data (U_r U_r^T W); svd: truncated SVD of W at the same ranks")

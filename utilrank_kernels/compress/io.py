@@ -39,11 +39,16 @@ def save_compressed(model: nn.Module, plan: Plan, config: dict, out_dir: str | P
 
 
 def _build_architecture(config: dict, source: str = "config.json") -> nn.Module:
-    """The architecture ``config.json`` names (``arch``, ``source``, ``model_kwargs``), randomly initialized."""
+    """The architecture ``config.json`` names (``arch``, ``source``, ``model_kwargs``; for ``source: "hf"`` the
+    stored ``hf_config`` and ``task``), randomly initialized."""
     from ..models import BUILTIN_MODELS, build_builtin
 
     arch, kwargs = config.get("arch"), dict(config.get("model_kwargs", {}))
     try:
+        if config.get("source") == "hf":  # a transformers model: its config class and Auto class, from hf_config
+            from ..models.hf import build_hf_architecture
+
+            return build_hf_architecture(config)
         if config.get("source") == "builtin" or arch in BUILTIN_MODELS:
             return build_builtin(arch, **kwargs)
         import timm

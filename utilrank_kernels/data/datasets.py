@@ -100,14 +100,18 @@ def _image_folder(root: Path, transform):
     return folder
 
 
-def load_imagefolder_splits(root: str | Path, model: torch.nn.Module) -> DataSplits:
-    import timm.data
-
+def load_imagefolder_splits(root: str | Path, model: torch.nn.Module | None = None, *, transform=None,
+                            img_size: int | None = None) -> DataSplits:
+    """Images get timm's eval transforms for ``model``, or ``transform`` (and its ``img_size``) where given (an
+    HF model folder's image processor)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: no such directory")
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
-    img_size = timm.data.resolve_data_config({}, model=model)["input_size"][-1]
+    if transform is None:
+        import timm.data
+
+        transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+        img_size = timm.data.resolve_data_config({}, model=model)["input_size"][-1]
     if (root / "train").is_dir() and (root / "val").is_dir():
         train = _image_folder(root / "train", transform)
         val = _image_folder(root / "val", transform)
