@@ -205,7 +205,7 @@ def test_regions_and_predict_commands_on_checkpoint_files(tmp_path, capsys):
     doc = json.loads((out / "regions.json").read_text())
     assert len(doc["barriers"]["pairs"]) == 1 + 2 and all(len(p["accuracy"]) == 3 for p in doc["barriers"]["pairs"])
     assert doc["groups"] == ["one", "two"] and {p.name for p in out.iterdir()} == {
-        "regions.json", "regions.png", "distances.png", "barriers.png"}
+        "regions.json", "regions.png", "distances.png", "barriers.png", "manifest.json"}
     out = tmp_path / "predict"
     assert main(["predict", "--from", *files, "--out", str(out)]) == 0
     assert "Spearman rho" in capsys.readouterr().out

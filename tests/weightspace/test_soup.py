@@ -219,7 +219,9 @@ def compressed_setup():
     stats = collect_stats(base, batches, progress=False)
     report, _ = analyze(base, stats, 0.9)
     # every analyzed layer at its utilized rank, whether or not that saves weights in a model this small
-    plan = Plan("convnet", {r.name: LayerPlan(r.kind, r.rank, r.k_in, r.k_out) for r in report.layers})
+    # the paper's two-sided projection, which projected_by_hand writes out
+    plan = Plan("convnet", {r.name: LayerPlan(r.kind, r.rank, r.k_in, r.k_out) for r in report.layers},
+                method="data")
     assert set(plan.layers) == {"conv1", "conv2", "conv3", "head"}
     assert all(plan.layers[r.name].rank < r.full_rank for r in report.layers)
     # ingredients: perturbed models, each factored on its own statistics (different subspaces)

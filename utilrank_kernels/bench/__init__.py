@@ -27,7 +27,8 @@ What is compressed:
 
 from .models import compress_builtin, cut_to_ratio, dense_twin, input_size
 from .output import BENCH_FORMAT, format_row, write_rows
-from .timing import BACKEND_CHOICES, DTYPES, ENGINES, bench, make_step, onnxruntime_model, realized
+from .timing import BACKEND_CHOICES, DTYPES, ENGINES, bench, dtype_name, make_step, onnxruntime_model, realized
 
 __all__ = ["BACKEND_CHOICES", "BENCH_FORMAT", "DTYPES", "ENGINES", "bench", "compress_builtin", "cut_to_ratio",
-           "dense_twin", "format_row", "input_size", "make_step", "onnxruntime_model", "realized", "write_rows"]
+           "dense_twin", "dtype_name", "format_row", "input_size", "make_step", "onnxruntime_model", "realized",
+           "write_rows"]

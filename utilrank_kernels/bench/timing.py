@@ -35,6 +35,14 @@ from .output import format_row
 
 logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# torch's and timm's names for them, accepted wherever a --dtype is
+DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
+
+
+def dtype_name(text: str) -> str:
+    """``fp32`` / ``bf16`` / ``fp16`` for any of their names (``float32``, ``bfloat16``, ...); unknown names
+    are returned as given, for the caller's choices to refuse."""
+    return DTYPE_ALIASES.get(text.strip().lower().removeprefix("torch."), text.strip().lower())
 BACKEND_CHOICES = ("torch", "triton", "cuda", "auto")
 ENGINES = ("eager", "compile", "onnxruntime")
 

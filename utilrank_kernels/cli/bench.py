@@ -9,7 +9,6 @@ from pathlib import Path
 
 from torch import nn
 
-from .. import bench as bench_package
 from ..bench import (
     BACKEND_CHOICES,
     DTYPES,
@@ -21,14 +20,17 @@ from ..bench import (
     input_size,
     write_rows,
 )
+from ..bench.timing import dtype_name
 from ..measure import THP_HINT, count_params, cpu_thp_alloc, device_label, keep_freed_memory
-from ._common import DEFAULT_MODEL, UsageError, resolve_device
+from ._common import DEFAULT_MODEL, UsageError, positive_int, resolve_device
 
 
 def _csv_list(text: str, what: str, cast=str, choices: Sequence | None = None) -> list:
     items = [t.strip() for t in text.split(",") if t.strip()]
     try:
         values = [cast(t) for t in items]
+    except argparse.ArgumentTypeError as exc:  # the item's own type says what it expected
+        raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
     except ValueError:
         values = None
     if not values or (choices is not None and any(v not in choices for v in values)):
@@ -120,7 +122,13 @@ def run(args) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time the dense and the compressed model side by side (timm-style rows)",
-                       description=bench_package.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Time a dense model and its compressed form side by side (interleaved, so a busy "
+                                   "machine slows both alike), in each --engine, and write timm-style rows: "
+                                   "samples/s, step time with p20/p80, parameters, GMACs, and for compressed rows "
+                                   "the speedup over dense, the FLOP ratio and the fraction of it realized. "
+                                   "--compressed DIR times a utilrank compress folder against its dense twin (each "
+                                   "factored layer multiplied back); --model M --param-ratio R a synthetic cut of "
+                                   "every layer to R of its weights; no option the built-in compressed in-process.")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="built-in vit-digits | vgg-digits, or a timm model name with --param-ratio "
                         "(default: %(default)s, compressed in-process at --energy)")
@@ -133,10 +141,10 @@ def add_parser(sub) -> None:
     p.add_argument("--compressed", default=None, metavar="DIR", help="a folder written by utilrank compress")
     p.add_argument("--energy", type=float, default=0.99,
                    help="in-process compression of a built-in: the energy cut (default: %(default)s)")
-    p.add_argument("--batch-sizes", type=lambda s: _csv_list(s, "--batch-sizes", int), default=[1, 8, 64],
+    p.add_argument("--batch-sizes", type=lambda s: _csv_list(s, "--batch-sizes", positive_int), default=[1, 8, 64],
                    help="comma-separated (default: 1,8,64)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    p.add_argument("--dtype", type=lambda s: _csv_list(s, "--dtype", choices=tuple(DTYPES)), default=["fp32"],
+    p.add_argument("--dtype", type=lambda s: _csv_list(s, "--dtype", dtype_name, tuple(DTYPES)), default=["fp32"],
                    help="comma-separated fp32,bf16,fp16 (default: fp32)")
     p.add_argument("--backend", type=lambda s: _csv_list(s, "--backend", choices=(*BACKEND_CHOICES, "all")),
                    default=["auto"], help="comma-separated auto,torch,triton,cuda, or all (default: auto); "

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import UsageError, resolve_device
+from ..bench.timing import dtype_name
+from ._common import UsageError, positive_int, resolve_device
 
 DEFAULT_FOLDER = "utilrank-out/compress-vit-digits"  # what `utilrank compress` writes by default
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -17,12 +18,9 @@ def _batch(text: str) -> int | None:
     if text == "dynamic":
         return None
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a batch size >= 1 or 'dynamic', got {text!r}")
-    return value
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a batch size >= 1 or 'dynamic', got {text!r}") from None
 
 
 def default_out(folder: Path, fmt: str, dtype: str, batch: int | None) -> Path:
@@ -117,14 +115,18 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("export", help="write a compressed model as ONNX or a torch.export ExportedProgram, "
                                       "checked against the PyTorch model",
-                       description=__doc__)
+                       description="Write a compressed folder (utilrank compress's) as an ONNX file that runs without "
+                                   "this package (the factors as plain MatMuls) or as a torch.export ExportedProgram "
+                                   "that keeps the utilrank kernels as custom ops; the file is run in its runtime "
+                                   "on a batch and compared with the PyTorch model before it is written.")
     p.add_argument("dir", nargs="?", default=DEFAULT_FOLDER,
                    help="a folder written by utilrank compress (default: %(default)s)")
     p.add_argument("--format", choices=FORMATS, default="onnx",
                    help="onnx: plain MatMul/Add/activation nodes, runs in onnxruntime without this package; "
                         "exported-program: torch.export.save, kernel backends kept as utilrank custom ops "
                         "(default: %(default)s)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weights and input (default: %(default)s)")
+    p.add_argument("--dtype", type=dtype_name, choices=DTYPE_NAMES, default="fp32",
+                   help="weights and input: fp32, fp16 or bf16 (torch's names too; default: %(default)s)")
     p.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic",
                    help="a fixed batch size, or dynamic (default: dynamic)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")

@@ -66,7 +66,11 @@ def format_predict(doc: dict) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="accuracy from weights: Spearman correlations of weight metrics with test "
-                                       "accuracy, and a leave-one-out regression, over a population")
+                                       "accuracy, and a leave-one-out regression, over a population",
+                       description="How well weight-only metrics (alpha, alpha_weighted, stable rank, MP soft rank, "
+                                   "norms) and the MLU predict test accuracy over a population of models: Spearman "
+                                   "correlations and a leave-one-out ridge regression against the mean predictor; "
+                                   "writes predict.json and a scatter plot.")
     add_population_options(p)
     p.add_argument("--target", choices=("test", "val"), default="test",
                    help="the accuracy predicted (default: %(default)s)")

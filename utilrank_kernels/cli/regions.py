@@ -125,7 +125,12 @@ def format_regions(doc: dict) -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("regions", help="where models live in weight space: PCA / t-SNE map, distances, barrier "
-                                       "heights between pairs")
+                                       "heights between pairs",
+                       description="Where models live in weight space: a population (trained from the built-in and "
+                                   "cached, or checkpoint files) embedded in 2-D by PCA and t-SNE, coloured by group, "
+                                   "its pairwise distances, and validation accuracy along straight lines between "
+                                   "pairs (the barrier that tells whether two models can be souped); writes "
+                                   "regions.json and its plots.")
     add_population_options(p)
     p.add_argument("--layer", default=None,
                    help="embed one layer's weight (a module name, e.g. blocks.0.attn.qkv) instead of all "

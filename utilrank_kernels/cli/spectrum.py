@@ -155,7 +155,11 @@ def add_esd_options(p: argparse.ArgumentParser) -> None:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("spectrum", help="per-layer ESD, power-law alpha and WeightWatcher metrics, of W and "
-                                        "of the data-projected W'")
+                                        "of the data-projected W'",
+                       description="Per layer, the empirical spectral density of W^T W, its power-law alpha and "
+                                   "WeightWatcher's metrics (WeightWatcher 0.7.7's definitions by default), of the "
+                                   "weights and of the data-projected W' = P_out W P_in; writes spectrum.json, "
+                                   "alpha.png and esd/<layer>.png.")
     add_common_options(p, "spectrum")
     p.set_defaults(energy=0.999)
     p.add_argument("--stats", default=None,

@@ -38,8 +38,9 @@ Metric = Callable[[nn.Module, Dataset], float]
 class CompressConfig:
     """What ``compress_model`` does; the defaults are ``utilrank compress``'s.
 
-    - ``method``: ``"data"`` (the paper's projection ``P_out W P_in``), ``"optimal"`` (the output-optimal
-      ``U_r U_r^T W``) or ``"svd"`` (weights only).
+    - ``method``: ``"optimal"`` (the output-optimal ``U_r U_r^T W``, the default: as good or better than the
+      paper's projection at equal ranks on every model measured), ``"data"`` (the paper's ``P_out W P_in``)
+      or ``"svd"`` (weights only).
     - ranks: ``tolerance`` (percentage points of validation accuracy per layer, with ``total_tolerance``
       for all cuts together) runs the paper's search; ``tolerance=None`` cuts every layer at ``energy``;
       ``target_params`` / ``target_flops`` size the whole model to that fraction of its dense parameters or
@@ -54,9 +55,9 @@ class CompressConfig:
       shrinking it (compressed models that must share one architecture, e.g. soup ingredients).
     """
 
-    method: str = "data"
+    method: str = "optimal"
     energy: float = 0.99
-    tolerance: float | None = 0.2
+    tolerance: float | None = 0.5
     total_tolerance: float | None = None
     target_params: float | None = None
     target_flops: float | None = None
@@ -174,6 +175,7 @@ def compress_model(
     config = config or CompressConfig()
     device = torch.device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
+    metric_is_accuracy = metric is None
     metric = metric or (lambda m, ds: evaluate(m, ds, device=device))
     train_split, val, test = _split(data, "train"), _split(data, "val"), _split(data, "test")
     arch = arch or (plan.arch if plan is not None else type(model).__name__)
@@ -215,7 +217,7 @@ def compress_model(
     if plan is None:
         if searches or score:
             scored("dense", model)
-        if searches:
+        if searches and metric_is_accuracy:  # the rules speak of examples and classes
             warnings += _search_warnings(scores["dense"]["val"], len(val), config.tolerance,
                                          getattr(data, "num_classes", None))
             for w in warnings:
@@ -308,10 +310,14 @@ def _budget(model, data, config: CompressConfig, subspaces, arch, val, metric, p
 
 
 def _example_input(data, model: nn.Module) -> torch.Tensor:
-    """One input (batch of 1) from the data's test split (else val, else train)."""
+    """One input (batch of 1) from the data's test split (else val, else train), for the stages that time or
+    count a layer at its input shape (a FLOPs budget, the latency-aware pass)."""
     for split in ("test", "val", "train"):
         ds = _split(data, split)
         if ds is not None and len(ds):
             x = ds[0][0] if isinstance(ds[0], (tuple, list)) else ds[0]
+            if not isinstance(x, torch.Tensor):
+                raise ValueError("--target-flops and --target-device need tensor inputs; this data yields "
+                                 f"{type(x).__name__} examples (text): use --target-params, or no latency pass")
             return x[None]
-    raise ValueError("the latency-aware plan needs an example input: data with a non-empty split")
+    raise ValueError("--target-flops and --target-device need an example input: data with a non-empty split")

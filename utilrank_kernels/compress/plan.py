@@ -60,7 +60,7 @@ class Plan:
     arch: str
     layers: Mapping[str, LayerPlan]
     dense: Mapping[str, str] = field(default_factory=dict)
-    method: str = "data"
+    method: str = "optimal"
     meta: Mapping = field(default_factory=dict)
 
     def __post_init__(self):

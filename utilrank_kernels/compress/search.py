@@ -56,7 +56,7 @@ def plan_ranks(
     subspaces: Subspaces,
     *,
     arch: str = "",
-    method: str = "data",
+    method: str = "optimal",
     energy: float = 0.99,
     tolerance: float | None = None,
     total_tolerance: float | None = None,

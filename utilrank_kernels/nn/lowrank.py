@@ -13,6 +13,17 @@ from torch import nn
 from ..ops import lowrank_conv2d, lowrank_linear
 
 
+def _init_factors(layer: nn.Module, device) -> None:
+    """nn.Linear's default init for both factors, a zero bias; nothing on the meta device (a checkpoint is
+    about to be loaded in their place)."""
+    if device == torch.device("meta") or device == "meta":
+        return
+    nn.init.kaiming_uniform_(layer.weight_a, a=5**0.5)
+    nn.init.kaiming_uniform_(layer.weight_b, a=5**0.5)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+
+
 class LowRankLinear(nn.Module):
     """``y = B (A x) + bias`` with ``A``: ``(rank, in_features)``, ``B``: ``(out_features, rank)``."""
 
@@ -24,11 +35,7 @@ class LowRankLinear(nn.Module):
         self.weight_a = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.weight_b = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        if device != torch.device("meta") and device != "meta":
-            nn.init.kaiming_uniform_(self.weight_a, a=5**0.5)
-            nn.init.kaiming_uniform_(self.weight_b, a=5**0.5)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        _init_factors(self, device)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> LowRankLinear:
@@ -72,11 +79,7 @@ class LowRankConv2d(nn.Module):
         self.weight_a = nn.Parameter(torch.empty(rank, in_channels, *self.kernel_size, **kw))
         self.weight_b = nn.Parameter(torch.empty(out_channels, rank, 1, 1, **kw))
         self.bias = nn.Parameter(torch.empty(out_channels, **kw)) if bias else None
-        if device != torch.device("meta") and device != "meta":
-            nn.init.kaiming_uniform_(self.weight_a, a=5**0.5)
-            nn.init.kaiming_uniform_(self.weight_b, a=5**0.5)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
+        _init_factors(self, device)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> LowRankConv2d:
