@@ -52,6 +52,12 @@ def _dense(name: str) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False).eval()
 
 
+def device_slug() -> str:
+    """``cpu-intel-xeon-2t``: the CPU's model and thread count, as the result files are named."""
+    name = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b", "", cpu_model_name())
+    return re.sub(r"[^a-z0-9]+", "-", f"cpu {name} {torch.get_num_threads()}t".lower()).strip("-")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224")
@@ -69,9 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(THP_HINT)
     keep_freed = keep_freed_memory()
     label = device_label("cpu")
-    name = re.sub(r"\((R|TM)\)|\bProcessor\b|\bCPU\b", "", cpu_model_name())  # "cpu-intel-xeon-2t", as beside
-    slug = re.sub(r"[^a-z0-9]+", "-", f"cpu {name} {torch.get_num_threads()}t".lower()).strip("-")
-    out = Path(args.out) if args.out else RESULTS / f"{slug}_{args.model}-engines.json"
+    out = Path(args.out) if args.out else RESULTS / f"{device_slug()}_{args.model}-engines.json"
 
     dense = _dense(args.model)
     shape = input_size(dense, args.model)

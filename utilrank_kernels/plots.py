@@ -69,15 +69,24 @@ def plot_speedup(rows: list[dict], path: str | Path) -> None:
     """Speedup against batch size per backend and dtype: measured (solid) beside the FLOP ratio (dashed)."""
     comp = [r for r in rows if r["variant"] == "compressed" and "error" not in r]
     fig, ax = _figure(figsize=(6.4, 4.2))
+    # one file may hold several cuts (benchmarks/vit_b_engines.py: 50% and 35% params): a series per cut too
+    cuts = sorted({r.get("param_ratio") for r in comp}, key=lambda c: -1 if c is None else -c)
+    cut_label = (lambda c: f" at {c:.0%} params") if len(cuts) > 1 else (lambda c: "")  # noqa: E731
     series = sorted({(r["backend"], r["dtype"]) for r in comp})
-    for i, (backend, dtype) in enumerate(series):
-        pts = sorted((r["batch_size"], r["speedup"], r["theoretical_speedup"]) for r in comp
-                     if (r["backend"], r["dtype"]) == (backend, dtype))
-        color = f"C{i}"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=color,
-                label=f"measured {backend} {dtype}")
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], "--", color=color, alpha=0.6,
-                label=f"theoretical (FLOPs) {dtype}" if len(series) > 1 else "theoretical (FLOP ratio)")
+    for k, cut in enumerate(cuts):
+        for i, (backend, dtype) in enumerate(series):
+            pts = sorted((r["batch_size"], r["speedup"]) for r in comp
+                         if (r["backend"], r["dtype"], r.get("param_ratio")) == (backend, dtype, cut))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ("-o", "-s", "-^")[k % 3], color=f"C{i}",
+                    label=f"measured {backend} {dtype}{cut_label(cut)}")
+        # the FLOP ratio depends on the model, the cut and the batch size only: one dashed line per dtype
+        dtypes = sorted({r["dtype"] for r in comp})
+        for j, dtype in enumerate(dtypes):
+            pts = sorted({(r["batch_size"], r["theoretical_speedup"]) for r in comp
+                          if (r["dtype"], r.get("param_ratio")) == (dtype, cut)})
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], ("--", ":", "-.")[(j + k) % 3], color="gray",
+                    label=f"FLOP ratio {dtype}{cut_label(cut)}" if len(dtypes) > 1
+                    else f"FLOP ratio (theoretical){cut_label(cut)}")
     ax.axhline(1.0, color="gray", lw=0.8)
     if len({r["batch_size"] for r in comp}) > 1:
         ax.set_xscale("log", base=2)

@@ -9,10 +9,12 @@ alike; the engines are timed one after the other.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._progress import ticking
 from ..measure import (
     count_flops,
     count_params,
@@ -225,6 +228,26 @@ def bench(
     return rows
 
 
+class _CpuCompileNotice(logging.Filter):
+    """Drops inductor's "No CUDA runtime is found" warning, which a CUDA build of torch logs when it compiles
+    for the CPU on a machine without a GPU: nothing is wrong, and nothing runs on CUDA."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_cpu_compile(engine: str, device: torch.device):
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    notice = _CpuCompileNotice()
+    if engine == "compile" and device.type == "cpu":
+        cpp_logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        cpp_logger.removeFilter(notice)
+
+
 @dataclass
 class _Run:
     """One ``bench`` call's settings, and the rows of one engine at one dtype."""
@@ -264,7 +287,8 @@ class _Run:
         example = self._input(2, dtype)  # a dynamic batch axis is traced at batch 2 (size 1 specializes)
         for key, model in sources.items():
             try:
-                runners[key], fields[key] = onnxruntime_model(model, example, folder)
+                with ticking(f"exporting {'dense' if key == 'dense' else 'compressed'} to ONNX"):
+                    runners[key], fields[key] = onnxruntime_model(model, example, folder)
             except Exception as exc:  # not installed, export, check or session errors: the row says which
                 errors[key] = f"onnxruntime: {_first_line(exc)}"
         return runners, fields, errors
@@ -272,7 +296,8 @@ class _Run:
     def engine_rows(self, engine: str, dtype_name: str, models: dict[str, nn.Module]) -> list[dict]:
         dtype = DTYPES[dtype_name]
         rows = []
-        with tempfile.TemporaryDirectory(prefix="utilrank-bench-") as folder, torch.inference_mode():
+        with (tempfile.TemporaryDirectory(prefix="utilrank-bench-") as folder, torch.inference_mode(),
+              _quiet_cpu_compile(engine, self.device)):
             runners, fields, prepare_errors = self._runners(engine, models, dtype, folder)
             for bs in self.batch_sizes:
                 x = self._input(bs, dtype)
@@ -281,8 +306,14 @@ class _Run:
                 steps, errors = {}, dict(prepare_errors)
                 for key, runner in runners.items():
                     try:
-                        steps[key] = make_step(runner, x, engine=engine, cuda_graphs=self.cuda_graphs)
-                        step_times(steps[key], warmup=1, iters=0, device=self.device)  # fails here, not mid-run
+                        started = time.perf_counter()
+                        label = "dense" if key == "dense" else f"compressed ({key})"
+                        # a compile takes seconds to minutes: a ticking line, not a silent wait
+                        with ticking(f"compiling {label} at batch {bs}", disable=engine != "compile"):
+                            steps[key] = make_step(runner, x, engine=engine, cuda_graphs=self.cuda_graphs)
+                            step_times(steps[key], warmup=1, iters=0, device=self.device)  # fails here, not mid-run
+                        if engine == "compile":
+                            self.log(f"compiled {label} at batch {bs} in {time.perf_counter() - started:.1f} s")
                     except Exception as exc:  # compile and onnxruntime errors are of many kinds
                         if key == "dense" and engine == "eager":
                             raise

@@ -92,9 +92,12 @@ def init_distributed() -> tuple[int, int]:
 def load_model_and_data(args, device: torch.device):
     """The model (built-in or timm, with ``--checkpoint``) and its data splits."""
     from ..data import load_data
+    from ..measure import count_params
     from ..models import BUILTIN_MODELS, build_model
 
     new_head = getattr(args, "num_classes", None)
+    # a line before the imports and the load (timm, scikit-learn: seconds on a small machine)
+    print(f"loading --model {args.model}" + (f" and --data {args.data}" if args.data else "") + " ...", flush=True)
     try:
         if args.model.startswith("hf:"):
             model, config, data = _hf_model_and_data(args, new_head)
@@ -108,6 +111,7 @@ def load_model_and_data(args, device: torch.device):
             if new_head is not None:
                 raise ValueError(f"--num-classes: the built-in {args.model} already has the digits' 10 classes")
             model, config = build_model(args.model, args.checkpoint, device=str(device))
+            print(f"{args.model}: {count_params(model):,} parameters", flush=True)  # the data takes seconds more
             data = load_data(args.data, model)
         else:
             if args.data in (None, "digits"):
@@ -127,6 +131,8 @@ def load_model_and_data(args, device: torch.device):
         raise UsageError(str(exc).strip("'\"")) from exc
     check_finite(model, f"--checkpoint {args.checkpoint}" if args.checkpoint else f"--model {args.model}")
     model = model.to(device)
+    print(("" if args.model in BUILTIN_MODELS else f"{args.model}: {count_params(model):,} parameters; ")
+          + f"data {data.name}: {len(data.train):,} train, {len(data.val):,} val, {len(data.test):,} test", flush=True)
     if config.get("head_reset"):  # a fresh classifier: trained first, so that the search measures a real model
         from ..models import hf
         from ..train import train_head

@@ -221,9 +221,12 @@ def _engine_latency(requested: list[str], model, compressed, inputs, notes: list
         return {"eager": times}
     from ..bench import bench
 
+    engines_timed = list(dict.fromkeys(["eager", *requested]))
+    print(f"latency: dense and compressed at batch {inputs.shape[0]} on the CPU in {', '.join(engines_timed)} "
+          "(interleaved; compile first compiles both)", flush=True)
     rows = bench(copy.deepcopy(model), copy.deepcopy(compressed), model_name="", input_shape=tuple(inputs.shape[1:]),
-                 batch_sizes=(inputs.shape[0],), engines=list(dict.fromkeys(["eager", *requested])), device="cpu",
-                 warmup=3, iters=40, max_seconds=6.0, log=lambda _: None)
+                 batch_sizes=(inputs.shape[0],), engines=engines_timed, device="cpu",
+                 warmup=3, iters=40, max_seconds=6.0, log=lambda line: print(f"  {line}", flush=True))
     engines: dict[str, dict] = {}
     for row in rows:
         if "error" in row:
