@@ -28,6 +28,24 @@ def test_truncated_safetensors_checkpoint(tmp_path, capsys):
                    str(path), "not a readable safetensors file")
 
 
+class _Exploit:
+    def __reduce__(self):
+        import os
+
+        return (os.getcwd, ())  # harmless, but code: the weights-only unpickler must refuse it
+
+
+@pytest.mark.parametrize("content", ["text", "pickle"])
+def test_files_that_need_unpickling_are_refused_in_one_line(tmp_path, capsys, content):
+    path = tmp_path / "w.pt"
+    if content == "text":
+        path.write_text("not a torch file\n")
+    else:
+        torch.save({"weight": _Exploit()}, path)
+    one_line_error(capsys, ["analyze", "--checkpoint", str(path), "--out", str(tmp_path / "o")],
+                   str(path), "weights_only=True", "refused")
+
+
 def test_a_timm_checkpoint_on_a_builtin(tmp_path, capsys):
     path = tmp_path / "resnet.safetensors"
     save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), str(path))
@@ -92,7 +110,7 @@ def test_stats_of_another_model(tmp_path, capsys):
     assert main(["analyze", "--model", "test_vit", "--data", str(data), "--out", str(tmp_path / "a")]) == 0
     capsys.readouterr()
     one_line_error(capsys, ["compress", "--stats", str(tmp_path / "a" / "stats.safetensors"),
-                            "--out", str(tmp_path / "c")], "--stats", "collected on test_vit")
+                            "--out", str(tmp_path / "c")], "--stats", "collected on --model test_vit")
 
 
 def test_resume_with_other_settings_names_the_difference(tmp_path, capsys):

@@ -25,17 +25,18 @@ from ..measure import THP_HINT, count_params, cpu_thp_alloc, device_label, keep_
 from ._common import DEFAULT_MODEL, UsageError, positive_int, resolve_device
 
 
-def _csv_list(text: str, what: str, cast=str, choices: Sequence | None = None) -> list:
+def _csv_list(text: str, cast=str, choices: Sequence | None = None) -> list:
+    """argparse type: a comma-separated list (argparse's message names the option)."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     try:
         values = [cast(t) for t in items]
     except argparse.ArgumentTypeError as exc:  # the item's own type says what it expected
-        raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
     except ValueError:
         values = None
     if not values or (choices is not None and any(v not in choices for v in values)):
         hint = f" (choose from {', '.join(map(str, choices))})" if choices else ""
-        raise argparse.ArgumentTypeError(f"{what}: {text!r} is not a comma-separated list{hint}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list{hint}")
     return values
 
 
@@ -141,16 +142,16 @@ def add_parser(sub) -> None:
     p.add_argument("--compressed", default=None, metavar="DIR", help="a folder written by utilrank compress")
     p.add_argument("--energy", type=float, default=0.99,
                    help="in-process compression of a built-in: the energy cut (default: %(default)s)")
-    p.add_argument("--batch-sizes", type=lambda s: _csv_list(s, "--batch-sizes", positive_int), default=[1, 8, 64],
+    p.add_argument("--batch-sizes", type=lambda s: _csv_list(s, positive_int), default=[1, 8, 64],
                    help="comma-separated (default: 1,8,64)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    p.add_argument("--dtype", type=lambda s: _csv_list(s, "--dtype", dtype_name, tuple(DTYPES)), default=["fp32"],
+    p.add_argument("--dtype", type=lambda s: _csv_list(s, dtype_name, tuple(DTYPES)), default=["fp32"],
                    help="comma-separated fp32,bf16,fp16 (default: fp32)")
-    p.add_argument("--backend", type=lambda s: _csv_list(s, "--backend", choices=(*BACKEND_CHOICES, "all")),
+    p.add_argument("--backend", type=lambda s: _csv_list(s, choices=(*BACKEND_CHOICES, "all")),
                    default=["auto"], help="comma-separated auto,torch,triton,cuda, or all (default: auto); "
                                           "one the device cannot run is skipped with a message")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (convnets)")
-    p.add_argument("--engine", type=lambda s: _csv_list(s, "--engine", choices=ENGINES), default=["eager"],
+    p.add_argument("--engine", type=lambda s: _csv_list(s, choices=ENGINES), default=["eager"],
                    help="comma-separated eager,compile,onnxruntime (default: eager): compile is torch.compile "
                         "(inductor), onnxruntime runs each model's checked ONNX export (pip install -e "
                         "'.[deploy]'); an engine that is missing or fails gives rows with its error")
@@ -160,7 +161,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",
                    help="end a configuration's timed rounds after S seconds (at least 5 rounds; default: all "
                         "--iters)")
-    p.add_argument("--input-size", type=lambda s: tuple(_csv_list(s, "--input-size", int)), default=None,
+    p.add_argument("--input-size", type=lambda s: tuple(_csv_list(s, int)), default=None,
                    metavar="C,H,W", help="input size (default: the model's)")
     p.add_argument("--out", default=None, help="JSON file (default: utilrank-out/bench-MODEL.json); the plot "
                                                "goes beside it as .png")

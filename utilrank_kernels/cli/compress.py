@@ -103,25 +103,34 @@ def run(args) -> int:
     rank, world = init_distributed()
     device = resolve_device(args.device)
     started = time.perf_counter()
-    model, model_config, data = load_model_and_data(args, device)
-    metric_name, metric = _metric(args, config, model, data, device)
-    if metric_name == "accuracy":
-        metric = None  # compress_model's own: accuracy, whose search warnings speak of examples and classes
+    # the files given are read first: a bad --plan or --stats fails before the model (maybe trained) and data load
     plan = stats = None
     if args.plan:  # re-enter at the factors: the plan is the one saved, not planned again
         try:
             plan = Plan.load(args.plan)
-            check_fits(model, plan)
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(f"--plan {args.plan}: {exc}") from exc
     if args.stats:
         try:
             stats = Statistics.load(args.stats, device=device)
-            stats.check_model(model)
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(f"--stats {args.stats}: {exc}") from exc
         if stats.meta.get("model") not in (None, args.model):
             raise UsageError(f"--stats {args.stats}: collected on --model {stats.meta['model']}, not {args.model}")
+    model, model_config, data = load_model_and_data(args, device)
+    metric_name, metric = _metric(args, config, model, data, device)
+    if metric_name == "accuracy":
+        metric = None  # compress_model's own: accuracy, whose search warnings speak of examples and classes
+    try:
+        if plan is not None:
+            check_fits(model, plan)
+    except ValueError as exc:
+        raise UsageError(f"--plan {args.plan}: {exc}") from exc
+    try:
+        if stats is not None:
+            stats.check_model(model)
+    except ValueError as exc:
+        raise UsageError(f"--stats {args.stats}: {exc}") from exc
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     folder.require_space((0 if stats else 2 * statistics_bytes(model)) + model_bytes)
     if stats is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -39,7 +40,12 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"checkpoint {path}: not a safetensors or weights-only torch file ({exc})") from exc
+            # torch's message runs for paragraphs and suggests weights_only=False: keep only the unpickler's reason
+            reason = " ".join(str(exc).split())
+            found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", reason)
+            reason = found.group(1).strip() if found else reason
+            raise ValueError(f"checkpoint {path}: not a safetensors or weights-only torch file (torch.load with "
+                             f"weights_only=True: {reason}; files that need unpickling code are refused)") from exc
         for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]
