@@ -121,3 +121,26 @@ def test_cli_bench_engine_errors_fail_the_command_unless_keep_going(tmp_path, ca
         main(["bench", "--engine", "tvm"])
     assert "--engine: 'tvm' is not a comma-separated list (choose from eager, compile, onnxruntime)" in (
         capsys.readouterr().err)
+
+
+def test_cli_bench_fuse_mlps_loads_the_fused_model_with_the_same_outputs(tmp_path, capsys):
+    import torch
+
+    from utilrank_kernels.cli import build_parser
+    from utilrank_kernels.cli.bench import _models
+    from utilrank_kernels.nn import LowRankMlp
+
+    folder = _one_block_folder(tmp_path / "c")
+    x = torch.randn(3, 1, 16, 16)
+    outputs = []
+    for flag, fused in (([], False), (["--fuse-mlps"], True)):
+        args = build_parser().parse_args(["bench", "--compressed", str(folder), *flag])
+        dense, compressed, _, _, extra = _models(args)
+        assert any(isinstance(m, LowRankMlp) for m in compressed.modules()) == fused and extra["fused_mlps"] == fused
+        with torch.no_grad():
+            outputs.append(compressed.eval()(x))
+            # the dense twin multiplies the factors back: the same function
+            assert torch.allclose(outputs[-1], dense(x), atol=1e-4)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+    assert main(["bench", "--fuse-mlps", "--device", "cpu"]) == 2
+    assert "--fuse-mlps applies to --compressed DIR" in capsys.readouterr().err

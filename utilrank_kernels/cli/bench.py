@@ -51,13 +51,13 @@ def _models(args) -> tuple[nn.Module, nn.Module, str, tuple[int, int, int], dict
 
         path = Path(args.compressed)
         try:
-            compressed = load_compressed(path)
+            compressed = load_compressed(path, fuse_mlps=args.fuse_mlps)
             plan, config = load_plan(path / "plan.json"), json.loads((path / "config.json").read_text())
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
         dense = dense_twin(compressed, plan, config)
         shape = args.input_size or input_size(dense, config["arch"], config)
-        extra = {"compressed": str(path), "factored_layers": len(plan.layers)}
+        extra = {"compressed": str(path), "factored_layers": len(plan.layers), "fused_mlps": args.fuse_mlps}
         target = next((e.latency for e in plan.layers.values() if e.latency), None)
         if target:  # a latency-aware plan (compress --target-device D --target-batch N)
             extra["latency_target"] = f"{target['device']}, batch {target['batch']}"
@@ -88,6 +88,9 @@ def run(args) -> int:
         raise UsageError("--cuda-graphs needs a CUDA device")
     if args.compressed and args.param_ratio is not None:
         raise UsageError("give --compressed DIR or --param-ratio R, not both")
+    if args.fuse_mlps and not args.compressed:
+        raise UsageError("--fuse-mlps applies to --compressed DIR (the --param-ratio and --energy cuts are fused "
+                         "already)")
     if args.warmup < 0 or args.iters < 1:
         raise UsageError("--warmup must be >= 0 and --iters >= 1")
     if args.max_seconds is not None and args.max_seconds <= 0:
@@ -140,6 +143,9 @@ def add_parser(sub) -> None:
                    help="with --param-ratio: round each rank down to a multiple of N where that takes "
                         "<10%% off (default: %(default)s)")
     p.add_argument("--compressed", default=None, metavar="DIR", help="a folder written by utilrank compress")
+    p.add_argument("--fuse-mlps", action="store_true",
+                   help="with --compressed: run each MLP whose two layers are factored as one fused op "
+                        "(load_compressed(fuse_mlps=True); same outputs)")
     p.add_argument("--energy", type=float, default=0.99,
                    help="in-process compression of a built-in: the energy cut (default: %(default)s)")
     p.add_argument("--batch-sizes", type=lambda s: _csv_list(s, positive_int), default=[1, 8, 64],
