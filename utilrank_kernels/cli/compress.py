@@ -43,7 +43,8 @@ def _summary_table(summary: dict) -> str:
 
 def _latency_lines(summary: dict) -> list[str]:
     """One line per engine (median, p20-p80, and the ratio compressed / dense), at the latency batch."""
-    spread = lambda t, v: f"[{t[v + '_p20_ms']:.2f}-{t[v + '_p80_ms']:.2f}]"  # noqa: E731
+    ms = lambda v: f"{v:.2f}" if v < 100 else f"{v:.0f}"  # noqa: E731  (a spread cell stays 14 wide)
+    spread = lambda t, v: f"[{ms(t[v + '_p20_ms'])}-{ms(t[v + '_p80_ms'])}]"  # noqa: E731
     lines = []
     for engine, t in summary["engines"].items():
         label = f"CPU ms b{summary['latency_batch']} {engine}"
