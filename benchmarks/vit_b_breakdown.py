@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections import defaultdict
@@ -32,22 +33,22 @@ from vit_b_engines import RESULTS, _dense, _floats, device_slug  # noqa: E402
 from utilrank_kernels.bench import cut_to_ratio, input_size  # noqa: E402
 from utilrank_kernels.measure import flop_formulas  # noqa: E402
 
-# operator classes: the GEMMs factoring changes, attention (untouched), the patch embedding, the rest
-GEMM_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"}
-ATTENTION_OPS = ("scaled_dot_product", "aten::_softmax", "aten::softmax")
-CONV_OPS = ("convolution", "aten::_convolution", "mkldnn_convolution", "conv2d")
+# operator classes (aten op names): the GEMMs factoring changes, attention (untouched), the patch embedding,
+# and the rest: norms, activations, adds, copies (no multiply-adds)
+GEMM_OPS = {"addmm", "mm", "bmm", "baddbmm", "matmul", "linear"}
+ATTENTION_OPS = ("scaled_dot_product", "softmax")
+CONV_OPS = ("convolution", "conv2d")
 
 
 def op_class(name: str) -> str:
-    name = name.replace(".", "::") if "::" not in name else name
-    if not name.startswith("aten::"):
-        name = "aten::" + name
-    base = name.split("::")[0] + "::" + name.split("::")[1].split(".")[0]
-    if base in GEMM_OPS:
+    """``aten::addmm`` (profiler) or ``aten.mm.default`` (FlopCounterMode) -> ``gemm`` | ``attention`` |
+    ``conv`` | ``other``."""
+    op = re.split(r"::|\.", name.removeprefix("aten::").removeprefix("aten."))[0]
+    if op in GEMM_OPS:
         return "gemm"
-    if any(k in base for k in ATTENTION_OPS):
+    if any(k in op for k in ATTENTION_OPS):
         return "attention"
-    if any(k in base for k in CONV_OPS):
+    if any(k in op for k in CONV_OPS):
         return "conv"
     return "other"
 

@@ -11,9 +11,12 @@ import threading
 def ticking(desc: str, *, interval: float = 1.0, disable: bool = False):
     """A tqdm line ``desc: 00:03`` refreshed every ``interval`` seconds while the block runs (from a daemon
     thread: the block itself never reports), removed when it ends."""
+    if disable:
+        yield
+        return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", leave=False, disable=disable)
+    bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", leave=False)
     stop = threading.Event()
 
     def tick():

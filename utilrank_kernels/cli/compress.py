@@ -153,15 +153,15 @@ def run(args) -> int:
     if data.test_split != "test":
         notes.append(f"--data {args.data} has no test/ folder: 'test' accuracy is measured on val/, the split the "
                      "rank search tuned on (optimistic)")
+    # projected and fine-tuned share the compressed architecture: one count of each
+    size = {"params": count_params(compressed), "flops": count_flops(measured(compressed), example)}
     summary = {
         "format": "utilrank.summary/1", "model": args.model, "dataset": data.name, "method": plan.method,
         "metric": metric_name, "engines": {e: _engine_row(t) for e, t in engines.items()},
         "dense": {"params": count_params(model), "flops": count_flops(measured(model), example),
                   metric_name: scores["dense"]["test"], **_latency(latency["dense"])},
-        "projected": {"params": count_params(compressed), "flops": count_flops(measured(compressed), example),
-                      metric_name: scores["projected"]["test"]},
-        "compressed": {"params": count_params(compressed), "flops": count_flops(measured(compressed), example),
-                       metric_name: scores["compressed"]["test"], **_latency(latency["compressed"])},
+        "projected": {**size, metric_name: scores["projected"]["test"]},
+        "compressed": {**size, metric_name: scores["compressed"]["test"], **_latency(latency["compressed"])},
         "mlu": result.report.mlu, "finetune_epochs": config.finetune.epochs, "test_split": data.test_split,
         "latency_batch": LATENCY_BATCH, "notes": notes, "warnings": result.warnings,
     }
@@ -245,6 +245,8 @@ def _engine_latency(requested: list[str], model, compressed, inputs, notes: list
         engines.setdefault(row["engine"], {})[row["variant"]] = {
             "median": row["infer_step_time"], "p20": row["step_time_p20"], "p80": row["step_time_p80"]}
     engines = {e: t for e, t in engines.items() if {"dense", "compressed"} <= t.keys()}
+    if not engines:  # eager dense raises in bench(); this is the compressed model failing in every engine
+        raise RuntimeError(f"latency: the compressed model ran in no engine ({'; '.join(notes)})")
     spread = max(t[v]["p80"] / t[v]["p20"] for t in engines.values() for v in t)
     if spread > 1.25:
         notes.append("latency p80/p20 above 1.25: a busy or throttling machine; compare with `utilrank bench`")
