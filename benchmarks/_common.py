@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from utilrank_kernels.measure import cpu_model_name, versions
+from utilrank_kernels.timing import cpu_model_name, versions
 
 
 def device_name(device: str | torch.device = "cpu") -> str:

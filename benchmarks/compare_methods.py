@@ -23,7 +23,8 @@ from pathlib import Path
 from utilrank_kernels import CompressConfig, TrainRecipe, compress_model
 from utilrank_kernels.compress import budget_plan
 from utilrank_kernels.data import load_data
-from utilrank_kernels.measure import count_params, versions
+from utilrank_kernels.measure import count_params
+from utilrank_kernels.timing import versions
 from utilrank_kernels.models import build_model
 from utilrank_kernels.train import evaluate
 

@@ -27,7 +27,7 @@ from _common import environment, quantiles  # noqa: E402
 
 from utilrank_kernels.analysis import collect_stats  # noqa: E402
 from utilrank_kernels.data import load_data  # noqa: E402
-from utilrank_kernels.measure import keep_freed_memory  # noqa: E402
+from utilrank_kernels.timing import keep_freed_memory  # noqa: E402
 from utilrank_kernels.models.loading import trained_builtin  # noqa: E402
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from utilrank_kernels.bench import ENGINES, bench, cut_to_ratio, input_size, write_rows
-from utilrank_kernels.measure import THP_HINT, cpu_model_name, cpu_thp_alloc, device_label, keep_freed_memory
+from utilrank_kernels.timing import THP_HINT, cpu_model_name, cpu_thp_alloc, device_label, keep_freed_memory
 from utilrank_kernels.models import BUILTIN_MODELS, build_builtin
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -23,16 +23,8 @@ import torch
 from torch import nn
 
 from .._progress import ticking
-from ..measure import (
-    count_flops,
-    count_params,
-    cpu_thp_alloc,
-    device_label,
-    quantiles_ms,
-    step_times,
-    time_interleaved,
-    versions,
-)
+from ..measure import count_flops, count_params
+from ..timing import cpu_thp_alloc, device_label, quantiles_ms, step_times, time_interleaved, versions
 from ..nn import set_backend
 from .output import format_row
 

@@ -21,7 +21,8 @@ from ..bench import (
     write_rows,
 )
 from ..bench.timing import dtype_name
-from ..measure import THP_HINT, count_params, cpu_thp_alloc, device_label, keep_freed_memory
+from ..measure import count_params
+from ..timing import THP_HINT, cpu_thp_alloc, device_label, keep_freed_memory
 from ._common import DEFAULT_MODEL, UsageError, positive_int, resolve_device
 
 

@@ -219,7 +219,7 @@ def _engine_latency(requested: list[str], model, compressed, inputs, notes: list
     "compressed": {...}}}``. An engine that fails is a note, never a silent gap; eager always runs."""
     import copy
 
-    from ..measure import latency_ms
+    from ..timing import latency_ms
 
     if isinstance(inputs, dict):  # keyword inputs (text): only eager PyTorch takes them as they are
         from ..models.hf import KeywordInputs

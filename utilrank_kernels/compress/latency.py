@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .._cache import cache_dir, write_json
 from ..layers import factored_pays, layer_shape
-from ..measure import cpu_thp_alloc, device_label, step_times, time_interleaved
+from ..timing import cpu_thp_alloc, device_label, step_times, time_interleaved
 from .plan import Plan
 
 logger = logging.getLogger(__name__)

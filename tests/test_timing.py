@@ -2,7 +2,7 @@
 
 import time
 
-from utilrank_kernels.measure import time_interleaved
+from utilrank_kernels.timing import time_interleaved
 
 
 def test_time_interleaved_alternates_and_counts():
