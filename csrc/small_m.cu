@@ -307,7 +307,7 @@ std::atomic<bool> g_smem_raised[3][5][kMaxDevices];
 std::atomic<long long> g_smem_static[3][5][kMaxDevices];
 
 // Static shared memory the cubin declares for `kern` (1 KiB on sm_90, none on sm_80:
-// benchmarks/results/kernel-resources-*.md). The dynamic request may use only the rest of the opt-in size.
+// benchmarks/results/sm80-sm90_kernel-resources-*.md). The dynamic request may use only the rest of the opt-in size.
 long long static_smem(KernelFn kern, int dtype, int mt, int device, char* err, size_t errlen) {
   const bool cacheable = device >= 0 && device < kMaxDevices && dtype >= 0 && dtype < 3;
   std::atomic<long long>* slot = cacheable ? &g_smem_static[dtype][mt_index(mt)][device] : nullptr;

@@ -10,8 +10,8 @@
 // earlier steps compute and wait at the barrier: the whole chain costs about one DRAM round trip plus
 // the barriers, instead of one launch and one round trip per step.
 //
-// This header has no CUDA dependency so that csrc/small_m_selftest.cc can check the index math on a
-// CPU (tests/test_cuda_ext.py compiles and runs it).
+// This header has no CUDA dependency so that tests/csrc/small_m_selftest.cc can check the index math on
+// a CPU (tests/csrc/test_small_m_selftest.py compiles and runs it).
 #pragma once
 
 #include <cstddef>

@@ -19,6 +19,7 @@ def test_only_env_reads_the_environment():
 
 def test_every_variable_read_is_documented():
     sources = [*PACKAGE.rglob("*.py"), ROOT / "setup.py", *(ROOT / ".ci").iterdir(),
+               *(ROOT / "benchmarks").rglob("*.py"),
                *(p for p in (ROOT / "tests").rglob("*.py") if p.name != "test_env.py")]
     names = set()
     for path in sources:

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from utilrank_kernels._folder import FolderError, OutputFolder, file_mode, verify_manifest
+from utilrank_kernels._files import file_mode
+from utilrank_kernels._folder import FolderError, OutputFolder, verify_manifest
 
 
 def _write(folder: OutputFolder, files: dict) -> None:
@@ -37,7 +38,7 @@ def test_commit_writes_a_manifest_and_replaces_the_folder_whole(tmp_path):
 
 
 def test_files_get_the_umask_mode_and_unwritable_folders_are_refused(tmp_path):
-    from utilrank_kernels._cache import write_json
+    from utilrank_kernels._files import write_json
 
     write_json(tmp_path / "x.json", {})
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == file_mode() == 0o666 & ~_umask()

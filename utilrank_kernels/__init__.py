@@ -5,15 +5,13 @@ One call (``compress_model(model, data, CompressConfig(...))``), or the stages o
 
 import logging
 
-from .analysis import Report, Statistics, Subspaces, analyze, build_report, collect_stats, compute_subspaces
+from ._version import __version__ as __version__  # from the package metadata
+from .analysis import Report, Statistics, Subspaces, build_report, collect_stats, compute_subspaces
 from .compress import (
     CompressConfig,
     CompressedModel,
-    LayerPlan,
     Plan,
-    apply_plan,
     compress_model,
-    decompose,
     factor_model,
     load_compressed,
     plan_ranks,
@@ -23,12 +21,10 @@ from .layers import name_filter
 from .nn import LowRankConv2d, LowRankLinear, LowRankMlp, set_backend
 from .train import TrainRecipe
 
-__version__ = "0.1.0"
 __all__ = [
-    "CompressConfig", "CompressedModel", "LayerPlan", "LowRankConv2d", "LowRankLinear", "LowRankMlp", "Plan", "Report",
-    "Statistics", "Subspaces", "TrainRecipe", "analyze", "apply_plan", "build_report", "collect_stats",
-    "compress_model", "compute_subspaces", "decompose", "factor_model", "load_compressed", "name_filter",
-    "plan_ranks", "save_compressed", "set_backend",
+    "CompressConfig", "CompressedModel", "LowRankConv2d", "LowRankLinear", "LowRankMlp", "Plan", "Report",
+    "Statistics", "Subspaces", "TrainRecipe", "build_report", "collect_stats", "compress_model", "compute_subspaces",
+    "factor_model", "load_compressed", "name_filter", "plan_ranks", "save_compressed", "set_backend",
 ]
 # the library logs; the command line prints (utilrank_kernels.cli sets up a handler)
 logging.getLogger(__name__).addHandler(logging.NullHandler())

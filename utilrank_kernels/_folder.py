@@ -13,16 +13,17 @@ from __future__ import annotations
 import ctypes
 import datetime
 import errno
-import functools
-import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
 from . import env
+from ._files import sha256, write_json
+from ._version import __version__
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "utilrank.manifest/1"
@@ -32,22 +33,6 @@ logger = logging.getLogger(__name__)
 
 class FolderError(ValueError):
     """The output folder cannot be used: one line naming the folder and what to do."""
-
-
-@functools.cache
-def file_mode() -> int:
-    """The mode new files get under the process umask (``mkstemp`` alone would give 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(folder: str | os.PathLike) -> dict | None:
@@ -102,8 +87,6 @@ def _exchange(a: Path, b: Path) -> bool:
 def test_kill(point: str) -> None:
     """Tests only: ``UTILRANK_TEST_KILL_AT=point`` kills the process there (as ``kill -9`` would)."""
     if env.get("UTILRANK_TEST_KILL_AT") == point:
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -162,13 +145,9 @@ class OutputFolder:
             if name == MANIFEST or name.endswith(".tmp") or ".ckpt" in name:
                 continue
             files[name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
-        from . import __version__
-
         doc = {"format": MANIFEST_FORMAT, "command": self.command,
                "argv": list(sys.argv[1:] if argv is None else argv), "version": __version__,
                "date": datetime.datetime.now().isoformat(timespec="seconds"), "files": files}
-        from ._cache import write_json
-
         for path in list(self.partial.glob("*.ckpt*")):  # the checkpoint has done its job
             path.unlink()
         test_kill("before-manifest")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from tqdm.auto import tqdm
+
 
 @contextlib.contextmanager
 def ticking(desc: str, *, interval: float = 1.0, disable: bool = False):
@@ -14,8 +16,6 @@ def ticking(desc: str, *, interval: float = 1.0, disable: bool = False):
     if disable:
         yield
         return
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=None, desc=desc, bar_format="{desc}: {elapsed}", leave=False)
     stop = threading.Event()
 

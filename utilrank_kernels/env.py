@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 
 VARIABLES: dict[str, str] = {
-    "UTILRANK_CACHE": "cache folder: trained built-in models, latency tables (default ~/.cache/utilrank)",
+    "UTILRANK_CACHE": "cache folder: trained built-in models, latency tables, the small-M dispatch tables "
+                      "(small_m/<device>.json) (default ~/.cache/utilrank)",
     "UTILRANK_TRITON_CONFIG": "'first': every Triton autotuner keeps only its first configuration "
                               "(reproducible benchmarks; implied by TRITON_INTERPRET=1)",
-    "UTILRANK_SMALL_M_TABLE": "path of a JSON table (from benchmarks/cuda_results.py) that overrides where `auto` "
-                              "picks the CUDA extension's small-M kernels",
+    "UTILRANK_SMALL_M_TABLE": "path of a small-M dispatch table to read instead of the cache's "
+                              "small_m/<device>.json (ops._dispatch.write_small_m_table, which "
+                              "benchmarks/kernels/cuda_small_m.py calls, writes that one)",
     "UTILRANK_IM2COL_CHUNK_BYTES": "CPU conv covariance: bytes of im2col patches formed at a time (default 64 MiB)",
     "UTILRANK_BUILD_CUDA": "'1': `pip install -e .` / setup.py also builds the CUDA extension utilrank_kernels._C",
     "UTILRANK_PTXAS_VERBOSE": "'1': the CUDA-extension build prints ptxas register and spill counts",

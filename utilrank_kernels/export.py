@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._cache import atomic_path
+from ._files import atomic_path
 from .nn import FACTORED_MODULES
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ SUFFIXES = {"onnx": ".onnx", "exported-program": ".pt2"}
 DEPLOY_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the `deploy` extra
 # the largest |exported - PyTorch| accepted in fp32, relative to max(1, max |output|): onnxruntime's graph
 # rewrites (fused Gemm, LayerNorm, GELU) moved outputs by 2.6e-6 on the trained built-in folder, 3.6e-7 on a
-# compressed ViT-S and 2.5e-6 on ViT-B/16 at 50% (`utilrank export`, benchmarks/vit_b_engines.py)
+# compressed ViT-S and 2.5e-6 on ViT-B/16 at 50% (`utilrank export`, benchmarks/models/vit_b_engines.py)
 FP32_TOLERANCE = 1e-4
 ONNX_DTYPES = (torch.float32, torch.float16)  # what onnxruntime's CPU provider runs (no bfloat16 MatMul/Conv)
 
@@ -150,7 +150,7 @@ def onnxruntime_session(path: str | Path, device: str | torch.device = "cpu", th
     torch's) and no spinning: an idle session's threads would otherwise busy-wait on the cores another
     model is being timed on."""
     _require(("onnxruntime",), "onnxruntime")
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional: the deploy extra
 
     device = torch.device(device)
     providers = ["CPUExecutionProvider"]
@@ -182,7 +182,7 @@ def run_onnxruntime(session, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def _onnx_operators(path: Path) -> tuple[dict[str, int], list[str], int | None]:
     """ONNX node counts by op type, the nodes of a non-standard domain, and the default opset."""
-    import onnx
+    import onnx  # optional: the deploy extra
 
     proto = onnx.load(str(path), load_external_data=False)
     nodes = list(proto.graph.node) + [n for f in proto.functions for n in f.node]

@@ -1,8 +1,9 @@
 """The layers this package analyzes and factors, and the one walk that replaces modules in a model.
 
-Every stage finds its layers here (``find_layers``), sees a layer's matrix shape here (``LayerShape``:
-a conv's input is its im2col patch, ``C * kh * kw``) and swaps modules here (``swap_modules``, with a
-``filter_fn(module, fully_qualified_name)`` as in torchao's ``quantize_``)."""
+Every stage finds its layers here (``find_layers``), sees a layer as the matrix of a ``LayerShape`` (a conv's
+input is its im2col patch, ``C * kh * kw``; ``nn.lowrank.layer_shape`` reads it off a dense or factored
+layer) and swaps modules here (``swap_modules``, with a ``filter_fn(module, fully_qualified_name)`` as in
+torchao's ``quantize_``). Imports nothing from the package: the modules of ``nn/`` build on it."""
 
 from __future__ import annotations
 
@@ -57,26 +58,6 @@ def unsupported_reason(module: nn.Module) -> str | None:
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"grouped conv (groups={module.groups}) is not analyzed"
     return None
-
-
-def layer_shape(module: nn.Module) -> LayerShape:
-    """The matrix shape of a dense ``nn.Linear`` / ``nn.Conv2d`` or of its factored form."""
-    from .nn import LowRankConv2d, LowRankLinear
-
-    if isinstance(module, (nn.Linear, LowRankLinear)):
-        return LayerShape("linear", module.in_features, module.out_features, None, module.bias is not None)
-    if isinstance(module, (nn.Conv2d, LowRankConv2d)):
-        kh, kw = module.kernel_size
-        return LayerShape("conv2d", module.in_channels * kh * kw, module.out_channels, (kh, kw),
-                          module.bias is not None)
-    raise TypeError(f"{type(module).__name__} is not a linear or conv2d layer")
-
-
-def conv_output_size(size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
-                     padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
-    """Spatial output size of a convolution (PyTorch's formula, numeric padding)."""
-    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
-                 for n, k, s, p, d in zip(size, kernel_size, stride, padding, dilation, strict=True))
 
 
 def find_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> tuple[dict[str, nn.Module], dict[str, str]]:

@@ -11,7 +11,8 @@ float`` with higher better, passed to ``compress_model(metric=...)``.
 
 Why the mean and not BERT's pooler by default: the pooler is one Linear + tanh of the first token, so it sees
 little of what a cut does to the other tokens (and sentence-transformers never use it): on all-MiniLM-L6-v2 the
-SVD cut that takes the mean-pooled cosine to 0.60 leaves the pooler's at 0.83 (benchmarks/text_encoder_methods.py).
+SVD cut that takes the mean-pooled cosine to 0.60 leaves the pooler's at 0.83
+(benchmarks/studies/text_encoder_methods.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .analysis.stats import call_model, model_input
+from .data.batch import call_model, model_input
+from .models.hf import has_classification_head
 from .train import evaluate, logits_of
 
 Metric = Callable[[nn.Module, Dataset], float]
@@ -103,8 +105,6 @@ def has_labels(dataset: Dataset) -> bool:
 
 def accuracy_problem(model: nn.Module, data) -> str | None:
     """Why top-1 accuracy, and training on labels, cannot be had for ``model`` on ``data`` (None if it can)."""
-    from .models.hf import has_classification_head
-
     if not has_classification_head(model):
         return f"{type(model).__name__} has no classification head (an encoder)"
     if not has_labels(data.val):

@@ -1,6 +1,7 @@
 """Every figure the commands write, drawn on matplotlib's object API (``Figure``, no ``pyplot``): nothing
 changes matplotlib's process-wide backend or state, so a notebook or GUI that imports the package keeps its
-own. Each figure is written under a temporary name and renamed."""
+own. Each figure is written under a temporary name and renamed. A figure draws a document the command also
+saves (``report.json``, ``spectrum.json``, ...): the analysis computes, the command saves and plots."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._cache import atomic_path
+from ._files import atomic_path
+from .analysis.esd import WELL_TRAINED
 
 if TYPE_CHECKING:
     from .analysis.esd import ESD
-    from .analysis.report import Report
 
 
+# matplotlib (heavy: ~0.9 s on 2 cores) loads with the first figure, not with the commands that draw none
 def _figure(figsize: tuple[float, float]):
     from matplotlib.figure import Figure
 
@@ -33,34 +35,36 @@ def _save(fig, path: str | Path, dpi: int) -> None:
 # -- utilization and benchmarks -----------------------------------------------------------------------
 
 
-def plot_utilization(report: Report, path: str | Path) -> None:
-    """The paper's Figure 2 style: per layer, the weight's rank (dotted) and the utilized rank (solid); in a
-    compress folder also the rank the saved model holds (squares; a layer kept dense sits at its full
-    rank, hollow), and the saved model's parameter counts in the title."""
-    rows = report.layers
+def plot_utilization(report: dict, path: str | Path) -> None:
+    """The paper's Figure 2 style, of a ``report.json`` document (``Report.to_dict()``): per layer, the weight's
+    rank (dotted) and the utilized rank (solid); in a compress folder also the rank the saved model holds
+    (squares; a layer kept dense sits at its full rank, hollow), and the saved model's parameter counts in the
+    title."""
+    rows, saved = report["layers"], report.get("saved")
     xs = list(range(len(rows)))
     fig, ax = _figure(figsize=(max(6.0, 0.32 * len(rows) + 2), 4.2))
-    ax.plot(xs, [r.weight_rank for r in rows], ":o", color="tab:gray", ms=4, label="rank of W")
-    ax.plot(xs, [r.rank for r in rows], "-o", color="tab:blue", ms=4, label=f"utilized rank (energy {report.energy})")
-    if report.saved is not None:
-        ax.plot(xs, [r.saved_rank if r.saved_rank is not None else r.full_rank for r in rows], "-s",
+    ax.plot(xs, [r["weight_rank"] for r in rows], ":o", color="tab:gray", ms=4, label="rank of W")
+    ax.plot(xs, [r["rank"] for r in rows], "-o", color="tab:blue", ms=4,
+            label=f"utilized rank (energy {report['energy']})")
+    if saved is not None:
+        ax.plot(xs, [r["saved_rank"] if r["saved_rank"] is not None else r["full_rank"] for r in rows], "-s",
                 color="tab:orange", ms=5, label="rank in the saved model")
-        dense_at = [(x, r.full_rank) for x, r in zip(xs, rows, strict=True) if r.saved_rank is None]
+        dense_at = [(x, r["full_rank"]) for x, r in zip(xs, rows, strict=True) if r["saved_rank"] is None]
         if dense_at:
             ax.plot(*zip(*dense_at, strict=True), "s", ms=8, mfc="white", color="tab:orange",
                     label="kept dense in the saved model")
     ax.set_xticks(xs)
-    ax.set_xticklabels([r.name for r in rows], rotation=70, ha="right", fontsize=7)
+    ax.set_xticklabels([r["name"] for r in rows], rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("rank")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    title = f"{report.model} on {report.dataset}: MLU {report.mlu:.1%}"
-    if report.saved is not None:
-        title += (f"; saved model {report.saved['dense'] / 1e6:.3g}M -> {report.saved['compressed'] / 1e6:.3g}M "
-                  "params")
+    title = f"{report['model']} on {report['dataset']}: MLU {report['mlu']:.1%}"
+    if saved is not None:
+        title += f"; saved model {saved['dense'] / 1e6:.3g}M -> {saved['compressed'] / 1e6:.3g}M params"
     else:
-        title += f"; analyzed layers {report.params_dense / 1e6:.3g}M -> {report.params_factored / 1e6:.3g}M params"
+        dense, factored = (sum(r[k] for r in rows) for k in ("params_dense", "params_factored"))
+        title += f"; analyzed layers {dense / 1e6:.3g}M -> {factored / 1e6:.3g}M params"
     ax.set_title(title, fontsize=10)
     _save(fig, path, dpi=130)
 
@@ -69,7 +73,7 @@ def plot_speedup(rows: list[dict], path: str | Path) -> None:
     """Speedup against batch size per backend and dtype: measured (solid) beside the FLOP ratio (dashed)."""
     comp = [r for r in rows if r["variant"] == "compressed" and "error" not in r]
     fig, ax = _figure(figsize=(6.4, 4.2))
-    # one file may hold several cuts (benchmarks/vit_b_engines.py: 50% and 35% params): a series per cut too
+    # one file may hold several cuts (benchmarks/models/vit_b_engines.py: 50% and 35% params): a series per cut too
     cuts = sorted({r.get("param_ratio") for r in comp}, key=lambda c: -1 if c is None else -c)
     cut_label = (lambda c: f" at {c:.0%} params") if len(cuts) > 1 else (lambda c: "")  # noqa: E731
     series = sorted({(r["backend"], r["dtype"]) for r in comp})
@@ -122,7 +126,7 @@ def _draw_esd(ax, esd: ESD, color: str, label: str) -> None:
 def _readable_log_axes(ax) -> None:
     """At least a decade on each log axis (so that it has labelled major ticks) and no minor labels,
     which collide on a narrow range."""
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import NullFormatter  # heavy: with the first figure
 
     for get, set_, axis in ((ax.get_xlim, ax.set_xlim, ax.xaxis), (ax.get_ylim, ax.set_ylim, ax.yaxis)):
         lo, hi = get()
@@ -165,8 +169,6 @@ def plot_alpha(report: dict, path: str | Path) -> None:
     rows = report["layers"]
     xs = np.arange(len(rows))
     fig, ax = _figure(figsize=(max(6.0, 0.36 * len(rows) + 2), 4.4))
-    from .analysis.esd import WELL_TRAINED
-
     lo, hi = WELL_TRAINED
     ax.axhspan(lo, hi, color="tab:green", alpha=0.08, label=f"{lo:g} <= alpha <= {hi:g} (well trained)")
     ax.plot(xs, [r["alpha"] for r in rows], "-o", color="tab:blue", ms=5, label="alpha of W")
@@ -187,8 +189,6 @@ def plot_alpha(report: dict, path: str | Path) -> None:
     _save(fig, path, dpi=130)
 
 
-
-
 # -- weight-space regions and accuracy from weights -----------------------------------------------------------
 
 _GROUP_MARKERS = "osD^vP<>Xh"
@@ -200,7 +200,7 @@ def _group_styles(groups: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def _figure_grid(rows: int, cols: int, figsize: tuple[float, float]):
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: with the first figure
 
     fig = Figure(figsize=figsize, layout="constrained")
     fig.subplots(rows, cols, squeeze=False)
@@ -276,7 +276,7 @@ def plot_distances(doc: dict, path: str | Path) -> None:
     n = len(names)
     fig = _figure_grid(1, 1, (max(6.5, 0.2 * n + 3.5), max(5.5, 0.2 * n + 2.5)))
     ax = fig.axes[0]
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm  # heavy: with the first figure
 
     positive = d[d > 0]
     # a log scale: distances within a basin are ~10x smaller than across basins and would all look alike

@@ -4,7 +4,14 @@ import pytest
 import torch
 from _models import TokenMLP
 
-from utilrank_kernels.analysis import Report, analyze, collect_stats, energy_rank, symmetric_eigh
+from utilrank_kernels.analysis import (
+    Report,
+    build_report,
+    collect_stats,
+    compute_subspaces,
+    energy_rank,
+    symmetric_eigh,
+)
 
 
 def low_rank_tokens(n, d, k, generator=None):
@@ -37,7 +44,8 @@ def test_analyze_tiny_model_reports_utilized_rank():
     tokens = low_rank_tokens(160, 12, 3, g)  # one 3-dimensional subspace for all batches
     batches = list(tokens.reshape(4, 5, 8, 12))
     stats = collect_stats(model, batches, progress=False, meta={"model": "tokenmlp", "dataset": "synthetic"})
-    report, subspaces = analyze(model, stats, energy=1.0)
+    subspaces = compute_subspaces(model, stats, progress=False)
+    report = build_report(model, stats, subspaces, energy=1.0)
     rows = {r.name: r for r in report.layers}
     assert rows["fc1"].k_in == 3 and rows["fc1"].rank == 3  # inputs live in 3 dimensions
     assert rows["fc1"].weight_rank == 12 and rows["fc1"].full_rank == 12

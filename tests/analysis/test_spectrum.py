@@ -8,10 +8,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from utilrank_kernels._files import write_json
 from utilrank_kernels.analysis import collect_stats
 from utilrank_kernels.analysis.esd import ESDOptions
-from utilrank_kernels.analysis.spectrum import SPECTRUM_FORMAT, spectrum, write_spectrum
+from utilrank_kernels.analysis.spectrum import SPECTRUM_FORMAT, spectrum
 from utilrank_kernels.cli.spectrum import format_spectrum_table
+from utilrank_kernels.plots import plot_alpha, plot_esds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,7 +56,9 @@ def test_model_spectrum_report_projected_and_plots(tmp_path):
     assert proj["num_evals"] == proj["rank"] and proj["scale"] == 1.0
     json.dumps(report)  # plain JSON types throughout
     assert "mean over 4 layers" in format_spectrum_table(report)
-    write_spectrum(report, esds, tmp_path)
+    write_json(tmp_path / "spectrum.json", report)  # what `utilrank spectrum` saves and draws
+    plot_alpha(report, tmp_path / "alpha.png")
+    plot_esds(report, esds, tmp_path / "esd")
     assert json.loads((tmp_path / "spectrum.json").read_text())["layers"][0]["name"] == "conv"
     assert (tmp_path / "alpha.png").stat().st_size > 10_000
     assert sorted(p.name for p in (tmp_path / "esd").iterdir()) == ["block.0.png", "block.2.png", "conv.png",

@@ -98,7 +98,7 @@ def test_overlap_stops_when_the_model_modifies_an_input_in_place(monkeypatch):
     that input in between would corrupt the statistics silently, so it must stop the pass instead."""
     import threading
 
-    import utilrank_kernels.analysis.stats as stats_module
+    import utilrank_kernels.analysis.collect as stats_module
 
     modified = threading.Event()
 

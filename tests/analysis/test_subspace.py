@@ -5,7 +5,7 @@ import torch
 from _models import TokenMLP
 
 from utilrank_kernels import Subspaces, collect_stats, compute_subspaces
-from utilrank_kernels.analysis.subspace import NOISE_RTOL, numerical_rank
+from utilrank_kernels.analysis.subspace import NOISE_RTOL, numerical_rank, restricted_weight
 
 
 def test_numerical_rank_counts_what_is_above_the_noise_floor():
@@ -36,3 +36,17 @@ def test_subspaces_save_load_and_refuse_another_model(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="bad.safetensors"):
         Subspaces.load(tmp_path / "bad.safetensors")
+
+
+def test_restricted_matrix_has_the_projected_weights_spectrum():
+    """``M = U_out^T W U_in`` is ``W' = P_out W P_in`` at its small size: the same non-zero singular values."""
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    stats = collect_stats(model, [torch.randn(3, 5, 12) for _ in range(2)], progress=False)
+    sub = compute_subspaces(model, stats, progress=False)["fc1"]
+    u_in, u_out = sub.bases(4, 6)
+    assert u_in.shape == (12, 4) and u_out.shape == (20, 6)
+    m = sub.restricted(4, 6)
+    assert m.shape == (6, 4) and torch.equal(m, restricted_weight(u_out, sub.weight, u_in))
+    projected = torch.linalg.svdvals(u_out @ u_out.T @ sub.weight @ u_in @ u_in.T)[:4]
+    assert torch.allclose(torch.linalg.svdvals(m), projected, rtol=1e-10, atol=1e-12)

@@ -1,6 +1,6 @@
 """``utilrank spectrum``'s default definitions are WeightWatcher 0.7.7's: on the built-in ViT and CNN, random
 timm ViT and ResNet models and a model of size-rule edge cases, both analyze the same layers and every
-shared metric agrees to round-off (the comparison itself: benchmarks/weightwatcher_parity.py)."""
+shared metric agrees to round-off (the comparison itself: benchmarks/studies/weightwatcher_parity.py)."""
 
 import importlib.util
 import sys
@@ -11,7 +11,7 @@ import pytest
 # imported before the one_thread fixture limits the BLAS threads (the limit binds loaded libraries only)
 pytest.importorskip("weightwatcher", reason="weightwatcher is not installed (pip install -e '.[test]'; CI does)")
 
-_path = Path(__file__).resolve().parents[2] / "benchmarks" / "weightwatcher_parity.py"
+_path = Path(__file__).resolve().parents[2] / "benchmarks" / "studies" / "weightwatcher_parity.py"
 _spec = importlib.util.spec_from_file_location("weightwatcher_parity", _path)
 parity = importlib.util.module_from_spec(_spec)
 sys.modules["weightwatcher_parity"] = parity

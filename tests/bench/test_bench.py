@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from utilrank_kernels import load_compressed, save_compressed
-from utilrank_kernels.bench import BENCH_FORMAT, bench, cut_to_ratio, dense_twin, make_step, realized, write_rows
-from utilrank_kernels.compress import load_plan
+from utilrank_kernels.bench import BENCH_FORMAT, bench, cut_to_ratio, dense_twin, write_rows
+from utilrank_kernels.bench.engines import make_step
+from utilrank_kernels.bench.run import realized
+from utilrank_kernels.compress import Plan
 from utilrank_kernels.models import build_builtin
 from utilrank_kernels.models.builtin import VIT_DIGITS_KWARGS
 from utilrank_kernels.nn import LowRankLinear
@@ -76,7 +78,7 @@ def test_dense_twin_computes_what_the_compressed_model_computes(tmp_path):
     config = {"arch": "vit-digits", "source": "builtin", "num_classes": 10, "model_kwargs": VIT_DIGITS_KWARGS}
     save_compressed(compressed, plan, config, tmp_path / "c")
     loaded = load_compressed(tmp_path / "c")
-    twin = dense_twin(loaded, load_plan(tmp_path / "c" / "plan.json"), config)
+    twin = dense_twin(loaded, Plan.load(tmp_path / "c" / "plan.json"), config)
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(twin(x), loaded(x), rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""The CPU-side parts of benchmarks/gpu_run.sh: argument parsing, the result writer, the summary table, the
+"""The CPU-side parts of benchmarks/tools/gpu_run.sh: argument parsing, the result writer, the summary table, the
 roofline (known answers worked by hand), and the script's refusal where no GPU is visible."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import gpu_run  # noqa: E402
-import roofline  # noqa: E402
+from benchmarks.kernels import cublas, roofline  # noqa: E402
+from benchmarks.tools import gpu_run  # noqa: E402
+from benchmarks.tools.rows import Row  # noqa: E402
+from utilrank_kernels.timing import Timing  # noqa: E402
 
 
 def test_roofline_vit_b_fc1_on_h100():
@@ -64,9 +66,10 @@ def test_parse_args():
 
 
 def test_write_result_is_atomic_and_named_by_device(tmp_path):
-    path = gpu_run.write_result(tmp_path, "NVIDIA H100 80GB HBM3", "kernels", {"rows": [{"us": 1.5}]})
-    assert path == tmp_path / "nvidia-h100-80gb-hbm3-gpu-kernels.json"
-    assert json.loads(path.read_text()) == {"format": "utilrank.gpu-run/1", "step": "kernels", "rows": [{"us": 1.5}]}
+    path = gpu_run.write_result(tmp_path, "nvidia-h100-80gb-hbm3", "kernels", {"rows": [{"median_ms": 1.5}]})
+    assert path == tmp_path / "nvidia-h100-80gb-hbm3_gpu-kernels.json"
+    assert json.loads(path.read_text()) == {"format": "utilrank.gpu-run/1", "step": "kernels",
+                                            "rows": [{"median_ms": 1.5}]}
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
 
 
@@ -80,15 +83,17 @@ def test_junit_counts(tmp_path):
 
 
 def test_summary_table_has_a_line_per_result():
+    shape = {"M": 12608, "in": 768, "out": 3072, "r": 192}
     results = {
         "tests": {"passed": 10, "failed": 0, "errors": 0, "skipped": 2, "seconds": 50.0, "returncode": 0},
-        "kernels": {"rows": [
-            {"op": "lowrank_linear", "shape": "vit_b.fc1", "impl": "cublas", "us": 40.0, "ideal_us": 32.2,
-             "vs_first": 1.0},
-            {"op": "lowrank_linear", "shape": "vit_b.fc1", "impl": "triton", "us": 32.0, "ideal_us": 29.3,
-             "vs_first": 1.25},
-            {"op": "lowrank_mlp", "shape": "vit_b.mlp", "impl": "triton fused mlp", "error": "RuntimeError: x"},
-            {"shape": "vit_l.fc1", "skipped": "step time limit"}]},
+        "kernels": {"rows": [row.as_dict() for row in (
+            Row("lowrank_linear", "cublas", "bf16", shape, Timing(0.040, 0.039, 0.041), extra={
+                "layer": "vit_b.fc1", "ideal_us": 32.2}),
+            Row("lowrank_linear", "triton", "bf16", shape, Timing(0.032, 0.031, 0.033),
+                {"cublas": Timing(0.040, 0.039, 0.041)}, {"layer": "vit_b.fc1", "ideal_us": 29.3}),
+            Row("lowrank_mlp", "triton-fused-mlp", "bf16", shape, None, extra={"layer": "vit_b.mlp"},
+                error="RuntimeError: x"),
+            cublas.skipped("lowrank_linear", "vit_l.fc1", shape))]},
         "vit": {"b64": {"rows": [{"variant": "compressed", "backend": "auto", "infer_step_time": 12.5,
                                   "speedup": 1.4}]},
                 "b1-cuda-graphs": {"returncode": 1, "tail": "boom\nValueError: bad", "rows": None}},
@@ -96,7 +101,7 @@ def test_summary_table_has_a_line_per_result():
     table = gpu_run.summary_table(results).splitlines()
     assert table[0].startswith("| step |") and len(table) == 2 + 1 + 4 + 2
     assert "10 passed, 0 failed" in table[2]
-    assert "32.0 us | ideal 29.3 us | x1.25 vs cuBLAS" in table[4]
+    assert "| vit_b.fc1 triton | 32.0 us | ideal 29.3 us | x1.25 vs cublas |" in table[4]
     assert "RuntimeError: x" in table[5] and "skipped" in table[6]
     assert "12.500 ms" in table[7] and "failed" in table[8] and "ValueError: bad" in table[8]
 
@@ -106,8 +111,9 @@ def test_scripts_refuse_without_a_gpu():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the scripts would run")
-    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_run.sh")]).returncode == 0
-    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh")], capture_output=True, text=True,
+    script = ROOT / "benchmarks" / "tools" / "gpu_run.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    out = subprocess.run(["bash", str(script)], capture_output=True, text=True,
                          timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
     assert out.returncode == 2 and "no CUDA device" in out.stderr
     assert gpu_run.main([]) == 2

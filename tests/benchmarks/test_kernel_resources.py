@@ -1,4 +1,4 @@
-"""benchmarks/kernel_resources.py's parts, on the CPU without compiling: the SASS reader (loops from backward
+"""benchmarks/tools/kernel_resources.py's parts, on the CPU without compiling: the SASS reader (loops from backward
 branches, local memory inside them), the occupancy estimate (worked by hand), what --check fails on, and the
 recorder: the launchers' real calls, specialized by Triton's own binder for a GPU target."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import kernel_resources as kr  # noqa: E402
+from benchmarks.tools import kernel_resources as kr  # noqa: E402
 
 SASS = """
         Function : _k

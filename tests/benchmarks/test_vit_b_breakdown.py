@@ -1,4 +1,4 @@
-"""benchmarks/vit_b_breakdown.py: operator classes, the realized fraction and its two counterfactuals on
+"""benchmarks/studies/vit_b_breakdown.py: operator classes, the realized fraction and its two counterfactuals on
 numbers worked by hand, and a smoke run on the built-in ViT."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-import vit_b_breakdown as vb  # noqa: E402
+from benchmarks.studies import vit_b_breakdown as vb  # noqa: E402
 
 
 @pytest.mark.parametrize("name, cls", [

@@ -19,6 +19,7 @@ def test_cli_analyze_builtin(tmp_path, capsys):
     assert "MLU" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["analyze", "--model", "no_such_model", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -45,7 +45,7 @@ def test_cli_bench_param_ratio_and_compressed(tmp_path, capsys):
     assert line.startswith("| vit-digits | utilrank compress | ") and f"| {rows[1]['speedup']:.2f}x |" in line
     assert "| eager (2 steps after 1) | auto" in line
 
-    stats_file = tmp_path / "stats.json"  # a benchmarks/stats_pass.py file
+    stats_file = tmp_path / "stats.json"  # a benchmarks/models/stats_pass.py file
     spread = {"median": 0.3, "p20": 0.25, "p80": 0.35}
     stats_file.write_text(json.dumps({"format": "utilrank.bench-stats/1", "rows": [{
         "model": "vit-digits", "device": "cpu", "threads": 2, "overlap": True, "batch_size": 128, "batches": 10,
@@ -68,7 +68,7 @@ def test_cli_bench_usage_errors(tmp_path, capsys):
 
 
 def _readme_table():
-    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "benchmarks" / "readme_table.py")
+    spec = importlib.util.spec_from_file_location("readme_table", ROOT / "benchmarks" / "models" / "readme_table.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

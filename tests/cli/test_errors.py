@@ -90,19 +90,22 @@ def test_unreadable_images_name_the_file(tmp_path, capsys, damage):
 
 def test_plan_that_is_not_json(tmp_path, capsys):
     (tmp_path / "plan.json").write_text("{oops")
-    one_line_error(capsys, ["compress", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "o")],
+    one_line_error(capsys, ["compress", "--plan", str(tmp_path / "plan.json"), "--engines", "eager", "--out",
+                            str(tmp_path / "o")],
                    "--plan", "not JSON")
 
 
 def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
-    one_line_error(capsys, ["compress", "--out", "/proc/utilrank-out"], "/proc/utilrank-out", "cannot write there")
+    one_line_error(capsys, ["compress", "--engines", "eager", "--out", "/proc/utilrank-out"], "/proc/utilrank-out",
+                   "cannot write there")
 
 
+@pytest.mark.slow
 def test_an_analyze_folder_is_not_replaced_without_force(tmp_path, capsys):
     out = tmp_path / "o"
     assert main(["analyze", "--max-batches", "1", "--out", str(out)]) == 0
     capsys.readouterr()
-    one_line_error(capsys, ["compress", "--out", str(out)], "made by utilrank analyze", "--force")
+    one_line_error(capsys, ["compress", "--engines", "eager", "--out", str(out)], "made by utilrank analyze", "--force")
 
 
 def test_stats_of_another_model(tmp_path, capsys):
@@ -110,9 +113,11 @@ def test_stats_of_another_model(tmp_path, capsys):
     assert main(["analyze", "--model", "test_vit", "--data", str(data), "--out", str(tmp_path / "a")]) == 0
     capsys.readouterr()
     one_line_error(capsys, ["compress", "--stats", str(tmp_path / "a" / "stats.safetensors"),
-                            "--out", str(tmp_path / "c")], "--stats", "collected on --model test_vit")
+                            "--engines", "eager", "--out", str(tmp_path / "c")],
+                   "--stats", "collected on --model test_vit")
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_names_the_difference(tmp_path, capsys):
     out = tmp_path / "o"
     code = main(["analyze", "--batch-size", "64", "--checkpoint-every", "1", "--max-batches", "2", "--out",

@@ -50,15 +50,17 @@ def test_compress_bert_cosine_and_load(bert_folder, tmp_path, capsys, one_thread
     bert, lines = f"hf:{bert_folder / 'bert'}", f"text:{bert_folder / 'lines.txt'}"
     out = tmp_path / "compress"
     # fine-tuning needs labels and a head: the default 20 epochs are refused in one line, before any pass
-    assert main(["compress", "--model", bert, "--data", lines, "--out", str(out)]) == 2
+    assert main(["compress", "--model", bert, "--data", lines, "--engines", "eager", "--out", str(out)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "--finetune-epochs 0" in errors[0]
     assert not out.exists() and not (tmp_path / "compress.partial" / "stats.safetensors").exists()
-    assert main(["compress", "--model", bert, "--data", lines, "--metric", "accuracy", "--out", str(out)]) == 2
+    assert main(["compress", "--model", bert, "--data", lines, "--metric", "accuracy", "--engines", "eager", "--out",
+                 str(out)]) == 2
     assert "no classification head" in capsys.readouterr().err
     # the cosine search over the second block's layers; the rest cut at --energy
     assert main(["compress", "--model", bert, "--data", lines, "--metric", "cosine", "--finetune-epochs", "0",
-                 "--tolerance", "2", "--include", "encoder.layer.1.*", "--energy", "0.95", "--out", str(out)]) == 0
+                 "--tolerance", "2", "--include", "encoder.layer.1.*", "--energy", "0.95", "--engines", "eager",
+                 "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "test cosine" in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -84,7 +86,7 @@ def test_compress_vit_on_imagefolder(tmp_path, capsys, one_thread):
     images = make_imagefolder(tmp_path / "images", per_class=8)
     out = tmp_path / "out"
     assert main(["compress", "--model", f"hf:{tmp_path / 'vit'}", "--data", str(images), "--no-search",
-                 "--energy", "0.9", "--finetune-epochs", "1", "--out", str(out)]) == 0
+                 "--energy", "0.9", "--finetune-epochs", "1", "--engines", "eager", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metric"] == "accuracy" and summary["compressed"]["params"] < summary["dense"]["params"]
     plan = json.loads((out / "plan.json").read_text())

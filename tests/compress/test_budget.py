@@ -3,8 +3,8 @@
 import pytest
 
 from utilrank_kernels.compress import uniform_plan
-from utilrank_kernels.layers import layer_shape
 from utilrank_kernels.models import build_builtin
+from utilrank_kernels.nn.lowrank import layer_shape
 
 
 def test_uniform_plan_keeps_at_most_the_fraction_of_every_layer():

@@ -4,9 +4,10 @@ import pytest
 import torch
 from _cases import Case, rel_err
 
-from utilrank_kernels import LayerPlan, LowRankConv2d, LowRankLinear, Plan, factor_model
+from utilrank_kernels import LowRankConv2d, LowRankLinear, Plan, factor_model
 from utilrank_kernels.analysis.subspace import NOISE_RTOL
-from utilrank_kernels.compress import layer_factors, svd_factors
+from utilrank_kernels.compress import LayerPlan
+from utilrank_kernels.compress.factor import layer_factors, svd_factors
 from utilrank_kernels.measure import count_params
 
 

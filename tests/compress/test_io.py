@@ -6,8 +6,9 @@ import torch
 from _cases import VIT_KWARGS
 from timm.models.vision_transformer import VisionTransformer
 
-from utilrank_kernels import LayerPlan, Plan, collect_stats, compute_subspaces, factor_model, load_compressed
+from utilrank_kernels import Plan, collect_stats, compute_subspaces, factor_model, load_compressed
 from utilrank_kernels.analysis import build_report
+from utilrank_kernels.compress import LayerPlan
 from utilrank_kernels.models import build_builtin
 from utilrank_kernels.models.builtin import VIT_DIGITS_KWARGS
 from utilrank_kernels.nn import LowRankMlp

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from utilrank_kernels import LayerPlan, Plan, collect_stats, compute_subspaces, factor_model
-from utilrank_kernels.compress import latency
+from utilrank_kernels import Plan, collect_stats, compute_subspaces, factor_model
+from utilrank_kernels.compress import LayerPlan, latency
 from utilrank_kernels.compress.latency import LatencyTable, latency_aware, round_up_candidates
 
 

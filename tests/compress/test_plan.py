@@ -7,8 +7,8 @@ import pytest
 import torch
 from _models import TokenMLP
 
-from utilrank_kernels import LayerPlan, Plan, apply_plan
-from utilrank_kernels.compress import PLAN_FORMAT, load_plan
+from utilrank_kernels.compress import LayerPlan, Plan, apply_plan
+from utilrank_kernels.compress.plan import PLAN_FORMAT
 
 
 def test_mismatching_plan_lists_every_misfit():
@@ -35,7 +35,7 @@ def test_plan_round_trips_and_cannot_be_mutated(tmp_path):
     assert doc["format"] == PLAN_FORMAT and doc["layers"]["fc1"] == {"kind": "linear", "rank": 4, "k_in": 5,
                                                                      "k_out": 4, "energy": 0.99,
                                                                      "reason": "energy 0.99"}
-    assert load_plan(tmp_path / "plan.json") == plan
+    assert Plan.load(tmp_path / "plan.json") == plan
     with pytest.raises(TypeError):
         plan.layers["fc2"] = LayerPlan("linear", 1)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -50,7 +50,7 @@ def test_bad_plan_files_are_one_line_errors(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"format": PLAN_FORMAT, "arch": "x", "layers": {"fc1": {"rank": 2}}}))
     for name, words in (("a", "not JSON"), ("b", f"not a {PLAN_FORMAT} file"), ("c", "needs 'kind' and 'rank'")):
         with pytest.raises(ValueError, match=words) as info:
-            load_plan(tmp_path / f"{name}.json")
+            Plan.load(tmp_path / f"{name}.json")
         assert "\n" not in str(info.value) and str(tmp_path / f"{name}.json") in str(info.value)
     with pytest.raises(FileNotFoundError):
-        load_plan(tmp_path / "missing.json")
+        Plan.load(tmp_path / "missing.json")

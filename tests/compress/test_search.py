@@ -16,7 +16,7 @@ def test_search_backs_off_until_the_cuts_together_fit(method, budget):
     with torch.no_grad():
         reference = model(x)
         score = lambda m: 1.0 - rel_err(m(x), reference)  # noqa: E731
-        search = dict(method=method, tolerance=5.0, evaluate=score, progress=False)
+        search = {"method": method, "tolerance": 5.0, "evaluate": score, "progress": False}
         per_layer = plan_ranks(model, report, case.subspaces, total_tolerance=1e9, **search)
         fitted = plan_ranks(model, report, case.subspaces, total_tolerance=budget, **search)
         assert per_layer.layers.keys() == fitted.layers.keys() and len(fitted.layers) > 2

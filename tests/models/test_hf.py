@@ -11,8 +11,8 @@ pytest.importorskip("transformers")
 from _hf import make_bert, make_text, make_vit  # noqa: E402
 
 from utilrank_kernels import CompressConfig, TrainRecipe, compress_model, load_compressed, save_compressed  # noqa: E402
-from utilrank_kernels.analysis.stats import call_model, model_input  # noqa: E402
 from utilrank_kernels.data import load_text_splits  # noqa: E402
+from utilrank_kernels.data.batch import call_model, model_input  # noqa: E402
 from utilrank_kernels.metrics import OutputCosine  # noqa: E402
 from utilrank_kernels.models import hf  # noqa: E402
 

@@ -3,7 +3,7 @@
 import torch
 
 from utilrank_kernels.models.builtin import build_builtin
-from utilrank_kernels.models.loading import _seeded_init, build_model
+from utilrank_kernels.models.loading import build_model, seeded_init
 
 
 def _same_weights(a, b) -> bool:
@@ -12,12 +12,12 @@ def _same_weights(a, b) -> bool:
 
 def test_random_init_ignores_and_keeps_the_callers_random_state():
     torch.manual_seed(1)
-    first = _seeded_init(build_builtin, "vit-digits")
+    first = seeded_init(build_builtin, "vit-digits")
     after_build = torch.rand(3)
     torch.manual_seed(1)
     assert torch.equal(torch.rand(3), after_build)  # the caller's generator did not move
     torch.manual_seed(2)
-    assert _same_weights(first, _seeded_init(build_builtin, "vit-digits"))
+    assert _same_weights(first, seeded_init(build_builtin, "vit-digits"))
     torch.manual_seed(3)
     timm_a, _ = build_model("test_vit", num_classes=3)
     torch.manual_seed(4)

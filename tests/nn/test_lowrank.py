@@ -12,7 +12,7 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from utilrank_kernels.compress import factor_layer, svd_factors
+from utilrank_kernels.compress.factor import factor_layer, svd_factors
 from utilrank_kernels.layers import swap_modules
 from utilrank_kernels.nn import LowRankMlp, fuse_lowrank_mlps
 from utilrank_kernels.ops import lowrank_conv2d, lowrank_linear, lowrank_mlp

@@ -4,14 +4,19 @@ meta device, which the fake ``on_cuda`` calls CUDA."""
 
 from __future__ import annotations
 
+import functools
+import json
 import warnings
 
 import pytest
 import torch
 
-from utilrank_kernels.ops import _dispatch, _lowrank_dispatch, conv_covariance_update, lowrank_linear, lowrank_mlp
+import utilrank_kernels.ops.lowrank as lowrank_ops
+from utilrank_kernels._files import cache_dir
+from utilrank_kernels.ops import _dispatch, conv_covariance_update, lowrank_linear, lowrank_mlp
 from utilrank_kernels.ops._dispatch import KernelFallbackWarning, choose
 from utilrank_kernels.ops.lowrank import mlp_choice
+from utilrank_kernels.timing import device_slug
 
 
 @pytest.fixture
@@ -86,7 +91,7 @@ def test_autocast_reaches_the_kernel_with_cast_operands(gpu, monkeypatch):
         seen.append((impl, x.dtype, a.dtype, b.dtype, bias.dtype))
         return x.new_empty(*x.shape[:-1], b.shape[0])
 
-    monkeypatch.setattr(_lowrank_dispatch, "run_linear", fake_run)
+    monkeypatch.setattr(lowrank_ops, "run_linear", fake_run)
     x, (a, b, bias), _ = linear_args(dtype=torch.bfloat16, weight_dtype=torch.float32)
     y = lowrank_linear(x, a, b, bias)
     assert seen == [("triton", *[torch.bfloat16] * 4)] and y.dtype == torch.bfloat16
@@ -138,6 +143,21 @@ def test_mlp_rule_is_the_same(gpu):
     params[5] = params[5].float()
     with pytest.warns(KernelFallbackWarning, match="mixed dtypes"):
         assert mlp_choice(x, *params, backend="auto").impl == "torch"
+
+
+def test_the_mlp_module_asks_the_rule_once(gpu, monkeypatch):
+    """``LowRankMlp`` asks the rule, then hands its choice to the op, which does not ask again."""
+    from utilrank_kernels.nn import LowRankLinear, LowRankMlp
+
+    asked, ran = [], []
+    real_choose = lowrank_ops.choose
+    monkeypatch.setattr(lowrank_ops, "choose", lambda *a, **kw: asked.append(a[0]) or real_choose(*a, **kw))
+    monkeypatch.setattr(lowrank_ops, "run_mlp", lambda impl, x, *rest: ran.append(impl) or x.new_empty(x.shape))
+    kw = {"device": "meta", "dtype": torch.float16}
+    mlp = LowRankMlp(LowRankLinear(768, 3072, 96, **kw), LowRankLinear(3072, 768, 96, **kw)).eval()
+    with torch.no_grad():
+        mlp(torch.empty(1, 5, 768, **kw))
+    assert asked == ["lowrank_mlp"] and ran == ["triton"]
 
 
 def test_triton_absent(gpu):
@@ -201,3 +221,52 @@ def test_cpu_ops_still_run(gpu):
     acc = torch.zeros(27, 27, dtype=torch.float64)
     conv_covariance_update(acc, torch.randn(1, 3, 5, 5), 3, padding=1)
     assert acc.diagonal().gt(0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The small-M table (read from the cache folder, or $UTILRANK_SMALL_M_TABLE)
+# ------------------------------------------------------------------------------------------------
+ENTRIES = [
+    {"op": "lowrank_linear", "m": 1, "in_features": 768, "out_features": 3072, "rank": 307,
+     "dtype": "float16", "fastest": "cuda", "us": {"cuda": 4.0, "triton": 6.0, "torch": 9.0}},
+    {"op": "lowrank_linear", "m": 16, "in_features": 768, "out_features": 3072, "rank": 307,
+     "dtype": "float16", "fastest": "triton", "us": {"cuda": 8.0, "triton": 6.0, "torch": 9.0}},
+]
+TABLE = {"format": _dispatch.SMALL_M_TABLE_FORMAT, "device": "Some GPU", "entries": ENTRIES}
+
+
+@pytest.fixture
+def fresh_table(monkeypatch):
+    monkeypatch.delenv("UTILRANK_SMALL_M_TABLE", raising=False)
+    _dispatch.small_m_table.cache_clear()
+    yield
+    _dispatch.small_m_table.cache_clear()
+
+
+def test_small_m_table_absent_means_no_choice(tmp_path, monkeypatch, fresh_table):
+    monkeypatch.setenv("UTILRANK_SMALL_M_TABLE", str(tmp_path / "missing.json"))
+    assert _dispatch.small_m_table("cuda") is None
+    assert _dispatch.small_m_choice("lowrank_linear", 1, (768, 3072, 307), torch.float16, device="cuda") is None
+
+
+def test_small_m_choice_takes_the_nearest_recorded_shape(tmp_path, monkeypatch, fresh_table):
+    """``$UTILRANK_SMALL_M_TABLE`` may name a benchmark result file, which holds the table under "dispatch"."""
+    (tmp_path / "t.json").write_text(json.dumps({"rows": [], "dispatch": TABLE}))
+    monkeypatch.setenv("UTILRANK_SMALL_M_TABLE", str(tmp_path / "t.json"))
+    choice = functools.partial(_dispatch.small_m_choice, device="cuda")
+    assert choice("lowrank_linear", 1, (768, 3072, 300), torch.float16) == "cuda"
+    assert choice("lowrank_linear", 12, (768, 3072, 300), torch.float16) == "triton"
+    assert choice("lowrank_linear", 1, (768, 3072, 300), torch.float16, available=("triton", "torch")) == "triton"
+    assert choice("lowrank_linear", 1, (768, 3072, 300), torch.bfloat16) is None
+    assert choice("lowrank_linear", 17, (768, 3072, 300), torch.float16) is None
+
+
+def test_small_m_table_is_written_to_the_cache(fresh_table):
+    """What benchmarks/kernels/cuda_small_m.py records is what the rule then reads (a CPU device stands in
+    for the GPU here: the table is filed under the device's slug)."""
+    path = _dispatch.write_small_m_table(TABLE, device="cpu")
+    assert path == cache_dir() / "small_m" / f"{device_slug('cpu')}.json"
+    assert _dispatch.small_m_table("cpu") == TABLE
+    assert _dispatch.small_m_choice("lowrank_linear", 16, (768, 3072, 307), torch.float16, device="cpu") == "triton"
+    with pytest.raises(ValueError, match="small_m_table/1"):
+        _dispatch.write_small_m_table({"entries": ENTRIES}, device="cpu")

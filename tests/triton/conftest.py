@@ -5,12 +5,30 @@ pytest process: ``TRITON_INTERPRET=1 pytest tests/triton``. In a plain ``pytest 
 without CUDA they are skipped. Tests marked ``gpu`` (bf16, large shapes) never run in the interpreter.
 """
 
+import math
 import os
 
 import pytest
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture(autouse=True)
+def _nan_empty(monkeypatch):
+    """flash-linear-attention's habit: ``torch.empty`` and ``torch.empty_like`` return NaN-filled floating
+    tensors, so an output tile that a kernel forgets to write fails the test instead of passing on whatever
+    the allocator left there."""
+    for name in ("empty", "empty_like"):
+        real = getattr(torch, name)
+
+        def nan_filled(*args, _real=real, **kwargs):
+            t = _real(*args, **kwargs)
+            if t.is_floating_point():
+                t.fill_(math.nan)
+            return t
+
+        monkeypatch.setattr(torch, name, nan_filled)
 
 
 @pytest.fixture(autouse=True)

@@ -15,13 +15,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from triton.runtime.autotuner import Autotuner
 
 from utilrank_kernels.ops.lowrank import lowrank_linear_reference, lowrank_mlp_reference
-from utilrank_kernels.triton import _autotune
-from utilrank_kernels.triton.covariance import conv_covariance_update_triton, covariance_update_triton
-from utilrank_kernels.triton.lowrank_linear import linear_epilogue, lowrank_linear_triton
-from utilrank_kernels.triton.lowrank_mlp import lowrank_mlp_triton
+
+pytest.importorskip("triton")
+
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from utilrank_kernels.triton import _autotune  # noqa: E402
+from utilrank_kernels.triton.covariance import conv_covariance_update_triton, covariance_update_triton  # noqa: E402
+from utilrank_kernels.triton.lowrank_linear import linear_epilogue, lowrank_linear_triton  # noqa: E402
+from utilrank_kernels.triton.lowrank_mlp import lowrank_mlp_triton  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 ROWS = [(name, i) for name, table in sorted(_autotune.TABLES.items()) for i in range(len(table.configs))]

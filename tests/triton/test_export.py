@@ -9,6 +9,7 @@ from torch import nn
 from utilrank_kernels.export import export_onnx, export_program, missing_packages
 from utilrank_kernels.nn import FACTORED_MODULES, LowRankLinear, fuse_lowrank_mlps, set_backend
 
+pytest.importorskip("triton")  # every test here runs the kernels
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 
 

@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from utilrank_kernels.ops import conv_covariance_update, covariance_update
-from utilrank_kernels.triton import covariance as tcov
+
+pytest.importorskip("triton")
+
+from utilrank_kernels.triton import covariance as tcov  # noqa: E402
 
 U32 = 2.0**-24  # unit roundoff of the fp32 accumulation
 U_TF32 = 2.0**-11  # TF32 rounds the fp32 operands to 10 mantissa bits
@@ -273,7 +276,10 @@ def test_collect_stats_triton_matches_torch(device):
 
     model = _Tiny().to(device)
     batches = [torch.randn(2, 3, 8, 8, device=device) for _ in range(2)]
-    mask_fn = lambda b: torch.arange(16, device=b.device).expand(b.shape[0], 16) < 11
+
+    def mask_fn(b):
+        return torch.arange(16, device=b.device).expand(b.shape[0], 16) < 11
+
     stats = {be: collect_stats(model, batches, backend=be, mask_fn=mask_fn, progress=False)
              for be in ("torch", "triton")}
     for name, s in stats["torch"].layers.items():

@@ -119,11 +119,11 @@ def test_cached_population_predict_and_plot(tmp_path, monkeypatch):
             assert torch.allclose(v.double(), mean, atol=1e-6)
     assert all(0 <= m.val <= 1 and 0 <= m.test <= 1 for m in population.members)
 
-    import utilrank_kernels.train as train_module
+    import utilrank_kernels.weightspace.population as population_module
 
     (population.path / "scratch-s3-e2.safetensors").unlink()  # a member lost: only it is trained again
-    trained, real_train = [], train_module.train
-    monkeypatch.setattr(train_module, "train", lambda *a, **k: trained.append(k["desc"]) or real_train(*a, **k))
+    trained, real_train = [], population_module.train
+    monkeypatch.setattr(population_module, "train", lambda *a, **k: trained.append(k["desc"]) or real_train(*a, **k))
     again = train_population("vit-digits", recipe=recipe, base=base, progress=False)
     assert trained == ["scratch-s3-e2"] and again.path == population.path
     assert torch.equal(again.members[3].state["head.weight"], population.members[3].state["head.weight"])

@@ -79,7 +79,9 @@ def test_barrier_of_a_model_with_itself_is_zero_and_paths_end_at_the_endpoints()
         assert torch.equal(interpolate(a, b, 0.0)[k], a[k]) and torch.equal(interpolate(a, b, 1.0)[k], b[k])
     from utilrank_kernels.train import evaluate
 
-    acc = lambda m: evaluate(m, data.val)
+    def acc(m):
+        return evaluate(m, data.val)
+
     self_path = path_accuracy(population.template, a, a, acc, points=7)
     assert barrier_height(self_path) == 0.0 and len(set(self_path)) == 1
     path = path_accuracy(population.template, a, b, acc, points=5)
@@ -144,12 +146,13 @@ def test_projected_distances_are_those_of_the_projected_weights():
 def test_data_projection_bases_are_orthonormal_at_the_report_ranks():
     from torch.utils.data import DataLoader
 
-    from utilrank_kernels.analysis import analyze, collect_stats
+    from utilrank_kernels.analysis import build_report, collect_stats, compute_subspaces
 
     data = splits()
     model = perturbed_population().load(perturbed_population().members[0])
     bases = data_projection(model, data, energy=0.9)
-    report, _ = analyze(model, collect_stats(model, DataLoader(data.train, batch_size=256), progress=False), 0.9)
+    stats = collect_stats(model, DataLoader(data.train, batch_size=256), progress=False)
+    report = build_report(model, stats, compute_subspaces(model, stats, progress=False), 0.9)
     assert set(bases) == {r.name for r in report.layers} == {"fc1", "fc2"}
     for r in report.layers:
         u_out, u_in = bases[r.name]

@@ -10,22 +10,18 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from utilrank_kernels import LayerPlan, Plan
-from utilrank_kernels.analysis import analyze, collect_stats
+from utilrank_kernels import Plan, build_report, collect_stats, compute_subspaces
+from utilrank_kernels.compress import LayerPlan, expand
 from utilrank_kernels.weightspace import (
     compressed_soup,
-    dense_equivalent,
-    dense_state_dict,
     greedy_compressed_soup,
     greedy_soup,
     load_soup,
-    planned_stats,
-    refactor,
-    state_dict_of,
     swa,
-    swa_average,
     uniform_soup,
 )
+from utilrank_kernels.weightspace.average import state_dict_of, swa_average
+from utilrank_kernels.weightspace.compressed import dense_equivalent, planned_stats, refactor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -217,7 +213,7 @@ def compressed_setup():
     batches = [torch.einsum("bk,kchw->bchw", torch.randn(6, 2, generator=g), basis)
                + 0.05 * torch.randn(6, 3, 10, 10, generator=g) for _ in range(4)]
     stats = collect_stats(base, batches, progress=False)
-    report, _ = analyze(base, stats, 0.9)
+    report = build_report(base, stats, compute_subspaces(base, stats, progress=False), 0.9)
     # every analyzed layer at its utilized rank, whether or not that saves weights in a model this small
     # the paper's two-sided projection, which projected_by_hand writes out
     plan = Plan("convnet", {r.name: LayerPlan(r.kind, r.rank, r.k_in, r.k_out) for r in report.layers},
@@ -332,9 +328,9 @@ def test_compressed_ingredients_must_share_the_plan(compressed_setup):
     name = next(iter(plan.layers))
     other = plan.replace_layers({**plan.layers, name: plan.layers[name].with_rank(plan.layers[name].rank + 1)})
     with pytest.raises(ValueError, match=rf"{name} has rank \d+ .* the plan says"):
-        dense_state_dict(ingredients[0], other)
+        expand(ingredients[0].state_dict(), other)
     with pytest.raises(ValueError, match=f"planned layer {name} is not factored"):
-        dense_state_dict(base, plan)
+        dense_equivalent(base, plan, base)
     with pytest.raises(ValueError, match="ingredients do not match"):
         uniform_soup([ingredients[0], base])
 

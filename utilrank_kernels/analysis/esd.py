@@ -75,7 +75,7 @@ KS_PROBES = 512  # points of the lower bound that prunes the xmin search on larg
 @dataclass(frozen=True)
 class ESDOptions:
     """Which definitions the ESD metrics follow. The defaults are WeightWatcher 0.7.7's; ``utilrank()`` gives
-    this project's own choices (each documented in the README's ``utilrank spectrum`` section)."""
+    this project's own choices (each documented in docs/weightspace.md)."""
 
     ks: str = "ww"  # "ww": max |F(x_j) - j/n| | "two-sided": the standard KS statistic
     small_sample: bool = True  # WeightWatcher's bias-corrected estimator below SMALL_SAMPLE fitted eigenvalues
@@ -102,8 +102,8 @@ class ESDOptions:
     def utilrank(cls, **overrides) -> ESDOptions:
         """This project's choices: the standard KS statistic, a scale-free fit floor, no conv rescaling, the
         robust MP fit, every conv slice large enough, grouped convs skipped."""
-        base = dict(ks="two-sided", fit_floor="rank", conv_norm=False, mp="robust", count="slice",
-                    grouped_convs=False)
+        base = {"ks": "two-sided", "fit_floor": "rank", "conv_norm": False, "mp": "robust", "count": "slice",
+                "grouped_convs": False}
         return cls(**{**base, **overrides})
 
     def to_dict(self) -> dict:
@@ -275,7 +275,7 @@ def fit_marchenko_pastur(evals: np.ndarray, q: float, m: int, *, bw: float = KDE
     """WeightWatcher's ``mp_fit`` (see the module docstring), with its KDE computed once instead of at every
     residual evaluation (it does not depend on ``sigma``): the same ``scipy.optimize.brute`` search and
     Nelder-Mead polish on the same residual."""
-    from scipy import optimize
+    from scipy import optimize  # heavy (~1 s on 2 cores): loaded by the first fit, not with the analysis
 
     evals = np.asarray(evals, dtype=np.float64)
     scale = evals.size / float(evals.sum())  # WeightWatcher's Wscale^2: the ESD rescaled to mean 1

@@ -1,5 +1,6 @@
 """The utilization report (DESIGN §1 step 4, §4 ``report.json``) and its terminal table: a pure function
-of the statistics' subspaces at one energy (the eigendecompositions are ``compute_subspaces``'s)."""
+of the statistics' subspaces at one energy (the eigendecompositions are ``compute_subspaces``'s). Its figure
+is ``plots.plot_utilization``'s, drawn by the commands."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .._cache import write_json
+from .._files import write_json
 from ..layers import factored_pays
 from .stats import Statistics
-from .subspace import Subspaces, compute_subspaces, numerical_rank
+from .subspace import Subspaces, numerical_rank
 
 REPORT_FORMAT = "utilrank.report/1"
 
@@ -130,15 +131,6 @@ def build_report(model: nn.Module, stats: Statistics, subspaces: Subspaces, ener
                   mlu, tuple(rows), skipped)
 
 
-def analyze(model: nn.Module, stats: Statistics, energy: float = 0.99, *, subspaces: Subspaces | None = None,
-            progress: bool = False) -> tuple[Report, Subspaces]:
-    """``compute_subspaces`` (unless ``subspaces`` are given) then ``build_report``: the report at
-    ``energy`` and the subspaces, which compression reuses."""
-    if subspaces is None:
-        subspaces = compute_subspaces(model, stats, progress=progress)
-    return build_report(model, stats, subspaces, energy), subspaces
-
-
 def format_table(report: Report) -> str:
     saved = report.saved is not None
     head = (f"{'layer':<28} {'kind':<6} {'in':>6} {'out':>6} {'k_in':>5} {'k_out':>5} {'rank':>5} {'W rank':>6} "
@@ -160,11 +152,3 @@ def format_table(report: Report) -> str:
         lines.append(f"saved model: {report.saved['dense']:,} -> {report.saved['compressed']:,} parameters "
                      "('saved': the rank each layer holds in model.safetensors)")
     return "\n".join(lines)
-
-
-def write_report(report: Report, out_dir: str | Path) -> None:
-    from ..plots import plot_utilization
-
-    out_dir = Path(out_dir)
-    report.save(out_dir / "report.json")
-    plot_utilization(report, out_dir / "utilization.png")

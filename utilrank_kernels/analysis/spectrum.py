@@ -23,16 +23,16 @@ fits run in numpy on the host.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._cache import write_json
 from ..layers import FilterFn
+from ..nn import LowRankConv2d, LowRankLinear
 from .esd import ESD, WELL_TRAINED, ESDOptions, check_dtype, matrix_esd
 from .stats import Statistics
+from .subspace import compute_subspaces
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,6 @@ def spectral_layers(
     model: nn.Module, filter_fn: FilterFn | None = None, options: ESDOptions | None = None
 ) -> tuple[dict[str, nn.Module], list[dict]]:
     """The layers whose weights have a spectrum, by full module name, and the ones left out with the reason."""
-    from ..nn import LowRankConv2d, LowRankLinear
-
     options = options or ESDOptions()
 
     layers, skipped = {}, []
@@ -91,7 +89,7 @@ def spectrum(
     check_dtype(dtype)
     options = options or ESDOptions()
     modules, skipped = spectral_layers(model, filter_fn, options)
-    projections = _projection_bases(model, stats, energy) if stats is not None else {}
+    projections = _restricted_weights(model, stats, energy) if stats is not None else {}
     rows, esds = [], {}
     for name, module in tqdm(modules.items(), desc="spectra", unit="layer", disable=not progress):
         weight = module.weight if device is None else module.weight.to(device)
@@ -112,25 +110,27 @@ def spectrum(
     return report, esds
 
 
-def _projection_bases(model: nn.Module, stats: Statistics, energy: float) -> dict[str, tuple | str]:
-    """Per layer with statistics, ``(U_out, W, U_in)`` at ``energy``, or the reason there is none."""
-    from .report import analyze
-
-    report, subspaces = analyze(model, stats, energy)
-    out: dict[str, tuple | str] = dict(report.skipped)
-    for layer in report.layers:
-        sub = subspaces[layer.name]
-        out[layer.name] = (sub.vec_out[:, : layer.k_out], sub.weight, sub.vec_in[:, : layer.k_in])
+def _restricted_weights(model: nn.Module, stats: Statistics, energy: float) -> dict[str, torch.Tensor | str]:
+    """Per layer with statistics, ``M' = U_out^T W U_in`` at ``energy`` (``[k_out, k_in]``), or the reason there
+    is none: the subspaces and their energy ranks, no report (whose weight ranks cost an SVD per layer)."""
+    subspaces = compute_subspaces(model, stats, progress=False)
+    out: dict[str, torch.Tensor | str] = {s["name"]: s["reason"] for s in stats.skipped}
+    out.update(subspaces.skipped)
+    for name, sub in subspaces.items():
+        k_in, k_out = sub.ranks(energy)
+        if k_in == 0 or k_out == 0:
+            out[name] = "its inputs or outputs are all zero on the data"
+        else:
+            out[name] = sub.restricted(k_in, k_out)
     return out
 
 
 def _projected(name: str, projections: dict, options: ESDOptions, dtype: torch.dtype, esds: dict) -> dict:
-    basis = projections.get(name, "no statistics for this layer")
-    if isinstance(basis, str):
-        return {"reason": basis}
-    u_out, weight, u_in = basis
-    small = u_out.T @ weight @ u_in  # [k_out, k_in]: W' restricted to the data subspaces
-    entry = {"k_in": u_in.shape[1], "k_out": u_out.shape[1], "rank": min(u_in.shape[1], u_out.shape[1])}
+    small = projections.get(name, "no statistics for this layer")
+    if isinstance(small, str):
+        return {"reason": small}
+    k_out, k_in = small.shape
+    entry = {"k_in": k_in, "k_out": k_out, "rank": min(k_in, k_out)}
     try:
         esd = matrix_esd(small, options, dtype=dtype)
     except ValueError as exc:
@@ -154,13 +154,3 @@ def summarize(rows: list[dict]) -> dict:
     if any("alpha" in (r.get("projected") or {}) for r in rows):
         out["projected"] = {k: mean(k, "projected") for k in SUMMARY_KEYS}
     return out
-
-
-def write_spectrum(report: dict, esds: dict[str, dict[str, ESD]], out_dir: str | Path) -> None:
-    """``out_dir/spectrum.json``, ``out_dir/alpha.png`` and ``out_dir/esd/<layer>.png``."""
-    out_dir = Path(out_dir)
-    from ..plots import plot_alpha, plot_esds
-
-    write_json(out_dir / "spectrum.json", report)
-    plot_alpha(report, out_dir / "alpha.png")
-    plot_esds(report, esds, out_dir / "esd")

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._cache import atomic_path, open_safetensors
+from .._files import atomic_path, open_safetensors
 from .stats import LayerStats, Statistics
 
 SUBSPACES_FORMAT = "utilrank.subspaces/1"
@@ -35,7 +35,7 @@ def nonzero(eigenvalues: torch.Tensor) -> torch.Tensor:
 
 # Below this size an fp64 eigendecomposition runs on one thread: LAPACK's threads meet at spinning barriers,
 # and on a 2-core machine shared with other work a 256-wide eigh took 2.9 s on 2 threads against 0.016 s on
-# one (1024 wide: 6.0 s against 1.2 s; `python benchmarks/eigh_threads.py`).
+# one (1024 wide: 6.0 s against 1.2 s; `python benchmarks/run.py eigh-threads`).
 SINGLE_THREAD_EIGH_BELOW = 1536
 
 
@@ -81,6 +81,13 @@ def numerical_rank(matrix: torch.Tensor) -> int:
     return int(nonzero(s * s).sum())
 
 
+def restricted_weight(u_out: torch.Tensor, weight: torch.Tensor, u_in: torch.Tensor) -> torch.Tensor:
+    """``M = U_out^T W U_in`` (``[k_out, k_in]``): the weight (a conv's flattened to ``[out, in]``) restricted
+    to the subspaces ``U_out`` / ``U_in`` span. ``W' = P_out W P_in`` is ``U_out M U_in^T``: the same non-zero
+    singular values and the same Frobenius distances, at the small size."""
+    return u_out.T @ weight.reshape(weight.shape[0], -1) @ u_in
+
+
 @dataclass(frozen=True)
 class LayerSubspaces:
     """Eigendecompositions of ``C_in`` and ``C_out = W C_in W^T``, computed once per layer and reused
@@ -97,12 +104,21 @@ class LayerSubspaces:
         """``(k_in, k_out)`` at ``energy``."""
         return energy_rank(self.eig_in, energy), energy_rank(self.eig_out, energy)
 
+    def bases(self, k_in: int, k_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(U_in, U_out)``: the top ``k_in`` eigenvectors of ``C_in`` and the top ``k_out`` of ``C_out``."""
+        return self.vec_in[:, :k_in], self.vec_out[:, :k_out]
+
+    def restricted(self, k_in: int, k_out: int) -> torch.Tensor:
+        """``M = U_out^T W U_in`` (``[k_out, k_in]``) at these ranks (``restricted_weight``)."""
+        u_in, u_out = self.bases(k_in, k_out)
+        return restricted_weight(u_out, self.weight, u_in)
+
     def projection_factors(self, k_in: int, k_out: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The paper's projection ``W' = P_out W P_in = B A`` (DESIGN §1 step 5) as ``(A, B)``: ``A``
         ``(r, in)``, ``B`` ``(out, r)``, ``r = min(k_in, k_out)``, cut further where the small
         ``M = U_out^T W U_in`` is itself rank deficient (then ``r`` is ``M``'s numerical rank)."""
-        u_in, u_out = self.vec_in[:, :k_in], self.vec_out[:, :k_out]
-        m = u_out.T @ self.weight @ u_in  # [k_out, k_in]
+        u_in, u_out = self.bases(k_in, k_out)
+        m = restricted_weight(u_out, self.weight, u_in)  # [k_out, k_in]
         p, s, qh = torch.linalg.svd(m, full_matrices=False)
         r = int(nonzero(s * s).sum()) if s.numel() and s[0] > 0 else 0
         if r < min(k_in, k_out):

@@ -25,10 +25,10 @@ What is compressed:
   timing depends on the ranks, not on the weights' values).
 """
 
+from .engines import BACKEND_CHOICES, DTYPES, ENGINES, dtype_name
 from .models import compress_builtin, cut_to_ratio, dense_twin, input_size
-from .output import BENCH_FORMAT, format_row, write_rows
-from .timing import BACKEND_CHOICES, DTYPES, ENGINES, bench, dtype_name, make_step, onnxruntime_model, realized
+from .output import BENCH_FORMAT, write_rows
+from .run import bench
 
 __all__ = ["BACKEND_CHOICES", "BENCH_FORMAT", "DTYPES", "ENGINES", "bench", "compress_builtin", "cut_to_ratio",
-           "dense_twin", "dtype_name", "format_row", "input_size", "make_step", "onnxruntime_model", "realized",
-           "write_rows"]
+           "dense_twin", "dtype_name", "input_size", "write_rows"]

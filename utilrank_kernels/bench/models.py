@@ -5,17 +5,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..compress.plan import Plan
+from ..compress import CompressConfig, Plan, build_architecture, compress_model, expand
+from ..data import load_data
+from ..data.datasets import DIGITS_SIZE
+from ..models import BUILTIN_MODELS, build_model
+from ..nn import fuse_lowrank_mlps
+from ..train import TrainRecipe
 
 
 def cut_to_ratio(model: nn.Module, ratio: float, multiple: int = 16, arch: str | None = None) -> tuple[nn.Module, Plan]:
     """A copy of ``model`` with every ``nn.Linear`` / ``nn.Conv2d`` (groups = 1) factored to keep at most
     ``ratio`` of its weights (``compress.uniform_plan``), MLPs fused, and its plan. The factors are the
     weights' truncated SVD (timing depends on the ranks, not on the values; no data needed)."""
-    from ..compress import CompressConfig, compress_model
-    from ..nn import fuse_lowrank_mlps
-    from ..train import TrainRecipe
-
     config = CompressConfig(method="svd", param_fraction=ratio, rank_multiple=multiple, tolerance=None,
                             finetune=TrainRecipe(epochs=0))
     result = compress_model(model, None, config, arch=arch or type(model).__name__, score=False, progress=False)
@@ -26,23 +27,14 @@ def cut_to_ratio(model: nn.Module, ratio: float, multiple: int = 16, arch: str |
 def dense_twin(compressed: nn.Module, plan: Plan, config: dict) -> nn.Module:
     """The architecture of ``config`` with every factored layer of ``compressed`` multiplied back into a
     dense weight: the dense model that computes what ``compressed`` computes."""
-    from ..compress.io import _build_architecture
-    from ..weightspace import dense_state_dict
-
-    dense = _build_architecture(config)
-    dense.load_state_dict(dense_state_dict(compressed, plan), strict=True)
+    dense = build_architecture(config)
+    dense.load_state_dict(expand(compressed.state_dict(), plan), strict=True)
     return dense.eval()
 
 
 def compress_builtin(name: str, energy: float = 0.99) -> tuple[nn.Module, nn.Module, Plan]:
     """``(dense, compressed, plan)``: the trained built-in factored in-process on its data at ``energy`` (no
     search, no fine-tuning: timing depends on the ranks), MLPs fused."""
-    from ..compress import CompressConfig, compress_model
-    from ..data import load_data
-    from ..models import build_model
-    from ..nn import fuse_lowrank_mlps
-    from ..train import TrainRecipe
-
     model, _ = build_model(name)
     config = CompressConfig(energy=energy, tolerance=None, finetune=TrainRecipe(epochs=0))
     result = compress_model(model, load_data(None, model), config, arch=name, device="cpu", score=False,
@@ -53,16 +45,12 @@ def compress_builtin(name: str, energy: float = 0.99) -> tuple[nn.Module, nn.Mod
 
 def input_size(model: nn.Module, name: str, config: dict | None = None) -> tuple[int, int, int]:
     """``(C, H, W)`` of one input: the digits' size for built-ins, timm's pretrained config otherwise."""
-    from ..models import BUILTIN_MODELS
-
     arch = (config or {}).get("arch", name)
     if arch in BUILTIN_MODELS:
-        from ..data.datasets import DIGITS_SIZE
-
         kwargs = {**BUILTIN_MODELS[arch][1], **(config or {}).get("model_kwargs", {})}
         size = kwargs.get("img_size", DIGITS_SIZE)
         return kwargs.get("in_chans", 1), size, size
-    import timm.data
+    import timm.data  # seconds to import: only for timm models
 
     channels, height, width = timm.data.resolve_data_config({}, model=model)["input_size"]
     kwargs = (config or {}).get("model_kwargs", {})  # timm's pretrained config does not follow these overrides

@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .._cache import atomic_path, write_json
+from .._files import atomic_path, write_json
+from ..plots import plot_speedup
 
 BENCH_FORMAT = "utilrank.bench/1"
 
-# ---------------------------------------------------------------------------------------------
-# output
-# ---------------------------------------------------------------------------------------------
+
 def format_row(row: dict) -> str:
     where = (f"{row['variant']:<10} {row.get('engine', 'eager'):<11} {row['backend']:<6} {row['dtype']:<4} "
              f"bs {row['batch_size']:<4}")
@@ -41,8 +40,6 @@ def write_rows(rows: list[dict], out: str | Path, *, csv_too: bool = False, plot
         written.append(path)
     if plot:
         path = out.with_suffix(".png")
-        from ..plots import plot_speedup
-
         engines = {r.get("engine", "eager") for r in rows}
         if len(engines) > 1:  # one series per engine and backend: the plot's series are keyed by backend
             rows = [{**r, "backend": f"{r.get('engine', 'eager')} {r['backend']}"} for r in rows]

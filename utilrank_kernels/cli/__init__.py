@@ -5,19 +5,18 @@ Every command runs with no arguments on the built-in default."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import logging
 import sys
 
-from ._common import UsageError
+from .._version import __version__
+from ._options import UsageError
 
 # the order of ``utilrank --help``
 COMMANDS = ("analyze", "compress", "bench", "export", "spectrum", "soup", "regions", "predict")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
-    from .. import __version__
-
     parser = argparse.ArgumentParser(
         prog="utilrank", description="Measure the utilized rank of every layer on its own data, factor the model to "
         "it, and run the factored model fast. Every command runs with no arguments on the built-in default.")
@@ -31,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _log_to_terminal() -> None:
     """The library logs (``logging.getLogger("utilrank_kernels")``); the command shows its INFO messages
     on stderr, beside the progress bars, as plain lines."""
-    import logging
-
     class CurrentStderr(logging.StreamHandler):
         """Writes to whatever ``sys.stderr`` is when a message comes (a test's capture, a redirect)."""
 

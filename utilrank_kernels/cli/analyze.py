@@ -4,32 +4,29 @@ from __future__ import annotations
 
 import time
 
-from ._common import (
-    add_common_options,
-    collect_statistics,
-    commit,
-    init_distributed,
-    load_model_and_data,
-    output_folder,
-    resolve_device,
-    statistics_bytes,
-)
+from ..analysis import build_report, compute_subspaces, format_table, statistics_bytes
+from ..plots import plot_utilization
+from ._model import model_and_data
+from ._options import add_common_options
+from ._output import commit, output_folder
+from ._runtime import init_distributed, resolve_device
+from ._statistics import collect_statistics
 
 
 def run(args) -> int:
-    from ..analysis import analyze, format_table, write_report
-
     folder = output_folder(args, "analyze")
     rank, world = init_distributed()
     device = resolve_device(args.device)
     started = time.perf_counter()
-    model, _, data = load_model_and_data(args, device)
+    loaded = model_and_data(args, device)
+    model, data = loaded.model, loaded.data
     folder.require_space(2 * statistics_bytes(model))  # the statistics and their checkpoint
     stats = collect_statistics(args, model, data, device, folder, rank, world)
     if rank != 0:
         return 0
-    report, _ = analyze(model, stats, args.energy, progress=True)
-    write_report(report, folder.partial)
+    report = build_report(model, stats, compute_subspaces(model, stats, progress=True), args.energy)
+    report.save(folder.path("report.json"))
+    plot_utilization(report.to_dict(), folder.path("utilization.png"))
     print(format_table(report))
     out = commit(folder)
     print(f"wrote {out}/ (report.json, utilization.png, stats.safetensors) in {time.perf_counter() - started:.1f}s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,13 +18,16 @@ from ..bench import (
     compress_builtin,
     cut_to_ratio,
     dense_twin,
+    dtype_name,
     input_size,
     write_rows,
 )
-from ..bench.timing import dtype_name
+from ..compress import Plan, load_compressed
 from ..measure import count_params
+from ..models import BUILTIN_MODELS, build_builtin, build_model
 from ..timing import THP_HINT, cpu_thp_alloc, device_label, keep_freed_memory
-from ._common import DEFAULT_MODEL, UsageError, positive_int, resolve_device
+from ._options import DEFAULT_MODEL, UsageError, positive_int
+from ._runtime import resolve_device
 
 
 def _csv_list(text: str, cast=str, choices: Sequence | None = None) -> list:
@@ -43,17 +47,11 @@ def _csv_list(text: str, cast=str, choices: Sequence | None = None) -> list:
 
 def _models(args) -> tuple[nn.Module, nn.Module, str, tuple[int, int, int], dict]:
     """``(dense, compressed, model name, input size, extra row fields)`` from the command's options."""
-    from ..models import BUILTIN_MODELS, build_builtin, build_model
-
     if args.compressed:
-        import json
-
-        from ..compress import load_compressed, load_plan
-
         path = Path(args.compressed)
         try:
             compressed = load_compressed(path, fuse_mlps=args.fuse_mlps)
-            plan, config = load_plan(path / "plan.json"), json.loads((path / "config.json").read_text())
+            plan, config = Plan.load(path / "plan.json"), json.loads((path / "config.json").read_text())
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
         dense = dense_twin(compressed, plan, config)

@@ -2,75 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
+import copy
 import time
 
+from .._files import write_json
+from ..analysis import Statistics, format_table, statistics_bytes
+from ..bench import ENGINES, bench
+from ..compress import CompressConfig, Plan, check_fits, compress_model, write_compressed
+from ..compress.summary import LATENCY_BATCH, CompressSummary, EngineTiming, latency_notes, summarize
+from ..data.datasets import example_inputs
+from ..metrics import accuracy_problem, select_metric
 from ..models.hf import KeywordInputs
-from ._common import (
-    UsageError,
-    add_common_options,
-    collect_statistics,
-    commit,
-    init_distributed,
-    load_model_and_data,
-    output_folder,
-    positive_int,
-    resolve_device,
-    statistics_bytes,
-)
-
-
-def _summary_table(summary: dict) -> str:
-    d, p, c = summary["dense"], summary["projected"], summary["compressed"]
-    score = summary["metric"]  # "accuracy" or "cosine" (--metric): the key of each variant's score
-    test = "test" if summary["test_split"] == "test" else "test (= val!)"
-    lines = [
-        f"{'':<20}{'dense':>14}{'compressed':>14}{'ratio':>9}",
-        f"{'parameters':<20}{d['params']:>14,}{c['params']:>14,}{c['params'] / d['params']:>9.3f}",
-        f"{'FLOPs / image':<20}{d['flops']:>14,}{c['flops']:>14,}{c['flops'] / d['flops']:>9.3f}",
-        *_latency_lines(summary),
-        f"{test + ' ' + score:<20}{d[score]:>14.2%}{c[score]:>14.2%}{100 * (c[score] - d[score]):>+8.2f}pp",
-        f"projected ({summary['method']}, before fine-tuning): {p[score]:.2%}; "
-        f"fine-tuned {summary['finetune_epochs']} epochs: {c[score]:.2%}; MLU {summary['mlu']:.3f}",
-    ]
-    if "dense_finetuned" in summary:
-        lines.append(f"control: the dense model fine-tuned the same {summary['finetune_epochs']} epochs: "
-                     f"{summary['dense_finetuned'][score]:.2%} (compressed "
-                     f"{100 * (c[score] - summary['dense_finetuned'][score]):+.2f} pp against it)")
-    lines += [f"note: {n}" for n in summary["notes"]]
-    lines += [f"warning: {w}" for w in summary["warnings"]]
-    return "\n".join(lines)
-
-
-def _latency_lines(summary: dict) -> list[str]:
-    """One line per engine (median, p20-p80, and the ratio compressed / dense), at the latency batch."""
-    ms = lambda v: f"{v:.2f}" if v < 100 else f"{v:.0f}"  # noqa: E731  (a spread cell stays 14 wide)
-    spread = lambda t, v: f"[{ms(t[v + '_p20_ms'])}-{ms(t[v + '_p80_ms'])}]"  # noqa: E731
-    lines = []
-    for engine, t in summary["engines"].items():
-        label = f"CPU ms b{summary['latency_batch']} {engine}"
-        lines.append(f"{label:<20}{t['dense_ms']:>14.2f}{t['compressed_ms']:>14.2f}"
-                     f"{t['compressed_ms'] / t['dense_ms']:>9.3f}  (speedup {t['speedup']:.2f}x)")
-        lines.append(f"{'  p20-p80':<20}{spread(t, 'dense'):>14}{spread(t, 'compressed'):>14}")
-    return lines
+from ..plots import plot_utilization
+from ..timing import Timing, latency_ms
+from ..train import TrainRecipe
+from ._model import model_and_data
+from ._options import UsageError, add_common_options, positive_int
+from ._output import commit, output_folder
+from ._runtime import init_distributed, resolve_device
+from ._statistics import collect_statistics
 
 
 def engine_list(text: str) -> list[str]:
     """argparse type: comma-separated engines of ``utilrank bench``."""
-    import argparse
-
-    from ..bench.timing import ENGINES
-
     engines = [e.strip() for e in text.split(",") if e.strip()]
     if not engines or any(e not in ENGINES for e in engines):
         raise argparse.ArgumentTypeError(f"expected engines from {', '.join(ENGINES)}, got {text!r}")
     return engines
 
 
-def compress_config(args):
+def compress_config(args) -> CompressConfig:
     """The ``CompressConfig`` of the command's options (its errors name the option)."""
-    from ..compress import CompressConfig
-    from ..train import TrainRecipe
-
     if args.finetune_epochs < 0:
         raise UsageError(f"--finetune-epochs {args.finetune_epochs}: must be >= 0")
     if args.lr <= 0:
@@ -93,18 +56,41 @@ def compress_config(args):
 
 
 def run(args) -> int:
-
-    from .._cache import write_json
-    from ..analysis import Statistics, format_table, write_report
-    from ..compress import Plan, check_fits, compress_model, write_compressed
-    from ..measure import count_flops, count_params
-
     config = compress_config(args)
     folder = output_folder(args, "compress")
     rank, world = init_distributed()
     device = resolve_device(args.device)
     started = time.perf_counter()
-    # the files given are read first: a bad --plan or --stats fails before the model (maybe trained) and data load
+    plan, stats = _read_plan_and_stats(args, device)
+    loaded = model_and_data(args, device)
+    model, data = loaded.model, loaded.data
+    metric_name, metric = _metric(args, config, model, data, device)
+    _check_plan_and_stats(args, model, plan, stats)
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    folder.require_space((0 if stats else 2 * statistics_bytes(model)) + model_bytes)
+    if stats is None:
+        stats = collect_statistics(args, model, data, device, folder, rank, world)
+    if rank != 0:
+        return 0
+    try:  # accuracy: compress_model's own, whose search warnings speak of examples and classes
+        result = compress_model(model, data, config, statistics=stats, plan=plan, arch=args.model, device=device,
+                                metric=None if metric_name == "accuracy" else metric)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    summary = _summarize(args, config, model, data, result, metric_name, device)
+    _save(folder, result, loaded.config, summary)
+    print(format_table(result.report))
+    print(f"factored {len(result.plan.layers)} layers; kept dense: "
+          + (", ".join(f"{n} ({r})" for n, r in result.plan.dense.items()) or "none"))
+    print(summary.format_table())
+    out = commit(folder)
+    print(f"wrote {out}/ (model.safetensors, plan.json, config.json, report.json, summary.json, utilization.png, "
+          f"stats.safetensors, manifest.json) in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def _read_plan_and_stats(args, device) -> tuple[Plan | None, Statistics | None]:
+    """``--plan`` and ``--stats``, read first: a bad file fails before the model (maybe trained) and data load."""
     plan = stats = None
     if args.plan:  # re-enter at the factors: the plan is the one saved, not planned again
         try:
@@ -118,10 +104,11 @@ def run(args) -> int:
             raise UsageError(f"--stats {args.stats}: {exc}") from exc
         if stats.meta.get("model") not in (None, args.model):
             raise UsageError(f"--stats {args.stats}: collected on --model {stats.meta['model']}, not {args.model}")
-    model, model_config, data = load_model_and_data(args, device)
-    metric_name, metric = _metric(args, config, model, data, device)
-    if metric_name == "accuracy":
-        metric = None  # compress_model's own: accuracy, whose search warnings speak of examples and classes
+    return plan, stats
+
+
+def _check_plan_and_stats(args, model, plan: Plan | None, stats: Statistics | None) -> None:
+    """The plan and the statistics given fit the model's layers."""
     try:
         if plan is not None:
             check_fits(model, plan)
@@ -132,64 +119,31 @@ def run(args) -> int:
             stats.check_model(model)
     except ValueError as exc:
         raise UsageError(f"--stats {args.stats}: {exc}") from exc
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    folder.require_space((0 if stats else 2 * statistics_bytes(model)) + model_bytes)
-    if stats is None:
-        stats = collect_statistics(args, model, data, device, folder, rank, world)
-    if rank != 0:
-        return 0
-    try:
-        result = compress_model(model, data, config, statistics=stats, plan=plan, arch=args.model, device=device,
-                                metric=metric)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from exc
-    compressed, plan, scores = result.model, result.plan, result.scores
-    example, bench_input = _test_inputs(data.test, 1, device), _test_inputs(data.test, LATENCY_BATCH, "cpu")
-    # a model called with **batch (a Hugging Face model on text) is measured through a wrapper that unpacks it
-    measured = KeywordInputs if isinstance(example, dict) else (lambda m: m)
-    notes = []
-    engines = _engine_latency(args.engines, model, compressed, bench_input, notes)
-    latency = engines.get("eager") or next(iter(engines.values()))
+
+
+def _summarize(args, config, model, data, result, metric_name: str, device) -> CompressSummary:
+    """The summary: the latencies of dense and compressed in each ``--engines``, then sizes and scores."""
+    notes: list[str] = []
+    engines = _time_engines(args.engines, model, result.model, example_inputs(data.test, LATENCY_BATCH, "cpu"), notes)
     if data.test_split != "test":
         notes.append(f"--data {args.data} has no test/ folder: 'test' accuracy is measured on val/, the split the "
                      "rank search tuned on (optimistic)")
-    # projected and fine-tuned share the compressed architecture: one count of each
-    size = {"params": count_params(compressed), "flops": count_flops(measured(compressed), example)}
-    summary = {
-        "format": "utilrank.summary/1", "model": args.model, "dataset": data.name, "method": plan.method,
-        "metric": metric_name, "engines": {e: _engine_row(t) for e, t in engines.items()},
-        "dense": {"params": count_params(model), "flops": count_flops(measured(model), example),
-                  metric_name: scores["dense"]["test"], **_latency(latency["dense"])},
-        "projected": {**size, metric_name: scores["projected"]["test"]},
-        "compressed": {**size, metric_name: scores["compressed"]["test"], **_latency(latency["compressed"])},
-        "mlu": result.report.mlu, "finetune_epochs": config.finetune.epochs, "test_split": data.test_split,
-        "latency_batch": LATENCY_BATCH, "notes": notes, "warnings": result.warnings,
-    }
-    if "dense_finetuned" in scores:
-        summary["dense_finetuned"] = {metric_name: scores["dense_finetuned"]["test"]}
-    if config.budget is not None:
-        measure, target = config.budget
-        achieved = summary["compressed"][measure] / summary["dense"][measure]
-        summary["target"] = {"measure": measure, "fraction": target, "achieved": achieved}
-        notes.append(f"target {measure} {target:g} of dense: the saved model has {achieved:.4f}")
-    write_compressed(compressed, plan, model_config, folder.partial)
-    write_report(result.report, folder.partial)
-    write_json(folder.path("summary.json"), summary)
-    print(format_table(result.report))
-    print(f"factored {len(plan.layers)} layers; kept dense: "
-          + (", ".join(f"{n} ({r})" for n, r in plan.dense.items()) or "none"))
-    print(_summary_table(summary))
-    out = commit(folder)
-    print(f"wrote {out}/ (model.safetensors, plan.json, config.json, report.json, summary.json, utilization.png, "
-          f"stats.safetensors, manifest.json) in {time.perf_counter() - started:.1f}s")
-    return 0
+    return summarize(result, model, data, model_name=args.model, metric=metric_name,
+                     finetune_epochs=config.finetune.epochs, engines=engines, budget=config.budget, notes=notes,
+                     device=device)
+
+
+def _save(folder, result, config: dict, summary: CompressSummary) -> None:
+    """The compressed model (model.safetensors, plan.json, config.json), report.json, its plot and summary.json."""
+    write_compressed(result.model, result.plan, config, folder.partial)
+    result.report.save(folder.path("report.json"))
+    plot_utilization(result.report.to_dict(), folder.path("utilization.png"))
+    write_json(folder.path("summary.json"), summary.to_json())
 
 
 def _metric(args, config, model, data, device):
     """``--metric`` (default: accuracy where the model has a head and the data labels, else cosine to the dense
     model), and the refusal of fine-tuning without labels or a head: it trains on cross-entropy."""
-    from ..metrics import accuracy_problem, select_metric
-
     try:
         name, metric = select_metric(args.metric, model, data, device)
     except ValueError as exc:
@@ -201,74 +155,35 @@ def _metric(args, config, model, data, device):
     return name, metric
 
 
-def _test_inputs(dataset, n: int, device):
-    """The model input of the first ``n`` examples (cycling), as a DataLoader would batch them."""
-    from torch.utils.data import default_collate
-
-    from ..analysis.stats import model_input
-
-    return model_input(default_collate([dataset[i % len(dataset)] for i in range(n)]), device)[0]
-
-
-LATENCY_BATCH = 32
-
-
-def _engine_latency(requested: list[str], model, compressed, inputs, notes: list[str]) -> dict:
+def _time_engines(requested: list[str], model, compressed, inputs, notes: list[str]) -> dict[str, EngineTiming]:
     """CPU latency of dense and compressed at ``LATENCY_BATCH`` in each engine, timed as ``utilrank bench``
-    times them (interleaved within an engine; the same rows): ``{engine: {"dense": {median, p20, p80},
-    "compressed": {...}}}``. An engine that fails is a note, never a silent gap; eager always runs."""
-    import copy
-
-    from ..timing import latency_ms
-
+    times them (interleaved within an engine; the same rows). An engine that fails is a note, never a silent
+    gap; eager always runs."""
     if isinstance(inputs, dict):  # keyword inputs (text): only eager PyTorch takes them as they are
-        from ..models.hf import KeywordInputs
-
         times = latency_ms({"dense": KeywordInputs(copy.deepcopy(model).cpu()),
                             "compressed": KeywordInputs(copy.deepcopy(compressed).cpu())}, inputs, progress=True)
         if [e for e in requested if e != "eager"]:
             notes.append("engines other than eager are timed on tensor inputs only; text models: eager")
-        return {"eager": times}
-    from ..bench import bench
-
+        return {"eager": EngineTiming(Timing(**times["dense"]), Timing(**times["compressed"]))}
     engines_timed = list(dict.fromkeys(["eager", *requested]))
     print(f"latency: dense and compressed at batch {inputs.shape[0]} on the CPU in {', '.join(engines_timed)} "
           "(interleaved; compile first compiles both)", flush=True)
     rows = bench(copy.deepcopy(model), copy.deepcopy(compressed), model_name="", input_shape=tuple(inputs.shape[1:]),
                  batch_sizes=(inputs.shape[0],), engines=engines_timed, device="cpu",
                  warmup=3, iters=40, max_seconds=6.0, log=lambda line: print(f"  {line}", flush=True))
-    engines: dict[str, dict] = {}
+    timed: dict[str, dict[str, Timing]] = {}
     for row in rows:
         if "error" in row:
             notes.append(f"latency: engine {row['engine']} failed ({row['error']}); not reported")
             continue
-        engines.setdefault(row["engine"], {})[row["variant"]] = {
-            "median": row["infer_step_time"], "p20": row["step_time_p20"], "p80": row["step_time_p80"]}
-    engines = {e: t for e, t in engines.items() if {"dense", "compressed"} <= t.keys()}
+        timed.setdefault(row["engine"], {})[row["variant"]] = Timing(
+            row["infer_step_time"], row["step_time_p20"], row["step_time_p80"])
+    engines = {e: EngineTiming(t["dense"], t["compressed"]) for e, t in timed.items()
+               if {"dense", "compressed"} <= t.keys()}
     if not engines:  # eager dense raises in bench(); this is the compressed model failing in every engine
         raise RuntimeError(f"latency: the compressed model ran in no engine ({'; '.join(notes)})")
-    spread = max(t[v]["p80"] / t[v]["p20"] for t in engines.values() for v in t)
-    if spread > 1.25:
-        notes.append("latency p80/p20 above 1.25: a busy or throttling machine; compare with `utilrank bench`")
-    best = max(engines, key=lambda e: engines[e]["dense"]["median"] / engines[e]["compressed"]["median"])
-    speedup = engines[best]["dense"]["median"] / engines[best]["compressed"]["median"]
-    if speedup <= 1:
-        notes.append(f"not faster than dense at batch {inputs.shape[0]} in any engine timed (best: {best}, "
-                     f"{speedup:.2f}x): this model is bound by per-call overhead and the layers factoring leaves "
-                     "alone (attention, norms); try --target-device cpu, which keeps dense the layers whose factored "
-                     "form is not faster, or a larger batch in `utilrank bench`")
+    notes += latency_notes(engines, inputs.shape[0])
     return engines
-
-
-def _engine_row(t: dict) -> dict:
-    return {"dense_ms": t["dense"]["median"], "dense_p20_ms": t["dense"]["p20"], "dense_p80_ms": t["dense"]["p80"],
-            "compressed_ms": t["compressed"]["median"], "compressed_p20_ms": t["compressed"]["p20"],
-            "compressed_p80_ms": t["compressed"]["p80"],
-            "speedup": t["dense"]["median"] / t["compressed"]["median"]}
-
-
-def _latency(ms: dict[str, float]) -> dict[str, float]:
-    return {"latency_ms": ms["median"], "latency_p20_ms": ms["p20"], "latency_p80_ms": ms["p80"]}
 
 
 def add_parser(sub) -> None:
@@ -322,7 +237,7 @@ def add_parser(sub) -> None:
                    help="optimal (default): the rank-r map closest to W on the data (U_r U_r^T W, U_r the top "
                         "eigenvectors of C_out); data: the paper's projection on the data subspaces (P_out W P_in); "
                         "svd: truncated SVD of W at the same ranks (the baseline). At equal ranks optimal was as "
-                        "good or better on every model measured (README, 'Factoring methods')")
+                        "good or better on every model measured (docs/results.md, 'Factoring methods')")
     p.add_argument("--include", action="append", default=[], metavar="GLOB",
                    help="factor only layers whose name matches (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB",

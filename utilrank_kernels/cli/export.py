@@ -4,10 +4,17 @@ against the PyTorch model before it is written."""
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from ..bench.timing import dtype_name
-from ._common import UsageError, positive_int, resolve_device
+import torch
+
+from ..bench import DTYPES, dtype_name, input_size
+from ..compress import load_compressed
+from ..export import DEPLOY_PACKAGES, FORMATS, SUFFIXES, ExportError, export_onnx, export_program, missing_packages
+from ..ops._dispatch import BACKENDS
+from ._options import UsageError, positive_int
+from ._runtime import resolve_device
 
 DEFAULT_FOLDER = "utilrank-out/compress-vit-digits"  # what `utilrank compress` writes by default
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
@@ -26,17 +33,12 @@ def _batch(text: str) -> int | None:
 def default_out(folder: Path, fmt: str, dtype: str, batch: int | None) -> Path:
     """``utilrank-out/export-FOLDER[-fp16][-bN].onnx|.pt2``: beside the other commands' outputs, not inside
     the compressed folder (which ``compress`` replaces whole)."""
-    from ..export import SUFFIXES
-
     tags = "".join(f"-{t}" for t in (dtype if dtype != "fp32" else None, f"b{batch}" if batch else None) if t)
     return Path("utilrank-out") / f"export-{folder.resolve().name}{tags}{SUFFIXES[fmt]}"
 
 
 def _check_options(args) -> None:
     """Every problem with the options before the model is loaded."""
-    from ..export import DEPLOY_PACKAGES, missing_packages
-    from ..ops._backend import BACKENDS
-
     if args.opset is not None and args.format != "onnx":
         raise UsageError(f"--opset applies to --format onnx, not {args.format}")
     if args.opset is not None and args.opset < 1:
@@ -60,14 +62,6 @@ def _check_options(args) -> None:
 
 
 def run(args) -> int:
-    import json
-
-    import torch
-
-    from ..bench import DTYPES, input_size
-    from ..compress import load_compressed
-    from ..export import ExportError, export_onnx, export_program
-
     _check_options(args)
     folder = Path(args.dir)
     if not folder.is_dir():
@@ -111,8 +105,6 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..export import FORMATS
-
     p = sub.add_parser("export", help="write a compressed model as ONNX or a torch.export ExportedProgram, "
                                       "checked against the PyTorch model",
                        description="Write a compressed folder (utilrank compress's) as an ONNX file that runs without "

@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import time
 
-from ._common import UsageError, commit, limit_threads, output_folder, resolve_device
+from .._files import write_json
+from ..plots import plot_predict
+from ..weightspace.predict import METRICS, predict_experiment
+from ._options import UsageError
+from ._output import commit, output_folder
+from ._runtime import limit_threads, resolve_device
 from .regions import add_population_options, load_population
 from .spectrum import add_esd_options, esd_options
 
@@ -16,10 +21,6 @@ def run(args) -> int:
 
 
 def _predict(args) -> int:
-    from .._cache import write_json
-    from ..plots import plot_predict
-    from ..weightspace.predict import METRICS, predict_experiment
-
     metrics = args.metrics or list(METRICS)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:

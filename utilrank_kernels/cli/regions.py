@@ -7,7 +7,16 @@ import argparse
 import time
 from pathlib import Path
 
-from ._common import UsageError, commit, limit_threads, output_folder, resolve_device
+from .._files import write_json
+from ..data import load_data
+from ..models import BUILTIN_MODELS, build_builtin
+from ..plots import plot_barriers, plot_distances, plot_regions
+from ..weightspace.population import population_from_files, train_population
+from ..weightspace.regions import barrier_table, regions_experiment
+from ._model import model_and_data
+from ._options import UsageError
+from ._output import commit, output_folder
+from ._runtime import limit_threads, resolve_device
 
 
 def run(args) -> int:
@@ -38,10 +47,6 @@ def add_population_options(p: argparse.ArgumentParser) -> None:
 
 def load_population(args, device):
     """The population the options name, with the data its accuracies are measured on."""
-    from ..data import load_data
-    from ..models import BUILTIN_MODELS, build_builtin
-    from ..weightspace.population import population_from_files, train_population
-
     if not args.from_files:
         if args.model not in BUILTIN_MODELS:
             raise UsageError(f"--model {args.model}: a trained population needs a built-in model "
@@ -59,9 +64,8 @@ def load_population(args, device):
             raise UsageError(f"--model {args.model} is built for the digits data; use a timm model name")
         template, data = build_builtin(args.model), load_data("digits")
     else:
-        from ._common import load_model_and_data
-
-        template, _, data = load_model_and_data(args, device)
+        loaded = model_and_data(args, device)
+        template, data = loaded.model, loaded.data
     try:
         return population_from_files(template, args.from_files, data, model_name=args.model, groups=args.groups,
                                      device=device), data
@@ -70,10 +74,6 @@ def load_population(args, device):
 
 
 def _regions(args) -> int:
-    from .._cache import write_json
-    from ..plots import plot_barriers, plot_distances, plot_regions
-    from ..weightspace.regions import regions_experiment
-
     if args.points < 2:
         raise UsageError(f"--points {args.points}: a path needs at least 2 points")
     folder = output_folder(args, "regions")
@@ -99,8 +99,6 @@ def _regions(args) -> int:
 
 
 def format_regions(doc: dict) -> str:
-    from ..weightspace.regions import barrier_table
-
     lines = [f"{doc['model']} on {doc['dataset']}: {len(doc['members'])} models, "
              f"{doc['space']['dims']:,} weights each", "",
              f"{'group':<14} {'models':>6} {'val':>7} {'test':>7} {'mean distance within':>21}"]

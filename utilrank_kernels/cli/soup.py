@@ -5,16 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ._common import (
-    UsageError,
-    add_threads_option,
-    commit,
-    limit_threads,
-    load_model_and_data,
-    output_folder,
-    positive_floats,
-    resolve_device,
-)
+from .._files import write_json
+from ..weightspace.experiment import format_soup_table, soup_experiment
+from ._model import model_and_data
+from ._options import UsageError, add_threads_option, positive_floats
+from ._output import commit, output_folder
+from ._runtime import limit_threads, resolve_device
 
 
 def run(args) -> int:
@@ -23,9 +19,6 @@ def run(args) -> int:
 
 
 def _soup(args) -> int:
-    from .._cache import write_json
-    from ..weightspace.experiment import format_soup_table, soup_experiment
-
     if args.ingredients < 1 or args.epochs < 0 or args.compressed_epochs < 0 or args.swa_cycles < 0:
         raise UsageError("--ingredients must be >= 1; --epochs, --compressed-epochs, --swa-cycles >= 0")
     if not 0 < args.energy <= 1:
@@ -36,7 +29,8 @@ def _soup(args) -> int:
     folder = output_folder(args, "soup")
     device = resolve_device(args.device)
     started = time.perf_counter()
-    model, _, data = load_model_and_data(args, device)
+    loaded = model_and_data(args, device)
+    model, data = loaded.model, loaded.data
     try:
         doc = soup_experiment(
             model, data, arch=args.model, ingredients=args.from_files, n=args.ingredients, epochs=args.epochs,

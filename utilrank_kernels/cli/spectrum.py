@@ -7,19 +7,16 @@ import time
 
 import torch
 
-from ._common import (
-    UsageError,
-    add_common_options,
-    add_threads_option,
-    collect_statistics,
-    commit,
-    init_distributed,
-    limit_threads,
-    load_model_and_data,
-    output_folder,
-    resolve_device,
-    statistics_bytes,
-)
+from .._files import write_json
+from ..analysis import Statistics, statistics_bytes
+from ..analysis.esd import WELL_TRAINED, ESDOptions
+from ..analysis.spectrum import spectrum
+from ..plots import plot_alpha, plot_esds
+from ._model import model_and_data
+from ._options import UsageError, add_common_options, add_threads_option
+from ._output import commit, output_folder
+from ._runtime import init_distributed, limit_threads, resolve_device
+from ._statistics import collect_statistics
 
 
 def run(args) -> int:
@@ -29,8 +26,6 @@ def run(args) -> int:
 
 def esd_options(args):
     """The ``ESDOptions`` of the command line: the ``--definitions`` preset, then each option given."""
-    from ..analysis.esd import ESDOptions
-
     given = {k: getattr(args, k) for k in ("ks", "small_sample", "fit_floor", "conv_norm", "mp", "min_evals",
                                            "max_evals", "count", "grouped_convs") if getattr(args, k) is not None}
     try:
@@ -40,16 +35,14 @@ def esd_options(args):
 
 
 def _spectrum(args) -> int:
-    from ..analysis import Statistics
-    from ..analysis.spectrum import spectrum, write_spectrum
-
     options = esd_options(args)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     folder = output_folder(args, "spectrum")
     rank, world = init_distributed()
     device = resolve_device(args.device)
     started = time.perf_counter()
-    model, _, data = load_model_and_data(args, device)
+    loaded = model_and_data(args, device)
+    model, data = loaded.model, loaded.data
     stats = None
     if args.stats:
         try:
@@ -66,7 +59,9 @@ def _spectrum(args) -> int:
         report, esds = spectrum(model, stats, args.energy, options=options, dtype=dtype, model_name=args.model)
     except ValueError as exc:  # statistics of another model
         raise UsageError(str(exc)) from exc
-    write_spectrum(report, esds, folder.partial)
+    write_json(folder.path("spectrum.json"), report)
+    plot_alpha(report, folder.path("alpha.png"))
+    plot_esds(report, esds, folder.path("esd"))
     print(format_spectrum_table(report))
     out = commit(folder)
     kept = ", stats.safetensors" if stats is not None and not args.stats else ""
@@ -107,14 +102,10 @@ def format_spectrum_table(report: dict) -> str:
             p = s["projected"]
             lines.append(f"data-projected at energy {report['energy']}: alpha {p['alpha']:.2f}, "
                          f"alpha_weighted {p['alpha_weighted']:.2f}, MP soft rank {p['mp_softrank']:.2f}")
-        from ..analysis.esd import WELL_TRAINED
-
         lo, hi = WELL_TRAINED
         lines.append(f"alpha outside [{lo:g}, {hi:g}]: {len(s['over_trained'])} below (over-fit or heavily "
                      f"correlated), {len(s['under_trained'])} above (under-trained)")
     defs = report["definitions"]
-    from ..analysis.esd import ESDOptions
-
     if defs != ESDOptions().to_dict():
         changed = ", ".join(f"{k}={v}" for k, v in defs.items() if ESDOptions().to_dict()[k] != v)
         lines.append(f"definitions differ from WeightWatcher's: {changed}")

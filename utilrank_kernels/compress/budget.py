@@ -15,9 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from .._kernel_args import conv_output_size
 from ..analysis.subspace import Subspaces
-from ..layers import FilterFn, LayerShape, find_layers, layer_shape
+from ..layers import FilterFn, LayerShape, find_layers
+from ..measure import count_flops, count_params
+from ..nn.lowrank import layer_shape
+from .factor import factor_model
+from .latency import layer_input_shapes
 from .plan import LayerPlan, Plan
 
 
@@ -76,11 +82,18 @@ class _Layer:
                                                                                  + self.shape.out_features))
 
 
+def _budget_layer(name: str, module: nn.Module, eig_out: torch.Tensor, scale: int) -> _Layer:
+    """A layer's costs (weights, or ``scale`` FLOPs per weight) and its output-energy tail from ``C_out``'s
+    eigenvalues."""
+    shape = layer_shape(module)
+    cumulative = torch.cat([eig_out.new_zeros(1), torch.cumsum(eig_out, 0)])
+    tail = (1 - cumulative / cumulative[-1]).clamp_min(0) if cumulative[-1] > 0 else torch.zeros_like(cumulative)
+    return _Layer(name, shape, (shape.in_features + shape.out_features) * scale,
+                  shape.in_features * shape.out_features * scale, tail.cpu())
+
+
 def _layer_tokens(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
     """Positions per example each layer's matrix is applied at (tokens of a linear, output pixels of a conv)."""
-    from ..layers import conv_output_size
-    from .latency import layer_input_shapes
-
     shapes = layer_input_shapes(model, names, example, 1)
     tokens = {}
     for name in names:
@@ -165,70 +178,85 @@ def budget_plan(
     With ``evaluate`` (validation accuracy of a model), the allocation is refined on validation: each layer's
     sensitivity (the accuracy its cut alone costs) reweights its energy loss by ``sensitivity ** alpha`` and
     the best of ``alpha`` in {0, 0.5, 1} on validation is kept."""
-    from ..measure import count_flops, count_params
-
     if measure not in ("params", "flops"):
         raise ValueError(f"budget measure {measure!r}: choose params or flops")
     if not 0 < target < 1:
         raise ValueError(f"--target-{measure} {target}: must be in (0, 1)")
     if measure == "flops" and example is None:
         raise ValueError("a FLOPs budget needs an example input")
-    keep_dense = dict(keep_dense or {})
-    found, dense = find_layers(model, filter_fn)
-    dense.update(keep_dense)
-    names = [n for n in found if n in subspaces and n not in keep_dense]
-    dense.update({n: "no statistics (no subspaces)" for n in found if n not in subspaces and n not in keep_dense})
-    total = count_params(model) if measure == "params" else count_flops(model, example)
-    tokens = _layer_tokens(model, names, example) if measure == "flops" else dict.fromkeys(names, 1)
-    layers = []
-    for name in names:
-        shape, eig = layer_shape(found[name]), subspaces[name].eig_out
-        cumulative = torch.cat([eig.new_zeros(1), torch.cumsum(eig, 0)])
-        tail = (1 - cumulative / cumulative[-1]).clamp_min(0) if cumulative[-1] > 0 else torch.zeros_like(cumulative)
-        per_rank = (shape.in_features + shape.out_features) * (2 * tokens[name] if measure == "flops" else 1)
-        dense_cost = shape.in_features * shape.out_features * (2 * tokens[name] if measure == "flops" else 1)
-        layers.append(_Layer(name, shape, per_rank, dense_cost, tail.cpu()))
-    fixed = total - sum(layer.dense_cost for layer in layers)
-    reducible = int(target * total) - fixed
-    what = "parameters" if measure == "params" else "FLOPs"
-    if reducible < sum(layer.unit for layer in layers):
-        raise ValueError(f"--target-{measure} {target}: the layers this plan may not factor hold "
-                         f"{fixed / total:.1%} of the {what} already")
-
-    def plan_for(ranks: dict[str, int | None], note: str) -> Plan:
-        out, kept = {}, dict(dense)
-        for layer in layers:
-            r = ranks[layer.name]
-            if r is None:
-                kept[layer.name] = f"budget: factoring would cost more output energy per {what[:-1]} saved"
-                continue
-            out[layer.name] = LayerPlan(layer.shape.kind, r, r, r, None, (
-                f"budget {target:g} of dense {what}: rank {r} of {layer.shape.full_rank}, output energy lost "
-                f"{layer.loss(r):.2%}{note}"))
-        ordered = {n: out[n] for n in found if n in out}
-        meta = {f"target_{measure}": target, "rank_multiple": multiple}
-        return Plan(arch or type(model).__name__, ordered, kept, method, meta)
-
+    budget = _Budget.of(model, subspaces, target, measure, example, filter_fn, dict(keep_dense or {}), multiple,
+                        arch or type(model).__name__, method)
     try:
-        ranks = _allocate(layers, reducible, multiple)
+        ranks = budget.allocate()
     except ValueError:
         raise ValueError(f"--target-{measure} {target}: out of reach even with every factored layer at rank 1") \
             from None
-    plan = plan_for(ranks, "")
+    plan = budget.plan(ranks)
     if evaluate is None:
         return plan
-    return _refine_on_validation(model, subspaces, layers, ranks, reducible, multiple, plan, plan_for, evaluate,
-                                 progress)
+    return _refine_on_validation(model, subspaces, budget, ranks, plan, evaluate, progress)
 
 
-def _refine_on_validation(model, subspaces, layers, ranks, reducible, multiple, plan, plan_for, evaluate,
-                          progress) -> Plan:
+@dataclass
+class _Budget:
+    """One whole-model budget: the budgeted layers, the cost they may take together, and the plan of an
+    allocation of ranks to them."""
+
+    layers: list[_Layer]
+    reducible: int
+    multiple: int
+    target: float
+    measure: str
+    order: list[str]  # every candidate layer, in model order
+    dense: dict[str, str]  # the layers outside the budget, and why
+    arch: str
+    method: str
+
+    @classmethod
+    def of(cls, model: nn.Module, subspaces: Subspaces, target: float, measure: str, example: torch.Tensor | None,
+           filter_fn: FilterFn | None, keep_dense: dict[str, str], multiple: int, arch: str, method: str) -> _Budget:
+        found, dense = find_layers(model, filter_fn)
+        dense.update(keep_dense)
+        names = [n for n in found if n in subspaces and n not in keep_dense]
+        dense.update({n: "no statistics (no subspaces)" for n in found if n not in subspaces and n not in keep_dense})
+        total = count_params(model) if measure == "params" else count_flops(model, example)
+        tokens = _layer_tokens(model, names, example) if measure == "flops" else dict.fromkeys(names, 1)
+        layers = [_budget_layer(name, found[name], subspaces[name].eig_out,
+                                2 * tokens[name] if measure == "flops" else 1) for name in names]
+        fixed = total - sum(layer.dense_cost for layer in layers)
+        budget = cls(layers, int(target * total) - fixed, multiple, target, measure, list(found), dense, arch, method)
+        if budget.reducible < sum(layer.unit for layer in layers):
+            raise ValueError(f"--target-{measure} {target}: the layers this plan may not factor hold "
+                             f"{fixed / total:.1%} of the {budget.what} already")
+        return budget
+
+    @property
+    def what(self) -> str:
+        return "parameters" if self.measure == "params" else "FLOPs"
+
+    def allocate(self) -> dict[str, int | None]:
+        return _allocate(self.layers, self.reducible, self.multiple)
+
+    def plan(self, ranks: dict[str, int | None], note: str = "") -> Plan:
+        out, kept = {}, dict(self.dense)
+        for layer in self.layers:
+            r = ranks[layer.name]
+            if r is None:
+                kept[layer.name] = f"budget: factoring would cost more output energy per {self.what[:-1]} saved"
+                continue
+            out[layer.name] = LayerPlan(layer.shape.kind, r, r, r, None, (
+                f"budget {self.target:g} of dense {self.what}: rank {r} of {layer.shape.full_rank}, output energy "
+                f"lost {layer.loss(r):.2%}{note}"))
+        ordered = {n: out[n] for n in self.order if n in out}
+        meta = {f"target_{self.measure}": self.target, "rank_multiple": self.multiple}
+        return Plan(self.arch, ordered, kept, self.method, meta)
+
+
+def _refine_on_validation(model: nn.Module, subspaces: Subspaces, budget: _Budget, ranks: dict[str, int | None],
+                          plan: Plan, evaluate: Callable[[nn.Module], float], progress: bool) -> Plan:
     """Reweight each layer's energy loss by its measured validation sensitivity (``** alpha``) and keep the
     allocation that validates best (alpha 0 is the energy-only plan)."""
-    from tqdm.auto import tqdm
-
-    from .factor import factor_model
-
+    layers = budget.layers
     baseline = evaluate(model)
     sensitivity = {}
     for layer in tqdm([layer for layer in layers if ranks[layer.name] is not None], desc="budget: sensitivity",
@@ -240,7 +268,7 @@ def _refine_on_validation(model, subspaces, layers, ranks, reducible, multiple, 
     for alpha in (0.5, 1.0):
         for layer in layers:
             layer.weight = (max(sensitivity.get(layer.name, 0.0), floor) / floor) ** alpha
-        candidate = plan_for(_allocate(layers, reducible, multiple), f"; weighted by validation sensitivity^{alpha:g}")
+        candidate = budget.plan(budget.allocate(), f"; weighted by validation sensitivity^{alpha:g}")
         score = evaluate(factor_model(model, candidate, subspaces)[0])
         if score > best_score:
             best, best_score, best_alpha = candidate, score, alpha
@@ -251,8 +279,6 @@ def _refine_on_validation(model, subspaces, layers, ranks, reducible, multiple, 
 
 def plan_fraction(model: nn.Module, plan: Plan, measure: str = "params", example: torch.Tensor | None = None) -> float:
     """The fraction of ``model``'s parameters (or FLOPs per ``example``) the model factored to ``plan`` keeps."""
-    from ..measure import count_flops, count_params
-
     total = count_params(model) if measure == "params" else count_flops(model, example)
     names = list(plan.layers)
     tokens = _layer_tokens(model, names, example) if measure == "flops" else dict.fromkeys(names, 1)

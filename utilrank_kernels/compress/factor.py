@@ -1,5 +1,6 @@
-"""Factors of a layer (DESIGN §1 step 5) by one of three methods, and the one function that factors a
-whole model to a plan.
+"""Factors of a layer (DESIGN §1 step 5) by one of three methods, the one function that factors a
+whole model to a plan, and its inverse on weights (``expand``: each factored layer's ``B A`` back into a
+dense weight).
 
 - ``optimal``: the rank-r map closest to ``W`` on the data, ``U_r U_r^T W`` with ``U_r`` the top
   eigenvectors of ``C_out = W C_in W^T`` (``LayerSubspaces.output_optimal_factors``);
@@ -11,6 +12,7 @@ whole model to a plan.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -89,6 +91,22 @@ def factor_model(model: nn.Module, plan: Plan, subspaces: Subspaces | None = Non
     return model, plan.replace_layers(layers)
 
 
-def decompose(model: nn.Module, subspaces: Subspaces | None, plan: Plan, *, inplace: bool = False) -> nn.Module:
-    """``factor_model``'s model alone (the plan's ranks where the layers' own ranks allow)."""
-    return factor_model(model, plan, subspaces, inplace=inplace)[0]
+def expand(state_dict: Mapping[str, torch.Tensor], plan: Plan, *,
+           source: str = "state dict") -> dict[str, torch.Tensor]:
+    """The dense weights of a compressed model: ``state_dict`` with every planned layer's ``weight_a`` /
+    ``weight_b`` replaced by its ``weight = B @ A`` (formed in fp64, shaped as the dense layer's weight, in
+    ``A``'s dtype); every other tensor as given. ``source`` names the weights in errors."""
+    state = dict(state_dict)
+    for name, entry in plan.layers.items():
+        ka, kb = f"{name}.weight_a", f"{name}.weight_b"
+        if ka not in state or kb not in state:
+            raise ValueError(f"{source}: planned layer {name} is not factored (no {ka} / {kb}); "
+                             "was it compressed with this plan?")
+        a, b = state.pop(ka), state.pop(kb)
+        rank = a.shape[0]
+        if rank != entry.rank or b.shape[1] != rank:
+            raise ValueError(f"{source}: {name} has rank {rank} (weight_a {tuple(a.shape)}, weight_b "
+                             f"{tuple(b.shape)}), the plan says {entry.rank}")
+        w = b.reshape(b.shape[0], rank).double() @ a.reshape(rank, -1).double()
+        state[f"{name}.weight"] = w.reshape(b.shape[0], *a.shape[1:]).to(a.dtype)
+    return state

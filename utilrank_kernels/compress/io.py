@@ -10,8 +10,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .._cache import atomic_path, load_safetensors, write_json
+from .._files import atomic_path, load_safetensors, write_json
 from .._folder import OutputFolder, verify_manifest
+from ..models import BUILTIN_MODELS, build_builtin
+from ..models.hf import build_hf_architecture
 from ..nn import fuse_lowrank_mlps, set_backend
 from .plan import Plan, apply_plan
 
@@ -38,20 +40,16 @@ def save_compressed(model: nn.Module, plan: Plan, config: dict, out_dir: str | P
     return folder.commit(argv=[])
 
 
-def _build_architecture(config: dict, source: str = "config.json") -> nn.Module:
+def build_architecture(config: dict, source: str = "config.json") -> nn.Module:
     """The architecture ``config.json`` names (``arch``, ``source``, ``model_kwargs``; for ``source: "hf"`` the
     stored ``hf_config`` and ``task``), randomly initialized."""
-    from ..models import BUILTIN_MODELS, build_builtin
-
     arch, kwargs = config.get("arch"), dict(config.get("model_kwargs", {}))
     try:
         if config.get("source") == "hf":  # a transformers model: its config class and Auto class, from hf_config
-            from ..models.hf import build_hf_architecture
-
             return build_hf_architecture(config)
         if config.get("source") == "builtin" or arch in BUILTIN_MODELS:
             return build_builtin(arch, **kwargs)
-        import timm
+        import timm  # seconds to import: only for timm models
 
         if not isinstance(arch, str) or not timm.is_model(arch):
             raise ValueError(f"arch {arch!r} is neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a timm model")
@@ -84,7 +82,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", *, bac
     if bad is not None:
         raise ValueError(f"compressed model {path}: {bad} in model.safetensors holds NaN or Inf")
     with torch.device("meta"):
-        model = apply_plan(_build_architecture(config, f"compressed model {path}/config.json"), plan)
+        model = apply_plan(build_architecture(config, f"compressed model {path}/config.json"), plan)
     if fuse_mlps:
         fuse_lowrank_mlps(model)
     try:
@@ -93,7 +91,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", *, bac
         raise ValueError(f"compressed model {path}: weights do not fit the plan: {exc}") from exc
     if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
         # a buffer the checkpoint does not hold (non-persistent): build for real and load again
-        model = apply_plan(_build_architecture(config), plan)
+        model = apply_plan(build_architecture(config), plan)
         if fuse_mlps:
             fuse_lowrank_mlps(model)
         model.load_state_dict(state, strict=True)

@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._cache import cache_dir, write_json
-from ..layers import factored_pays, layer_shape
+from .._files import cache_dir, write_json
+from ..layers import factored_pays
+from ..nn.lowrank import layer_shape
+from ..ops import lowrank_conv2d, lowrank_linear
 from ..timing import cpu_thp_alloc, device_label, step_times, time_interleaved
-from .plan import Plan
+from .plan import LayerPlan, Plan
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +153,6 @@ def time_variants(fns: dict[str, Callable[[], object]], device: torch.device, *,
 def _layer_fns(module: nn.Module, shape: tuple[int, ...], ranks: Sequence[int], device: torch.device,
                dtype: torch.dtype, backend: str) -> dict[str, Callable[[], object]]:
     """The dense call and a factored call per rank, on random tensors of the layer's shapes."""
-    from ..ops import lowrank_conv2d, lowrank_linear
-
     kw = {"device": device, "dtype": dtype}
     x = torch.randn(shape, **kw)
     w = torch.randn(module.weight.shape, **kw) / math.sqrt(module.weight[0].numel())
@@ -230,32 +230,22 @@ def latency_aware(
     layers, dense = dict(plan.layers), dict(plan.dense)
     modules = dict(model.named_modules())
     shapes = layer_input_shapes(model, list(layers), example_input, target_batch)
-    where = f"on {device.type} at batch {target_batch}"
     for name in tqdm(list(layers), desc=f"latency ({device.type}, batch {target_batch})", unit="layer",
                      disable=not progress):
         entry, module = layers[name], modules[name]
-        rank = entry.rank
         shape = layer_shape(module)
-        ups = round_up_candidates(rank, shape.in_features, shape.out_features, TILE_MULTIPLES[device.type])
-        measure = lambda rs, m=module, s=shapes[name]: _measure(m, s, rs, device, dtype, backend)
-        times = table.times(_group_key(module, shapes[name], dtype, backend), [rank, *ups], measure)
-        t_dense, t = times["dense"], {int(r): ms for r, ms in times["ranks"].items()}
-        # the largest tile multiple that costs nothing measurable over the unrounded rank
-        best = max((r for r in ups if t[r] <= t[rank] * (1 + ROUND_SLACK)), default=rank)
-        if t[best] > (1 - min_gain) * t_dense:
-            best = rank  # rounding must never be what tips a layer back to dense
-        if t[best] > (1 - min_gain) * t_dense:
-            dense[name] = (f"latency: factored at rank {rank} takes {t[rank]:.4g} ms, dense {t_dense:.4g} ms "
-                           f"{where} (kept factored only if <= {1 - min_gain:.2f}x dense)")
+        ups = round_up_candidates(entry.rank, shape.in_features, shape.out_features, TILE_MULTIPLES[device.type])
+
+        def measure(ranks, module=module, shape=shapes[name]):
+            return _measure(module, shape, ranks, device, dtype, backend)
+
+        times = table.times(_group_key(module, shapes[name], dtype, backend), [entry.rank, *ups], measure)
+        entry, why_dense = _timed_entry(entry, ups, times, device.type, target_batch, min_gain)
+        if why_dense is not None:
+            dense[name] = why_dense
             del layers[name]
-            continue
-        if best != rank:
-            multiple = max(q for q in TILE_MULTIPLES[device.type] if best % q == 0)
-            entry = entry.with_rank(best, (f"{entry.reason}; " if entry.reason else "") + (
-                f"rank rounded up {rank} -> {best} (multiple of {multiple}): {t[best]:.4g} ms vs "
-                f"{t[rank]:.4g} ms {where}"))
-        layers[name] = replace(entry, latency={"device": device.type, "batch": target_batch,
-                                               "dense_ms": round(t_dense, 5), "factored_ms": round(t[best], 5)})
+        else:
+            layers[name] = entry
     if table.measured:
         table.save()
     rounded = sum("rounded up" in e.reason for e in layers.values())
@@ -263,6 +253,29 @@ def latency_aware(
     logger.info(f"latency-aware plan: {len(layers)} layers factored ({rounded} ranks rounded up), "
                 f"{len(dense)} dense; timings {source} {table.path}")
     return plan.replace_layers(layers, dense, target={"device": device.type, "batch": target_batch})
+
+
+def _timed_entry(entry: LayerPlan, ups: Sequence[int], times: dict, device_type: str, target_batch: int,
+                 min_gain: float) -> tuple[LayerPlan, str | None]:
+    """One layer's entry from its timings (``{"dense": ms, "ranks": {rank: ms}}``): at the largest tile
+    multiple of ``ups`` that costs nothing measurable, with its ``latency``; or, with the reason, dense where
+    factoring is not at least ``min_gain`` faster."""
+    rank, where = entry.rank, f"on {device_type} at batch {target_batch}"
+    t_dense, t = times["dense"], {int(r): ms for r, ms in times["ranks"].items()}
+    # the largest tile multiple that costs nothing measurable over the unrounded rank
+    best = max((r for r in ups if t[r] <= t[rank] * (1 + ROUND_SLACK)), default=rank)
+    if t[best] > (1 - min_gain) * t_dense:
+        best = rank  # rounding must never be what tips a layer back to dense
+    if t[best] > (1 - min_gain) * t_dense:
+        return entry, (f"latency: factored at rank {rank} takes {t[rank]:.4g} ms, dense {t_dense:.4g} ms "
+                       f"{where} (kept factored only if <= {1 - min_gain:.2f}x dense)")
+    if best != rank:
+        multiple = max(q for q in TILE_MULTIPLES[device_type] if best % q == 0)
+        entry = entry.with_rank(best, (f"{entry.reason}; " if entry.reason else "") + (
+            f"rank rounded up {rank} -> {best} (multiple of {multiple}): {t[best]:.4g} ms vs "
+            f"{t[rank]:.4g} ms {where}"))
+    return replace(entry, latency={"device": device_type, "batch": target_batch,
+                                   "dense_ms": round(t_dense, 5), "factored_ms": round(t[best], 5)}), None
 
 
 def _measure(module: nn.Module, shape: tuple[int, ...], ranks: Sequence[int], device: torch.device,

@@ -25,8 +25,10 @@ from ..analysis import Report, Statistics, Subspaces, build_report, collect_stat
 from ..layers import FilterFn, name_filter
 from ..measure import count_params
 from ..train import TrainRecipe, evaluate
-from .budget import uniform_plan
+from .budget import budget_plan, plan_fraction, uniform_plan
 from .factor import factor_model
+from .io import save_compressed
+from .latency import TILE_MULTIPLES, latency_aware
 from .plan import METHODS, Plan
 from .search import plan_ranks
 
@@ -141,13 +143,45 @@ class CompressedModel:
 
     def save(self, out_dir: str | Path, config: Mapping) -> None:
         """``model.safetensors``, ``plan.json`` and ``config.json`` (the architecture, see ``load_compressed``)."""
-        from .io import save_compressed
-
         save_compressed(self.model, self.plan, config, out_dir)
 
 
 def _split(data, name: str) -> Dataset | None:
     return getattr(data, name, None) if data is not None else None
+
+
+@dataclass
+class _Job:
+    """One ``compress_model`` call: what every stage reads, and the scores the stages add."""
+
+    model: nn.Module
+    data: object
+    config: CompressConfig
+    device: torch.device
+    metric: Metric
+    metric_is_accuracy: bool
+    arch: str
+    score: bool
+    progress: bool
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def train(self) -> Dataset | None:
+        return _split(self.data, "train")
+
+    @property
+    def val(self) -> Dataset | None:
+        return _split(self.data, "val")
+
+    @property
+    def test(self) -> Dataset | None:
+        return _split(self.data, "test")
+
+    def scored(self, key: str, model: nn.Module, *, needed: bool = False) -> None:
+        """``scores[key]``: the metric of ``model`` on val and test (with ``score`` off, only where ``needed``)."""
+        if self.score or needed:
+            self.scores[key] = {split: self.metric(model, ds) for split, ds in (("val", self.val), ("test", self.test))
+                                if ds is not None}
 
 
 def compress_model(
@@ -175,96 +209,108 @@ def compress_model(
     config = config or CompressConfig()
     device = torch.device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
-    metric_is_accuracy = metric is None
-    metric = metric or (lambda m, ds: evaluate(m, ds, device=device))
-    train_split, val, test = _split(data, "train"), _split(data, "val"), _split(data, "test")
-    arch = arch or (plan.arch if plan is not None else type(model).__name__)
+    job = _Job(model.eval(), data, config, device, metric or (lambda m, ds: evaluate(m, ds, device=device)),
+               metric is None, arch or (plan.arch if plan is not None else type(model).__name__), score, progress)
     searches = plan is None and config.searches
-    # every input problem before any long compute
-    if searches and val is None:
-        raise ValueError("the rank search (tolerance) needs a validation split: data.val")
-    if config.finetune.epochs and train_split is None:
-        raise ValueError("fine-tuning needs a training split: data.train")
-    if config.needs_data and subspaces is None and statistics is None and train_split is None:
-        raise ValueError(f"method {config.method!r} needs statistics: pass data with a train split, statistics= "
-                         "or subspaces=")
+    _check_inputs(job, searches, statistics, subspaces)  # every input problem before any long compute
     if plan is not None and plan.method != config.method:
         plan = replace(plan, method=config.method)
-    model = model.eval()
-    result = CompressedModel(model, plan)  # placeholders until each stage runs
-    scores: dict[str, dict[str, float]] = {}
-
-    def scored(key: str, m: nn.Module) -> None:
-        if not score:
-            return
-        scores[key] = {split: metric(m, ds) for split, ds in (("val", val), ("test", test)) if ds is not None}
-
-    # -- statistics and subspaces (the planned layers only when the plan is given)
-    if config.needs_data and subspaces is None:
-        if statistics is None:
-            only = None if plan is None else set(plan.layers)
-            layer_filter = config.layer_filter if only is None else (lambda m, name: name in only)
-            loader = DataLoader(train_split, batch_size=config.stats_batch_size, shuffle=False)
-            statistics = collect_stats(model, loader, filter_fn=layer_filter, device=device, progress=progress,
-                                       meta={"model": arch, "dataset": getattr(data, "name", "")})
-        subspaces = compute_subspaces(model, statistics, progress=progress)
-    elif subspaces is not None:
-        subspaces.check_model(model)
-    report = build_report(model, statistics, subspaces, config.energy) if statistics is not None else None
-
-    # -- plan
+    statistics, subspaces = _statistics_and_subspaces(job, statistics, subspaces, plan)
+    report = build_report(job.model, statistics, subspaces, config.energy) if statistics is not None else None
     warnings: list[str] = []
     if plan is None:
-        if searches or score:
-            scored("dense", model)
-        if searches and metric_is_accuracy:  # the rules speak of examples and classes
-            warnings += _search_warnings(scores["dense"]["val"], len(val), config.tolerance,
-                                         getattr(data, "num_classes", None))
-            for w in warnings:
-                logger.warning(f"rank search: warning: {w}")
-        if config.param_fraction is not None:
-            plan = uniform_plan(model, config.param_fraction, multiple=config.rank_multiple, arch=arch,
-                                method=config.method, filter_fn=config.layer_filter)
-        elif config.budget is not None:
-            plan = _budget(model, data, config, subspaces, arch, val, metric, progress)
-        else:
-            if report is None:
-                raise ValueError(f"method {config.method!r} with an energy or tolerance cut needs statistics")
-            baseline = scores.get("dense", {}).get("val")
-            plan = plan_ranks(model, report, subspaces, arch=arch, method=config.method, energy=config.energy,
-                              tolerance=config.tolerance, total_tolerance=config.total_tolerance,
-                              evaluate=(lambda m: metric(m, val)) if searches else None, baseline=baseline,
-                              filter_fn=config.layer_filter, progress=progress)
-        if config.target_device:
-            from .latency import latency_aware
+        plan, warnings = _plan(job, report, subspaces, searches)
+    else:
+        job.scored("dense", job.model)
+    compressed, plan, dense_finetuned = _factor_and_finetune(job, plan, subspaces)
+    if report is not None:
+        report = report.with_saved_ranks(plan.ranks, {"dense": count_params(job.model),
+                                                      "compressed": count_params(compressed)})
+    return CompressedModel(compressed.eval(), plan, report, statistics, subspaces, job.scores, dense_finetuned,
+                           warnings)
 
-            example = _example_input(data, model)
-            plan = latency_aware(model, plan, example, config.target_device, config.target_batch, progress=progress)
-            if config.budget is not None:  # rounding and dense layers may have moved it off the target
-                plan = _budget(model, data, config, subspaces, arch, val, metric, progress, after_latency=plan)
-    elif score:
-        scored("dense", model)
 
-    # -- factors, fine-tuning
-    compressed, plan = factor_model(model, plan, subspaces, keep_ranks=config.keep_ranks)
-    scored("projected", compressed)
+def _check_inputs(job: _Job, searches: bool, statistics: Statistics | None, subspaces: Subspaces | None) -> None:
+    config = job.config
+    if searches and job.val is None:
+        raise ValueError("the rank search (tolerance) needs a validation split: data.val")
+    if config.finetune.epochs and job.train is None:
+        raise ValueError("fine-tuning needs a training split: data.train")
+    if config.needs_data and subspaces is None and statistics is None and job.train is None:
+        raise ValueError(f"method {config.method!r} needs statistics: pass data with a train split, statistics= "
+                         "or subspaces=")
+
+
+def _statistics_and_subspaces(job: _Job, statistics: Statistics | None, subspaces: Subspaces | None,
+                              plan: Plan | None) -> tuple[Statistics | None, Subspaces | None]:
+    """The stages' statistics and subspaces: those given, else collected (the planned layers only when the
+    plan is given); none for a method that needs no data."""
+    config = job.config
+    if subspaces is not None:
+        subspaces.check_model(job.model)
+        return statistics, subspaces
+    if not config.needs_data:
+        return statistics, None
+    if statistics is None:
+        only = None if plan is None else set(plan.layers)
+        layer_filter = config.layer_filter if only is None else (lambda m, name: name in only)
+        loader = DataLoader(job.train, batch_size=config.stats_batch_size, shuffle=False)
+        statistics = collect_stats(job.model, loader, filter_fn=layer_filter, device=job.device,
+                                   progress=job.progress,
+                                   meta={"model": job.arch, "dataset": getattr(job.data, "name", "")})
+    return statistics, compute_subspaces(job.model, statistics, progress=job.progress)
+
+
+def _plan(job: _Job, report: Report | None, subspaces: Subspaces | None, searches: bool) -> tuple[Plan, list[str]]:
+    """The plan ``job.config`` asks for (a uniform fraction, a whole-model budget, or energy / the rank
+    search), then the latency-aware pass; and the warnings of the search."""
+    config = job.config
+    job.scored("dense", job.model, needed=searches)  # the search's baseline
+    warnings: list[str] = []
+    if searches and job.metric_is_accuracy:  # the rules speak of examples and classes
+        warnings = _search_warnings(job.scores["dense"]["val"], len(job.val), config.tolerance,
+                                    getattr(job.data, "num_classes", None))
+        for w in warnings:
+            logger.warning(f"rank search: warning: {w}")
+    if config.param_fraction is not None:
+        plan = uniform_plan(job.model, config.param_fraction, multiple=config.rank_multiple, arch=job.arch,
+                            method=config.method, filter_fn=config.layer_filter)
+    elif config.budget is not None:
+        plan = _budget(job, subspaces)
+    else:
+        if report is None:
+            raise ValueError(f"method {config.method!r} with an energy or tolerance cut needs statistics")
+        plan = plan_ranks(job.model, report, subspaces, arch=job.arch, method=config.method, energy=config.energy,
+                          tolerance=config.tolerance, total_tolerance=config.total_tolerance,
+                          evaluate=(lambda m: job.metric(m, job.val)) if searches else None,
+                          baseline=job.scores.get("dense", {}).get("val"), filter_fn=config.layer_filter,
+                          progress=job.progress)
+    if config.target_device:
+        plan = latency_aware(job.model, plan, _example_input(job.data), config.target_device, config.target_batch,
+                             progress=job.progress)
+        if config.budget is not None:  # rounding and dense layers may have moved it off the target
+            plan = _budget(job, subspaces, after_latency=plan)
+    return plan, warnings
+
+
+def _factor_and_finetune(job: _Job, plan: Plan,
+                         subspaces: Subspaces | None) -> tuple[nn.Module, Plan, nn.Module | None]:
+    """The factored model, the plan it holds, and the fine-tuned dense control (None unless asked for), each
+    scored."""
+    config = job.config
+    compressed, plan = factor_model(job.model, plan, subspaces, keep_ranks=config.keep_ranks)
+    job.scored("projected", compressed)
     if config.finetune.epochs:
-        config.finetune.run(compressed, train_split, device=device, desc="fine-tune")
-        scored("compressed", compressed)
-    elif "projected" in scores:
-        scores["compressed"] = dict(scores["projected"])
+        config.finetune.run(compressed, job.train, device=job.device, desc="fine-tune")
+        job.scored("compressed", compressed)
+    elif "projected" in job.scores:
+        job.scores["compressed"] = dict(job.scores["projected"])
     dense_finetuned = None
     if config.finetune_dense and config.finetune.epochs:
-        dense_finetuned = config.finetune.run(copy.deepcopy(model), train_split, device=device,
+        dense_finetuned = config.finetune.run(copy.deepcopy(job.model), job.train, device=job.device,
                                               desc="fine-tune dense (control)")
-        scored("dense_finetuned", dense_finetuned)
-    if report is not None:
-        report = report.with_saved_ranks(plan.ranks, {"dense": count_params(model),
-                                                      "compressed": count_params(compressed)})
-    result.model, result.plan, result.report = compressed.eval(), plan, report
-    result.statistics, result.subspaces, result.scores = statistics, subspaces, scores
-    result.dense_finetuned, result.warnings = dense_finetuned, warnings
-    return result
+        job.scored("dense_finetuned", dense_finetuned)
+    return compressed, plan, dense_finetuned
 
 
 def _search_warnings(dense_val: float, n_val: int, tolerance: float, num_classes: int | None) -> list[str]:
@@ -280,15 +326,12 @@ def _search_warnings(dense_val: float, n_val: int, tolerance: float, num_classes
     return warnings
 
 
-def _budget(model, data, config: CompressConfig, subspaces, arch, val, metric, progress,
-            after_latency: Plan | None = None) -> Plan:
+def _budget(job: _Job, subspaces: Subspaces | None, after_latency: Plan | None = None) -> Plan:
     """The whole-model budget's plan; after a latency-aware pass, re-allocated with the layers that pass kept
     dense fixed and ranks in steps of the device's tile multiple, so that the target still holds."""
-    from .budget import budget_plan, plan_fraction
-    from .latency import TILE_MULTIPLES
-
+    config, model = job.config, job.model
     measure, target = config.budget
-    example = _example_input(data, model) if measure == "flops" else None
+    example = _example_input(job.data) if measure == "flops" else None
     if after_latency is not None:
         if plan_fraction(model, after_latency, measure, example) <= target * 1.01:
             return after_latency
@@ -296,10 +339,10 @@ def _budget(model, data, config: CompressConfig, subspaces, arch, val, metric, p
         multiple = TILE_MULTIPLES[torch.device(config.target_device).type][0]
     else:
         keep, multiple = {}, 1
-    evaluate = (lambda m: metric(m, val)) if config.refine and val is not None else None
-    plan = budget_plan(model, subspaces, target, measure=measure, example=example, arch=arch, method=config.method,
-                       filter_fn=config.layer_filter, multiple=multiple, keep_dense=keep, evaluate=evaluate,
-                       progress=progress)
+    evaluate = (lambda m: job.metric(m, job.val)) if config.refine and job.val is not None else None
+    plan = budget_plan(model, subspaces, target, measure=measure, example=example, arch=job.arch,
+                       method=config.method, filter_fn=config.layer_filter, multiple=multiple, keep_dense=keep,
+                       evaluate=evaluate, progress=job.progress)
     if after_latency is not None:  # keep the timings the latency pass measured for the layers still factored
         plan = plan.replace_layers({n: replace(e, latency=after_latency.layers[n].latency)
                                     if n in after_latency.layers else e for n, e in plan.layers.items()},
@@ -309,7 +352,7 @@ def _budget(model, data, config: CompressConfig, subspaces, arch, val, metric, p
     return plan
 
 
-def _example_input(data, model: nn.Module) -> torch.Tensor:
+def _example_input(data) -> torch.Tensor:
     """One input (batch of 1) from the data's test split (else val, else train), for the stages that time or
     count a layer at its input shape (a FLOPs budget, the latency-aware pass)."""
     for split in ("test", "val", "train"):

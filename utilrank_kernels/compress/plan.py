@@ -17,9 +17,10 @@ from types import MappingProxyType
 
 from torch import nn
 
-from .._cache import write_json
-from ..layers import layer_shape, swap_modules, unsupported_reason
+from .._files import write_json
+from ..layers import swap_modules, unsupported_reason
 from ..nn import LowRankConv2d, LowRankLinear
+from ..nn.lowrank import layer_shape
 
 PLAN_FORMAT = "utilrank.plan/1"
 METHODS = ("optimal", "data", "svd")
@@ -111,10 +112,6 @@ class Plan:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ValueError(f"plan {path}: not JSON ({exc})") from exc
         return cls.from_dict(doc, f"plan {path}")
-
-
-def load_plan(path: str | Path) -> Plan:
-    return Plan.load(path)
 
 
 def misfit(module: nn.Module | None, entry: LayerPlan) -> str | None:

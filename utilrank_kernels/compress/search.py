@@ -1,5 +1,5 @@
 """Choosing each layer's rank: a fixed energy, or the paper's per-layer search under an accuracy
-tolerance (DESIGN §1 step 7), reusing the eigendecompositions computed once by ``analyze``.
+tolerance (DESIGN §1 step 7), reusing the eigendecompositions computed once by ``compute_subspaces``.
 
 Cuts that each cost little alone can cost much together (the built-in ViT: 18 cuts of at most 0.2 pp
 each lost 35 pp of test accuracy together, and fine-tuning left it 2.6 pp short of the dense model), so

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset, default_collate
+from tqdm.auto import tqdm
+
+from .batch import ModelInput, model_input
 
 logger = logging.getLogger(__name__)
 SPLIT_SEED = 0
@@ -44,7 +47,7 @@ def _split_indices(n: int, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]
 
 
 def load_digits_splits() -> DataSplits:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # scikit-learn: a second to import, only for the digits
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [N, 1, 8, 8]
@@ -63,7 +66,7 @@ VERIFY_LIMIT = 20_000  # images checked up front (header and chunks, ~0.1 ms eac
 
 def _read_image(path: str):
     """torchvision's image loader, whose failures name the file."""
-    from torchvision.datasets.folder import default_loader
+    from torchvision.datasets.folder import default_loader  # torchvision and PIL: only for ImageFolder data
 
     try:
         return default_loader(path)
@@ -75,7 +78,6 @@ def _verify_images(folder) -> None:
     """Open and verify every image of an ImageFolder before any compute (a truncated or non-image file
     would otherwise stop a long pass midway, with PIL's message and no file name)."""
     from PIL import Image
-    from tqdm.auto import tqdm
 
     if len(folder.samples) > VERIFY_LIMIT:
         logger.info(f"{folder.root}: {len(folder.samples)} images, more than {VERIFY_LIMIT}: each is checked when read")
@@ -90,7 +92,7 @@ def _verify_images(folder) -> None:
 
 
 def _image_folder(root: Path, transform):
-    from torchvision.datasets import ImageFolder
+    from torchvision.datasets import ImageFolder  # only for ImageFolder data
 
     try:
         folder = ImageFolder(root, transform=transform, loader=_read_image)
@@ -108,7 +110,7 @@ def load_imagefolder_splits(root: str | Path, model: torch.nn.Module | None = No
     if not root.is_dir():
         raise FileNotFoundError(f"--data {root}: no such directory")
     if transform is None:
-        import timm.data
+        import timm.data  # timm: seconds to import, only for a timm model's transforms
 
         transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
         img_size = timm.data.resolve_data_config({}, model=model)["input_size"][-1]
@@ -137,3 +139,9 @@ def load_data(data: str | None, model: torch.nn.Module | None = None) -> DataSpl
     if model is None:
         raise ValueError("an ImageFolder dataset needs the model, for its eval transforms")
     return load_imagefolder_splits(data, model)
+
+
+def example_inputs(dataset: Dataset, n: int, device: torch.device | str = "cpu") -> ModelInput:
+    """The model input of the first ``n`` examples (cycling), batched as a DataLoader batches them: what a
+    measurement (FLOPs, latency) calls the model on."""
+    return model_input(default_collate([dataset[i % len(dataset)] for i in range(n)]), device)[0]

@@ -78,7 +78,7 @@ def load_text_splits(path: str | Path, tokenizer, max_length: int = DEFAULT_MAX_
         raise ValueError(f"--data text:{path}: {len(texts)} non-blank lines; the 70/15/15 split needs at least "
                          f"{minimum}")
     encoding = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
-    encoding = {name: values for name, values in encoding.items()}
+    encoding = dict(encoding)  # a plain dict of the BatchEncoding's tensors
     truncated = int((encoding["attention_mask"].sum(1) == max_length).sum())
     logger.info(f"text:{path}: {len(texts)} lines, {encoding['input_ids'].shape[1]} tokens each after padding "
                 f"({truncated} lines reach --max-length {max_length})")

@@ -20,7 +20,7 @@ VGG_DIGITS_KWARGS = dict(in_chans=1, num_classes=10, widths=(32, 64, 128, 128), 
 
 
 def vit_digits(**overrides) -> nn.Module:
-    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.vision_transformer import VisionTransformer  # timm: seconds to import, only when building
 
     return VisionTransformer(**{**VIT_DIGITS_KWARGS, **overrides})
 

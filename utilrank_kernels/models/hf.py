@@ -8,7 +8,7 @@ as the bare encoder with ``AutoModel``.
 
 The model is used as loaded, never wrapped: layer names are the model's own (``encoder.layer.0.attention.self.query``
 for ``AutoModel``), so statistics and plans fit ``AutoModel.from_pretrained(DIR)`` as a user loads it. Batches
-are dicts of tensors and the model is called with ``**batch`` (``analysis.stats.model_input``).
+are dicts of tensors and the model is called with ``**batch`` (``data.batch.model_input``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..data.batch import call_model
+from .loading import seeded_init
 
 logger = logging.getLogger(__name__)
 HF_PREFIX = "hf:"
@@ -95,7 +98,7 @@ def classifier(model: nn.Module) -> nn.Module:
 def require_transformers():
     """The ``transformers`` module, or a one-line error saying how to install it."""
     try:
-        import transformers
+        import transformers  # optional (the [hf] extra), and seconds to import
     except ImportError as exc:
         raise ValueError("Hugging Face models need transformers: pip install 'utilrank-kernels[hf]'") from exc
     return transformers
@@ -126,10 +129,8 @@ def load_hf_model(name: str, *, num_labels: int | None = None) -> tuple[nn.Modul
     if num_labels is not None and task == "encoder":
         raise ValueError(f"--num-classes: --model {name} ({architectures}) has no classification head to replace")
     kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if head_reset else {}
-    from .loading import _seeded_init  # a head or pooler the checkpoint lacks is initialized from a fixed seed
-
-    try:
-        model, info = _seeded_init(_auto_class(task).from_pretrained, directory, local_files_only=True,
+    try:  # a head or pooler the checkpoint lacks is initialized from a fixed seed
+        model, info = seeded_init(_auto_class(task).from_pretrained, directory, local_files_only=True,
                                    dtype=torch.float32, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ValueError(f"--model {name}: cannot load {AUTO_CLASSES[task]} from {directory} ({exc})") from exc
@@ -171,8 +172,6 @@ class KeywordInputs(nn.Module):
         self.model = model
 
     def forward(self, inputs):
-        from ..analysis.stats import call_model
-
         return call_model(self.model, inputs)
 
 

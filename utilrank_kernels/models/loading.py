@@ -12,7 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .._cache import atomic_path, cache_dir, load_safetensors
+from .._files import atomic_path, cache_dir, load_safetensors
+from ..data import load_data
+from ..data.datasets import SPLIT_SEED
+from ..train import train
 from .builtin import BUILTIN_MODELS, build_builtin
 
 logger = logging.getLogger(__name__)
@@ -20,7 +23,7 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.", "model.")
 INIT_SEED = 0
 
 
-def _seeded_init(build, *args, **kwargs) -> nn.Module:
+def seeded_init(build, *args, **kwargs) -> nn.Module:
     """A model's random initialization from a fixed seed, leaving the caller's random state as it was:
     this torch seeds its default generator at random per process, so an unseeded built-in would train to
     different weights in every fresh cache."""
@@ -99,8 +102,6 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "model") -> 
 
 def _builtin_cache_path(name: str) -> Path:
     _, kwargs, recipe = BUILTIN_MODELS[name]
-    from ..data.datasets import SPLIT_SEED
-
     key = json.dumps({"name": name, "kwargs": kwargs, "recipe": recipe, "split": SPLIT_SEED, "init_seed": INIT_SEED,
                       "v": 2}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -109,14 +110,11 @@ def _builtin_cache_path(name: str) -> Path:
 
 def trained_builtin(name: str, device: str | torch.device = "cpu") -> nn.Module:
     """The built-in model trained on the built-in data: from the cache, or trained now and cached."""
-    model = _seeded_init(build_builtin, name)
+    model = seeded_init(build_builtin, name)
     path = _builtin_cache_path(name)
     if path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model.eval()
-    from ..data import load_data
-    from ..train import train
-
     recipe = BUILTIN_MODELS[name][2]
     logger.info(f"training built-in {name} on digits (first use; cached at {path})")
     train(model, load_data("digits").train, augment=True, device=device, desc=f"train {name}", **recipe)
@@ -143,14 +141,14 @@ def build_model(
             model = load_checkpoint(build_builtin(name), checkpoint, name)
         config = {"arch": name, "source": "builtin", "num_classes": kwargs["num_classes"], "model_kwargs": kwargs}
         return model.eval(), config
-    import timm
+    import timm  # seconds to import: only for a timm model, after the built-ins
 
     if not timm.is_model(name):
         raise ValueError(
             f"--model {name}: neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a timm model name"
         )
     kwargs = dict(model_kwargs) if num_classes is None else {**model_kwargs, "num_classes": num_classes}
-    model = _seeded_init(timm.create_model, name, pretrained=False, **kwargs)
+    model = seeded_init(timm.create_model, name, pretrained=False, **kwargs)
     head_reset = False
     if checkpoint is not None:
         try:
@@ -158,7 +156,7 @@ def build_model(
         except HeadMismatch as exc:
             if not reset_head or num_classes is None:
                 raise
-            model = _seeded_init(timm.create_model, name, pretrained=False,
+            model = seeded_init(timm.create_model, name, pretrained=False,
                                  **{**kwargs, "num_classes": exc.checkpoint_classes})
             load_checkpoint(model, checkpoint, name)
             with torch.random.fork_rng(devices=[]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..ops._backend import check_backend
+from ..ops._dispatch import check_backend
 from .lowrank import LowRankConv2d, LowRankLinear
 from .mlp import LowRankMlp
 

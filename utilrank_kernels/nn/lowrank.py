@@ -1,7 +1,8 @@
 """Drop-in factored layers: ``LowRankLinear`` replaces ``nn.Linear``, ``LowRankConv2d`` ``nn.Conv2d``.
 
 Each stores its hyperparameters and two factors, calls its op, and exposes a read-only ``weight``
-(``B @ A``) so that code that inspects weights keeps working.
+(``B @ A``) so that code that inspects weights keeps working. ``layer_shape`` sees a dense layer and its
+factored form as the same matrix.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import lowrank_conv2d, lowrank_linear
+from .._kernel_args import pair
+from ..layers import LayerShape
+from ..ops.lowrank import lowrank_conv2d, lowrank_linear
 
 
 def _init_factors(layer: nn.Module, device) -> None:
@@ -70,7 +73,6 @@ class LowRankConv2d(nn.Module):
                  dilation=1, bias: bool = True, padding_mode: str = "zeros", backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
-        pair = nn.modules.utils._pair
         self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         self.padding = padding if isinstance(padding, str) else pair(padding)
@@ -123,3 +125,14 @@ class LowRankConv2d(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, rank={self.rank}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"bias={self.bias is not None}")
+
+
+def layer_shape(module: nn.Module) -> LayerShape:
+    """The matrix shape of a dense ``nn.Linear`` / ``nn.Conv2d`` or of its factored form."""
+    if isinstance(module, (nn.Linear, LowRankLinear)):
+        return LayerShape("linear", module.in_features, module.out_features, None, module.bias is not None)
+    if isinstance(module, (nn.Conv2d, LowRankConv2d)):
+        kh, kw = module.kernel_size
+        return LayerShape("conv2d", module.in_channels * kh * kw, module.out_channels, (kh, kw),
+                          module.bias is not None)
+    raise TypeError(f"{type(module).__name__} is not a linear or conv2d layer")

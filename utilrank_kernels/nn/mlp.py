@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import lowrank_mlp
-from ..ops.lowrank import ACTIVATIONS, apply_activation, mlp_choice
+from .._kernel_args import ACTIVATIONS
+from ..layers import swap_modules
+from ..ops.lowrank import apply_activation, lowrank_mlp, mlp_choice
 from .lowrank import LowRankLinear
 
 
@@ -117,9 +118,10 @@ class LowRankMlp(nn.Module):
             return self._modules_path(x)
         fc1, fc2 = self.fc1, self.fc2
         params = (fc1.weight_a, fc1.weight_b, fc1.bias, fc2.weight_a, fc2.weight_b, fc2.bias)
-        if mlp_choice(x, *params, backend=self.backend).impl == "torch":  # the one dispatch rule (ops/_dispatch.py)
+        choice = mlp_choice(x, *params, backend=self.backend)  # the one dispatch rule (ops/_dispatch.py)
+        if choice.impl == "torch":  # timm's forward, through the submodules
             return self._modules_path(x)
-        return lowrank_mlp(x, *params, self.activation, backend=self.backend)
+        return lowrank_mlp(x, *params, self.activation, choice=choice)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, backend={self.backend!r}"
@@ -130,7 +132,5 @@ def fuse_lowrank_mlps(model: nn.Module) -> int:
     (and whose activation has a fused epilogue) by a ``LowRankMlp``; returns how many were replaced.
 
     State-dict keys are unchanged. ``model`` itself is never replaced (wrap it if it is an Mlp)."""
-    from ..layers import swap_modules
-
     fused = lambda m, name: LowRankMlp.from_mlp(m) if fusable_reason(m) is None else None  # noqa: E731
     return len(swap_modules(model, fused))

@@ -1,7 +1,6 @@
-"""Ops of utilrank_kernels. Each takes ``backend="auto"|"torch"|"triton"|"cuda"``."""
+"""Ops of utilrank_kernels, one file per op family. Each takes ``backend="auto"|"torch"|"triton"|"cuda"``."""
 
-from . import _lowrank_dispatch  # noqa: F401  (registers the utilrank::lowrank_* custom ops)
 from .covariance import conv_covariance_update, covariance_update
-from .lowrank import lowrank_conv2d, lowrank_linear, lowrank_mlp
+from .lowrank import lowrank_conv2d, lowrank_linear, lowrank_mlp  # also registers the utilrank::lowrank_* ops
 
 __all__ = ["conv_covariance_update", "covariance_update", "lowrank_conv2d", "lowrank_linear", "lowrank_mlp"]

@@ -14,15 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import env
-from ..layers import conv_output_size
-from ._backend import check_backend
-from ._dispatch import choose, through_op
+from .._kernel_args import conv_output_size, pair
+from ._dispatch import check_backend, choose, through_op
 
 _IM2COL_CHUNK_BYTES = int(env.get("UTILRANK_IM2COL_CHUNK_BYTES", str(64 << 20)))
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _check_acc(op: str, acc: torch.Tensor, d: int) -> None:
@@ -38,9 +33,9 @@ def _check_acc(op: str, acc: torch.Tensor, d: int) -> None:
 # The symmetric update in torch's own GEMM, one row panel of the upper block triangle at a time:
 # panels of width w do (d + w) / 2d of the full product's work, at a GEMM efficiency that drops as the
 # panels narrow. 128 up to d = 512 and 256 above were within 4% of the best width at every d from 256
-# to 3072, where one full product took 1.25x-1.66x as long (benchmarks/gram_panels.py, N = 4096, 2 cores).
+# to 3072, where one full product took 1.25x-1.66x as long (benchmarks/studies/gram_panels.py, N = 4096, 2 cores).
 # scipy's ssyrk (one triangle) was as fast in isolation but slower inside the pass: its threads and
-# torch's OpenMP threads, which spin between ops, share the cores (benchmarks/stats_pass.py, vit-digits
+# torch's OpenMP threads, which spin between ops, share the cores (benchmarks/models/stats_pass.py, vit-digits
 # on 2 cores: 2.3x the forward with ssyrk).
 def _panel_width(d: int) -> int:
     return 128 if d <= 512 else 256
@@ -106,7 +101,7 @@ def conv_covariance_update_reference(
 # the custom ops below (``impl``: "triton" or "torch", chosen by ops/_dispatch.py).
 def _covariance_update_impl(acc, x, mask, impl: str, allow_tf32: bool) -> None:
     if impl == "triton":
-        from utilrank_kernels.triton.covariance import covariance_update_triton
+        from ..triton.covariance import covariance_update_triton  # optional: triton, imported where it runs
 
         covariance_update_triton(acc, x, mask, allow_tf32=allow_tf32)
     else:
@@ -115,7 +110,7 @@ def _covariance_update_impl(acc, x, mask, impl: str, allow_tf32: bool) -> None:
 
 def _conv_covariance_update_impl(acc, x, kernel_size, stride, padding, dilation, impl: str) -> None:
     if impl == "triton":
-        from utilrank_kernels.triton.covariance import conv_covariance_update_triton
+        from ..triton.covariance import conv_covariance_update_triton  # optional: triton
 
         conv_covariance_update_triton(acc, x, kernel_size, stride, padding, dilation)
     else:
@@ -170,12 +165,11 @@ def covariance_update(
     if x.dim() < 1:
         raise ValueError("covariance_update: x must have at least one dimension (..., d)")
     _check_acc("covariance_update", acc, x.shape[-1])
-    if mask is not None:
-        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(
-                f"covariance_update: mask must be bool of shape {tuple(x.shape[:-1])}, "
-                f"got {mask.dtype} {tuple(mask.shape)}"
-            )
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(x.shape[:-1])):
+        raise ValueError(
+            f"covariance_update: mask must be bool of shape {tuple(x.shape[:-1])}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
     if acc.device != x.device:
         raise ValueError(f"covariance_update: acc is on {acc.device} but x is on {x.device}")
     if mask is not None and mask.device != x.device:
@@ -207,11 +201,11 @@ def conv_covariance_update(
     check_backend("conv_covariance_update", backend)
     if x.dim() != 4:
         raise ValueError(f"conv_covariance_update: x must be (N, C, H, W), got shape {tuple(x.shape)}")
-    kh, kw = _pair(kernel_size)
+    kh, kw = pair(kernel_size)
     _check_acc("conv_covariance_update", acc, x.shape[1] * kh * kw)
     if acc.device != x.device:
         raise ValueError(f"conv_covariance_update: acc is on {acc.device} but x is on {x.device}")
-    geometry = [kh, kw], list(_pair(stride)), list(_pair(padding)), list(_pair(dilation))
+    geometry = [kh, kw], list(pair(stride)), list(pair(padding)), list(pair(dilation))
     impl = choose("conv_covariance_update", backend, x).impl
     if through_op():
         _conv_covariance_update_op(acc, x, *geometry, impl)

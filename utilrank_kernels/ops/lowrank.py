@@ -1,35 +1,48 @@
 """Factored layers' forward: ``y = act(b (a x) + bias)`` for linear and conv layers, and timm's ``Mlp`` with
-both layers factored (``lowrank_mlp``).
+both layers factored (``lowrank_mlp``): the torch references, the ``torch.library`` custom ops
+(``utilrank::lowrank_linear``, ``utilrank::lowrank_mlp``, ``utilrank::lowrank_conv2d``) with their fakes and
+FLOP formulas, and the front ends.
 
-The torch path (two ``F.linear`` / ``F.conv2d`` calls) is the reference, the CPU path and the
-training path: it is plain autograd-, ``torch.compile``- and ``FlopCounterMode``-friendly torch.
-Kernel backends (Triton, the CUDA extension) are inference paths behind the same functions; which one runs
-is decided by the one rule in ``ops/_dispatch.py``. Eager calls reach the kernel launchers directly; under
-``torch.compile`` they go through the ``torch.library`` custom ops of ``ops/_lowrank_dispatch.py``.
+The torch path (two ``F.linear`` / ``F.conv2d`` calls) is the reference, the CPU path and the training
+path: it is plain autograd-, ``torch.compile``- and ``FlopCounterMode``-friendly torch. Kernel backends
+(Triton, the CUDA extension of ``ops/_cuda_ext.py``) are inference paths behind the same functions; which one
+runs is decided by the one rule in ``ops/_dispatch.py`` (anything that needs a gradient goes to the torch
+path, so the custom ops have no autograd formula).
+
+Eager calls run the chosen implementation directly (the custom op's Python dispatch costs tens of
+microseconds a call, which batch-1 latency feels). Under ``torch.compile`` and dispatch modes the front ends
+call the custom ops instead: opaque nodes with a fake implementation for shapes and a flop formula so that
+``FlopCounterMode`` counts them. The ops take the implementation ("triton", "cuda", or "torch": the
+reference, for ``opcheck`` and tests) as an argument.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-from ._dispatch import cast, choose, needs_grad, rows_of
+from .._kernel_args import check_activation, conv_output_size, pair
+from ._cuda_ext import lowrank_linear_cuda, lowrank_mlp_cuda
+from ._dispatch import Choice, cast, choose, needs_grad, rows_of, through_op
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
 
-
+# ---------------------------------------------------------------------------------------------
+# torch references
+# ---------------------------------------------------------------------------------------------
 def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    if activation is None:
-        return y
+    """One of ``_kernel_args.ACTIVATIONS`` (the epilogues the kernels fuse) on ``y``."""
+    check_activation(activation)
     if activation == "relu":
         return F.relu(y)
     if activation == "gelu":
         return F.gelu(y)
     if activation == "gelu_tanh":
         return F.gelu(y, approximate="tanh")
-    raise ValueError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS}")
+    return y
 
 
 def lowrank_linear_reference(
@@ -53,6 +66,141 @@ def lowrank_conv2d_reference(
     return F.conv2d(F.conv2d(x, a, None, stride, padding, dilation), b, bias)
 
 
+# ---------------------------------------------------------------------------------------------
+# implementations by name (what the custom ops and eager calls run once the rule has chosen)
+# ---------------------------------------------------------------------------------------------
+# The Triton launchers are imported where they run: importing triton (and deciding TRITON_INTERPRET) is left
+# to the first kernel call, so that the CPU path never needs it.
+def run_linear(impl: str, x, a, b, bias, activation) -> torch.Tensor:
+    if impl == "triton":
+        from ..triton.lowrank_linear import lowrank_linear_triton  # optional: triton
+
+        return lowrank_linear_triton(x, a, b, bias, activation)
+    if impl == "cuda":
+        return lowrank_linear_cuda(x, a, b, bias, activation)
+    if impl == "torch":
+        return lowrank_linear_reference(x, a, b, bias, activation).contiguous()
+    raise ValueError(f"lowrank_linear: unknown implementation {impl!r}")
+
+
+def run_mlp(impl: str, x, a1, b1, bias1, a2, b2, bias2, activation) -> torch.Tensor:
+    if impl == "triton":
+        from ..triton.lowrank_mlp import lowrank_mlp_triton  # optional: triton
+
+        return lowrank_mlp_triton(x, a1, b1, bias1, a2, b2, bias2, activation)
+    if impl == "cuda":
+        return lowrank_mlp_cuda(x, a1, b1, bias1, a2, b2, bias2, activation)
+    if impl == "torch":
+        h = lowrank_linear_reference(x, a1, b1, bias1, activation)
+        return lowrank_linear_reference(h, a2, b2, bias2).contiguous()
+    raise ValueError(f"lowrank_mlp: unknown implementation {impl!r}")
+
+
+def run_conv2d(impl: str, x, a, b, bias, stride, padding, dilation) -> torch.Tensor:
+    """Every implementation returns channels_last, the layout the Triton path produces."""
+    if impl == "triton":
+        from ..triton.lowrank_conv2d import lowrank_conv2d_triton  # optional: triton
+
+        return lowrank_conv2d_triton(x, a, b, bias, stride, padding, dilation)
+    if impl == "torch":
+        y = lowrank_conv2d_reference(x, a, b, bias, stride, padding, dilation)
+        return y.clone(memory_format=torch.channels_last)
+    raise ValueError(f"lowrank_conv2d: unknown implementation {impl!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# utilrank::lowrank_linear
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("utilrank::lowrank_linear", mutates_args=())
+def _lowrank_linear_op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                       activation: str | None, impl: str) -> torch.Tensor:
+    return run_linear(impl, x, a, b, bias, activation)
+
+
+@_lowrank_linear_op.register_fake
+def _(x, a, b, bias, activation, impl):
+    return x.new_empty(*x.shape[:-1], b.shape[0])
+
+
+def _lowrank_linear_flops(x_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Two GEMMs: ``2 M r (in + out)``; bias and activation are not counted (as for ``addmm``)."""
+    m = math.prod(x_shape[:-1])
+    r, k = a_shape
+    return 2 * m * r * (k + b_shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# utilrank::lowrank_mlp
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("utilrank::lowrank_mlp", mutates_args=())
+def _lowrank_mlp_op(x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, bias1: torch.Tensor | None,
+                    a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, activation: str | None,
+                    impl: str) -> torch.Tensor:
+    return run_mlp(impl, x, a1, b1, bias1, a2, b2, bias2, activation)
+
+
+@_lowrank_mlp_op.register_fake
+def _(x, a1, b1, bias1, a2, b2, bias2, activation, impl):
+    return x.new_empty(*x.shape[:-1], b2.shape[0])
+
+
+def _lowrank_mlp_flops(x_shape, a1_shape, b1_shape, bias1_shape, a2_shape, b2_shape, *args,
+                       out_shape=None, **kwargs) -> int:
+    m = math.prod(x_shape[:-1])
+    (r1, k), hidden, (r2, n) = a1_shape, b1_shape[0], (a2_shape[0], b2_shape[0])
+    return 2 * m * (r1 * (k + hidden) + r2 * (hidden + n))
+
+
+# ---------------------------------------------------------------------------------------------
+# utilrank::lowrank_conv2d
+# ---------------------------------------------------------------------------------------------
+def _conv_padding(padding_str: str, padding: Sequence[int]) -> Sequence[int] | str:
+    return padding_str if padding_str else padding
+
+
+@torch.library.custom_op("utilrank::lowrank_conv2d", mutates_args=())
+def _lowrank_conv2d_op(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                       stride: list[int], padding: list[int], padding_str: str, dilation: list[int],
+                       impl: str) -> torch.Tensor:
+    """``padding_str`` is "same"/"valid" (``padding`` then unused) or "" (``padding`` used). Every
+    implementation returns channels_last, the layout the Triton path produces."""
+    return run_conv2d(impl, x, a, b, bias, stride, _conv_padding(padding_str, padding), dilation)
+
+
+def _conv_out_size(size, k: int, stride: int, pad: int, dilation: int, padding_str: str):
+    if padding_str == "same":
+        return size
+    if padding_str == "valid":
+        pad = 0
+    return conv_output_size((size,), (k,), (stride,), (pad,), (dilation,))[0]
+
+
+@_lowrank_conv2d_op.register_fake
+def _(x, a, b, bias, stride, padding, padding_str, dilation, impl):
+    n, _, h, w = x.shape
+    kh, kw = a.shape[-2:]
+    ho = _conv_out_size(h, kh, stride[0], padding[0], dilation[0], padding_str)
+    wo = _conv_out_size(w, kw, stride[1], padding[1], dilation[1], padding_str)
+    return x.new_empty(n, ho, wo, b.shape[0]).permute(0, 3, 1, 2)
+
+
+def _lowrank_conv2d_flops(x_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """The ``r``-filter conv and the 1x1 conv at every output pixel: ``2 N Ho Wo r (C kh kw + out)``."""
+    n, out, ho, wo = out_shape
+    r = a_shape[0]
+    return 2 * n * ho * wo * r * (math.prod(a_shape[1:]) + out)
+
+
+for _packet, _formula in ((torch.ops.utilrank.lowrank_linear, _lowrank_linear_flops),
+                          (torch.ops.utilrank.lowrank_mlp, _lowrank_mlp_flops),
+                          (torch.ops.utilrank.lowrank_conv2d, _lowrank_conv2d_flops)):
+    if _packet not in flop_registry:  # a module reload must not register twice (that raises)
+        register_flop_formula(_packet)(_formula)
+
+
+# ---------------------------------------------------------------------------------------------
+# front ends
+# ---------------------------------------------------------------------------------------------
 def lowrank_linear(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
     activation: str | None = None, *, backend: str = "auto",
@@ -66,21 +214,30 @@ def lowrank_linear(
                     rows=rows_of(x), shape=(a.shape[1], b.shape[0], a.shape[0]))
     if choice.impl == "torch":
         return lowrank_linear_reference(x, a, b, bias, activation)
-    from . import _lowrank_dispatch
-
     x, a, b, bias = (cast(t, choice.cast_to) for t in (x, a, b, bias))
-    return _lowrank_dispatch.lowrank_linear(choice.impl, x, a, b, bias, activation)
+    if through_op():
+        return torch.ops.utilrank.lowrank_linear(x, a, b, bias, activation, choice.impl)
+    return run_linear(choice.impl, x, a, b, bias, activation)
+
+
+def mlp_choice(x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, bias1: torch.Tensor | None,
+               a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, *, backend: str) -> Choice:
+    """The dispatch rule's choice for ``lowrank_mlp`` (``LowRankMlp`` asks it, then passes it on)."""
+    params = (a1, b1, bias1, a2, b2, bias2)
+    return choose("lowrank_mlp", backend, x, params, needs_grad=needs_grad(x, *params), rows=rows_of(x),
+                  shape=(a1.shape[1], b2.shape[0], a1.shape[0]))
 
 
 def lowrank_mlp(
     x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, bias1: torch.Tensor | None,
     a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, activation: str | None = "gelu",
-    *, backend: str = "auto",
+    *, backend: str = "auto", choice: Choice | None = None,
 ) -> torch.Tensor:
     """timm's ``Mlp`` with both layers factored: ``act(x a1^T b1^T + bias1) a2^T b2^T + bias2``.
 
     ``a1``: ``(r1, in)``, ``b1``: ``(hidden, r1)``, ``a2``: ``(r2, hidden)``, ``b2``: ``(out, r2)``. The
-    Triton kernel keeps the hidden activations on chip."""
+    Triton kernel keeps the hidden activations on chip. ``choice``: what :func:`mlp_choice` returned for these
+    operands, where the caller already asked (``backend`` is then not looked at)."""
     chained = (a1.dim() == b1.dim() == a2.dim() == b2.dim() == 2 and x.shape[-1] == a1.shape[1]
                and b1.shape[1] == a1.shape[0] and a2.shape[1] == b1.shape[0] and b2.shape[1] == a2.shape[0])
     if not chained:
@@ -89,21 +246,14 @@ def lowrank_mlp(
             f"b1 {tuple(b1.shape)}, a2 {tuple(a2.shape)}, b2 {tuple(b2.shape)}"
         )
     params = (a1, b1, bias1, a2, b2, bias2)
-    choice = mlp_choice(x, *params, backend=backend)
+    if choice is None:
+        choice = mlp_choice(x, *params, backend=backend)
     if choice.impl == "torch":
         return lowrank_mlp_reference(x, *params, activation)
-    from . import _lowrank_dispatch
-
     x, *params = (cast(t, choice.cast_to) for t in (x, *params))
-    return _lowrank_dispatch.lowrank_mlp(choice.impl, x, *params, activation)
-
-
-def mlp_choice(x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, bias1: torch.Tensor | None,
-               a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, *, backend: str):
-    """The dispatch rule's choice for ``lowrank_mlp`` (also what ``LowRankMlp`` asks before it fuses)."""
-    params = (a1, b1, bias1, a2, b2, bias2)
-    return choose("lowrank_mlp", backend, x, params, needs_grad=needs_grad(x, *params), rows=rows_of(x),
-                  shape=(a1.shape[1], b2.shape[0], a1.shape[0]))
+    if through_op():
+        return torch.ops.utilrank.lowrank_mlp(x, *params, activation, choice.impl)
+    return run_mlp(choice.impl, x, *params, activation)
 
 
 def lowrank_conv2d(
@@ -115,7 +265,21 @@ def lowrank_conv2d(
     choice = choose("lowrank_conv2d", backend, x, (a, b, bias), needs_grad=needs_grad(x, a, b, bias))
     if choice.impl == "torch":
         return lowrank_conv2d_reference(x, a, b, bias, stride, padding, dilation)
-    from . import _lowrank_dispatch
-
     x, a, b, bias = (cast(t, choice.cast_to) for t in (x, a, b, bias))
-    return _lowrank_dispatch.lowrank_conv2d(choice.impl, x, a, b, bias, stride, padding, dilation)
+    if not through_op():
+        return run_conv2d(choice.impl, x, a, b, bias, stride, padding, dilation)
+    padding_str, pads = (padding, [0, 0]) if isinstance(padding, str) else ("", list(pair(padding)))
+    return torch.ops.utilrank.lowrank_conv2d(x, a, b, bias, list(pair(stride)), pads, padding_str,
+                                             list(pair(dilation)), choice.impl)
+
+
+__all__ = [
+    "apply_activation",
+    "lowrank_conv2d",
+    "lowrank_conv2d_reference",
+    "lowrank_linear",
+    "lowrank_linear_reference",
+    "lowrank_mlp",
+    "lowrank_mlp_reference",
+    "mlp_choice",
+]

@@ -2,7 +2,7 @@
 
 Each kernel declares its candidates as a list of tuples; :func:`autotune` turns them into
 ``triton.Config`` objects, wraps the kernel in ``triton.autotune`` and registers the table under a name
-(``TABLES``), so that the resource report (``benchmarks/kernel_resources.py``) and the every-row
+(``TABLES``), so that the resource report (``benchmarks/tools/kernel_resources.py``) and the every-row
 interpreter test (``tests/triton/test_autotune_rows.py``) reach every row of every table from one place.
 ``UTILRANK_TRITON_CONFIG=first`` (or running under ``TRITON_INTERPRET=1``) makes the autotuner keep only
 the first row: one compile for the CPU interpreter and reproducible benchmarks. The registry always holds

@@ -19,6 +19,7 @@ of the fp64 atomic adds varies from run to run (differences at the 1e-16 level).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -26,14 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layers import conv_output_size
+from .._kernel_args import conv_output_size
 from ._autotune import autotune, sm_count
 
 # Rows of dot products that cost as much as one tile's fp64 epilogue; both scale with BD^2, so the
 # ratio holds for every tile size. Estimated from H100 per-SM rates, not yet measured: the epilogue
 # sends 2 x BD^2 x 8 B to L2 at ~40 GB/s, a row costs 2 x BD^2 flops at ~7.5 bf16 TFLOP/s (about
 # 1500 rows; 1024 as Triton reaches ~2/3 of peak) or ~0.5 fp32 FMA TFLOP/s (about 100 rows).
-# Retune them with benchmarks/covariance_results.py.
+# Retune them with benchmarks/kernels/covariance.py.
 _EPILOGUE_ROWS_TENSOR_CORE = 1024
 _EPILOGUE_ROWS_FMA = 128
 _MIN_ROWS_PER_SPLIT = 256
@@ -44,7 +45,7 @@ _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (tensor cores) and one for fp32 (IEEE products on the FMA units, or TF32). The first row of each is what
 # the interpreter and UTILRANK_TRITON_CONFIG=first run. Rows are kept only where the compiled kernel moves no
 # local memory inside its loop and fits 163 KiB of shared memory on sm_80 and sm_90, in every dtype of its
-# table (benchmarks/results/kernel-resources-triton*.md): 128-wide tiles on 4 warps spilled 0.5-1.8 KB per
+# table (benchmarks/results/sm80-sm90_kernel-resources-triton*.md): 128-wide tiles on 4 warps spilled 0.5-1.8 KB per
 # thread, in the loop on sm_80; BLOCK_K = 64 with 128-wide fp32 tiles, 8-13 KB. Shared memory of a row:
 # stages x 2 x BLOCK_K x BLOCK_D x element size, at most 128 KiB (fp32 64/64/4 stages).
 _SYRK_ROWS = {
@@ -141,7 +142,7 @@ def _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_
     different orders), so only its upper half is used, for both halves: the result is exactly
     symmetric. Off-diagonal tiles (``o_m < o_n`` everywhere) are written whole, twice. The fp64
     read-modify-write goes in two column halves: a whole 128 x 128 tile held its fp64 values, its
-    fp32 sums and its addresses at once and spilled 1.3-2.1 KB per thread (benchmarks/kernel_resources.py).
+    fp32 sums and its addresses at once and spilled 1.3-2.1 KB per thread (benchmarks/tools/kernel_resources.py).
     """
     b_0, b_1 = _column_halves(b_c)  # [BD, BD / 2] each
     o_n0, o_n1 = _halves(o_n)
@@ -236,7 +237,7 @@ def _patch_tile(p_img, off_k, dh, dw, m_k, off_p, ih0, iw0, m_p, H, W, PIXEL_FAS
     """One operand tile of the patch matrix, zero outside the image (zero padding): ``[BD, BK]``
     (pixels along the fast axis) if PIXEL_FAST, else ``[BK, BD]``. ``p_img``: each pixel's image
     (64-bit pointers, one per pixel); ``off_k``, ``off_p``: 32-bit offsets within an image. Two 64-bit
-    address tiles (and six compares per element) spilled inside the loop (benchmarks/kernel_resources.py)."""
+    address tiles (and six compares per element) spilled inside the loop (benchmarks/tools/kernel_resources.py)."""
     if PIXEL_FAST:
         m = m_k[:, None] & m_p[None, :]
         m = m & _inside(dh[:, None] + ih0[None, :], H) & _inside(dw[:, None] + iw0[None, :], W)
@@ -361,15 +362,7 @@ def _check_acc_size(acc: torch.Tensor) -> None:
 
 
 def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
-
-
-class _NullContext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def covariance_update_triton(
@@ -397,11 +390,8 @@ def covariance_update_triton(
         two_level, r1, stride_x0, stride_x1 = True, sizes[1], strides[0], strides[1]
     else:
         two_level, r1, stride_x0, stride_x1 = False, n_rows, 0, strides[0] if strides else d
-    if mask is not None:
-        # a copy only if the mask itself is strided: N bytes, never the tokens
-        mask_arg = mask.reshape(-1).view(torch.uint8)
-    else:
-        mask_arg = x  # never read (HAS_MASK=False)
+    # a copy only if the mask itself is strided (N bytes, never the tokens); x stands in for no mask, never read
+    mask_arg = mask.reshape(-1).view(torch.uint8) if mask is not None else x
     precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
     fma = x.dtype == torch.float32 and precision == "ieee"
     epilogue_rows = _EPILOGUE_ROWS_FMA if fma else _EPILOGUE_ROWS_TENSOR_CORE

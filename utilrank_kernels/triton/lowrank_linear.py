@@ -11,7 +11,7 @@ dims are flattened):
   (again ``BR`` rank columns at a time), bias and activation in the epilogue: one launch, ``t`` computed
   once per row block, the activation fused. Holding ``t`` whole in registers (the previous layout) forced
   ``BM`` down to 16-32 for ranks above 256, which on sm_90 never reaches wgmma, and made the fp32 rows
-  spill 12 KB per thread (``benchmarks/kernel_resources.py``). Where ``M / 64`` row blocks would leave SMs
+  spill 12 KB per thread (``benchmarks/tools/kernel_resources.py``). Where ``M / 64`` row blocks would leave SMs
   idle, the launcher splits each block's output tiles over ``n_split`` programs, each with its own copy of
   ``t`` (scratch ``[n_split, M, r]``, bounded by ``n_split * M <= 64 * SMs`` rows).
 - **split** (``M <= SMALL_M``): with a handful of rows the fused
@@ -21,7 +21,7 @@ dims are flattened):
   second is a GEMM over ``(row blocks, output tiles)`` with bias and activation in the epilogue.
 
 ``SMALL_M`` and the autotune tables were set without a GPU to measure on: they are to be tuned on one
-(``benchmarks/lowrank_results.py`` measures both paths through ``path=``).
+(``benchmarks/kernels/lowrank.py`` measures both paths through ``path=``).
 
 Rows are addressed through two strides (``x`` seen as ``[B, L, K]``), so a transposed, sliced or
 permuted 2-D/3-D ``x`` is read in place; a higher-rank ``x`` is first reshaped to 3-D (a copy only
@@ -38,10 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._kernel_args import ACTIVATIONS, check_activation
 from ._autotune import autotune, sm_count, smem_fits
 
 SMALL_M = 64
-ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -50,7 +50,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _activation(y, ACT: tl.constexpr):
-    """``y`` is fp32. 1: ReLU, 2: GELU (erf), 3: GELU (tanh); 0: identity."""
+    """``y`` is fp32. ``ACT`` is the index in ``ACTIVATIONS``: 1: ReLU, 2: GELU (erf), 3: GELU (tanh); 0: identity."""
     if ACT == 1:
         y = tl.maximum(y, 0.0)
     elif ACT == 2:
@@ -203,7 +203,7 @@ _FUSED_KEYS = ("BM", "BN", "BK", "BR", "num_warps", "num_stages")
 # compile). Shared memory of a row: stages x the larger loop's operand tiles, (BM BK + BK BR) or (BM BR +
 # BR BN), x element size (the compiled kernels use at most that, plus 1 KiB on sm_90); rows over a device's
 # limit are pruned at launch. Rows kept: no local memory in any loop on sm_80 or sm_90 (BN = 256 spilled
-# 160 B in the loop on sm_80; fp32 on 4 warps with BR = 32, 8 B), benchmarks/results/kernel-resources-*.md.
+# 160 B in the loop on sm_80; fp32 on 4 warps with BR = 32, 8 B), benchmarks/results/sm80-sm90_kernel-resources-*.md.
 # fp32: 64 x 64 tiles; on sm_90 the 64 x 128 and 128 x 64 ones moved 16-32 B in the loop (Triton 3.6 and
 # 3.8) and 64 x 64 on 4 warps with BK = 32 8 B (3.6).
 _FUSED_ROWS = {
@@ -294,9 +294,8 @@ def dot_precision(dtype: torch.dtype) -> str | None:
 
 
 def activation_code(activation: str | None) -> int:
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {tuple(ACTIVATION_CODES)}")
-    return ACTIVATION_CODES[activation]
+    check_activation(activation)
+    return ACTIVATIONS.index(activation)
 
 
 def rows_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple[int, int, int]]:

@@ -13,7 +13,7 @@ With few rows (``M <= SMALL_M``) the MLP runs as two split-path low-rank linears
 small-M path): there the hidden activations are ``M x hidden``, a few hundred KB at most, and the weights,
 read once, dominate. Ranks too wide to hold ``t1`` and ``t2`` in registers (above 512), and fp32 inputs (see
 the tables), run as two fused low-rank linears, the hidden activations through memory. The threshold and
-the autotune tables are untuned (set without a GPU): tune them on one with ``benchmarks/lowrank_results.py``.
+the autotune tables are untuned (set without a GPU): tune them on one with ``benchmarks/kernels/lowrank.py``.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def _lowrank_mlp_fused_kernel(
 # is what the interpreter and UTILRANK_TRITON_CONFIG=first run. BM >= 64 (wgmma on sm_90) up to BR = 256; at
 # 512 a 64-row t2 alone is 128 KB of registers per program, so BM is 32 (mma.sync on both targets). 16-bit
 # only: with fp32 FMA dots every first row spilled 0.6-8 KB per thread inside its loops (sm_80 and sm_90,
-# benchmarks/kernel_resources.py), so fp32 MLPs run as two fused linears. 4-warp rows at BR = 128 spilled
+# benchmarks/tools/kernel_resources.py), so fp32 MLPs run as two fused linears. 4-warp rows at BR = 128 spilled
 # 24 B in the loop on sm_80.
 _MLP_KEYS = ("BM", "BK", "BH", "BN", "num_warps", "num_stages")
 _MLP_ROWS = {

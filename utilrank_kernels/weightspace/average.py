@@ -20,7 +20,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, update_bn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from ..models import load_state_dict_file
+from ..train import train
 
 Ingredient = nn.Module | Mapping[str, torch.Tensor] | str | Path
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "ema.", "ema_model.", "model_ema.")
@@ -50,8 +55,6 @@ def state_dict_of(ingredient: Ingredient, index: int = 0) -> dict[str, torch.Ten
     if isinstance(ingredient, nn.Module):
         state = {k: v.detach() for k, v in ingredient.state_dict().items()}
     elif isinstance(ingredient, (str, Path)):
-        from ..models import load_state_dict_file
-
         state = load_state_dict_file(ingredient)
     elif isinstance(ingredient, Mapping):
         bad = [k for k, v in ingredient.items() if not isinstance(v, torch.Tensor)]
@@ -252,8 +255,6 @@ def swa_average(
     ``model``) by ``AveragedModel``, with BatchNorm statistics recomputed by ``update_bn`` over
     ``bn_loader`` (required when the model has BatchNorm: the snapshots' running statistics do not
     describe the averaged weights' activations)."""
-    from torch.optim.swa_utils import AveragedModel, update_bn
-
     if has_batchnorm(model) and bn_loader is None:
         raise ValueError("the model has BatchNorm layers: pass bn_loader so update_bn recomputes their "
                          "statistics")
@@ -286,11 +287,6 @@ def swa(
     ``cycles`` calls of ``train`` (each a warm-up then a cosine decay to 0 over ``epochs_per_cycle``),
     the weights at the end of each cycle (its low-LR point) averaged by ``AveragedModel``; BatchNorm
     statistics recomputed over ``dataset`` by ``update_bn``. ``model`` itself is not modified."""
-    from torch.optim.swa_utils import AveragedModel, update_bn
-    from torch.utils.data import DataLoader
-
-    from ..train import train
-
     if cycles < 1 or epochs_per_cycle < 1:
         raise ValueError(f"swa needs cycles >= 1 and epochs_per_cycle >= 1, got {cycles}, {epochs_per_cycle}")
     work = copy.deepcopy(model).to(device)

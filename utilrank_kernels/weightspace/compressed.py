@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..analysis import Statistics, collect_stats, compute_subspaces
-from ..compress.factor import factor_model
+from ..compress.factor import expand, factor_model
 from ..compress.plan import Plan, apply_plan
 from .average import (
     GreedySoup,
@@ -42,30 +42,15 @@ from .average import (
 )
 
 
-def dense_state_dict(ingredient: Ingredient, plan: Plan, index: int = 0) -> dict[str, torch.Tensor]:
-    """The compressed ingredient's state dict with every planned layer's ``weight_a`` / ``weight_b``
-    replaced by its dense ``weight = B @ A`` (formed in fp64, shaped as the dense layer's weight)."""
-    state = state_dict_of(ingredient, index)
-    label = describe(ingredient, index)
-    for name, entry in plan.layers.items():
-        ka, kb = f"{name}.weight_a", f"{name}.weight_b"
-        if ka not in state or kb not in state:
-            raise ValueError(f"{label}: planned layer {name} is not factored (no {ka} / {kb}); "
-                             "was it compressed with this plan?")
-        a, b = state.pop(ka), state.pop(kb)
-        rank = a.shape[0]
-        if rank != entry.rank or b.shape[1] != rank:
-            raise ValueError(f"{label}: {name} has rank {rank} (weight_a {tuple(a.shape)}, weight_b "
-                             f"{tuple(b.shape)}), the plan says {entry.rank}")
-        w = b.reshape(b.shape[0], rank).double() @ a.reshape(rank, -1).double()
-        state[f"{name}.weight"] = w.reshape(b.shape[0], *a.shape[1:]).to(a.dtype)
-    return state
+def _expanded(ingredient: Ingredient, plan: Plan, index: int = 0) -> dict[str, torch.Tensor]:
+    """The compressed ingredient's dense state dict (``compress.expand``: ``W = B A`` per planned layer)."""
+    return expand(state_dict_of(ingredient, index), plan, source=describe(ingredient, index))
 
 
 def dense_equivalent(ingredient: Ingredient, plan: Plan, dense_model: nn.Module) -> nn.Module:
     """A copy of ``dense_model`` holding the compressed ingredient's weights, ``W = B A`` per planned
     layer: the same function, with plain layers that statistics hooks see."""
-    return _dense_model(dense_model, dense_state_dict(ingredient, plan))
+    return _dense_model(dense_model, _expanded(ingredient, plan))
 
 
 def planned_stats(model: nn.Module, plan: Plan, batches: Iterable, **collect_kwargs) -> Statistics:
@@ -115,7 +100,7 @@ def compressed_soup(
     on ``stats``, e.g. the ingredients' merged statistics; see the module docstring)."""
     if stats is None and batches is None:
         raise ValueError("compressed_soup needs batches (to collect the soup's statistics) or stats")
-    states = [dense_state_dict(x, plan, i) for i, x in enumerate(ingredients)]
+    states = [_expanded(x, plan, i) for i, x in enumerate(ingredients)]
     dense = _dense_model(dense_model, average_state_dicts(states, weights))
     if stats is None:
         stats = planned_stats(dense, plan, batches, **collect_kwargs)
@@ -150,7 +135,7 @@ def greedy_compressed_soup(
     if scores is None:
         scores = [float(evaluate(compressed_module(x, plan, dense_model))) for x in ingredients]
     scores = [float(s) for s in scores]
-    states = [dense_state_dict(x, plan, i) for i, x in enumerate(ingredients)]
+    states = [_expanded(x, plan, i) for i, x in enumerate(ingredients)]
     # the soup greedy_soup ends with is the last candidate whose score reached the best so far (its
     # acceptance rule): keep that one built, not every candidate
     kept = {"score": max(scores), "state": None, "soup": None}

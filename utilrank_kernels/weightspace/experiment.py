@@ -66,27 +66,70 @@ def soup_experiment(
     started = time.perf_counter()
     augment = data.name == "digits"
     base = base.to(device).eval()
-    stats_loader = DataLoader(data.train, batch_size=batch_size, shuffle=False)
-    val_accuracy = lambda m: evaluate(m, data.val, device=device)
-
-    # -- ingredients
-    models, meta = [], []
     if ingredients:
-        for i, src in enumerate(ingredients):
-            models.append(load_soup(copy.deepcopy(base), state_dict_of(src, i)).eval())
-            meta.append({"name": str(src)})
+        models, meta = _given_ingredients(base, ingredients)
     else:
-        for i in range(n):
-            s, lr = seed + 1 + i, float(lrs[i % len(lrs)])
-            log(f"ingredient {i + 1}/{n}: fine-tune {epochs} epochs, seed {s}, lr {lr:g}")
-            m = train(copy.deepcopy(base), data.train, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                      seed=s, augment=augment, device=device, desc=f"ingredient {i + 1}")
-            models.append(m)
-            meta.append({"name": f"seed{s}-lr{lr:g}", "seed": s, "lr": lr, "epochs": epochs})
+        models, meta = _trained_ingredients(base, data, n, epochs, lrs, weight_decay, seed, augment, device, log)
     for m, entry in zip(models, meta, strict=True):
         entry.update(_row(m, data, device))
+    dense = _dense_soups(base, data, models, meta, device)
+    if swa_cycles:
+        log(f"SWA: {swa_cycles} cycles of 1 epoch from the base model, lr {max(lrs):g}")
+        swa_model = swa(base, data.train, cycles=swa_cycles, lr=float(max(lrs)), weight_decay=weight_decay,
+                        augment=augment, seed=seed + 100, device=device, progress=False)
+        dense["swa"] = {**_row(swa_model, data, device), "cycles": swa_cycles}
+    doc = {"format": SOUP_FORMAT, "model": arch, "dataset": data.name, "ingredients": meta, "dense": dense}
+    if compressed:
+        # one plan, from the base model at `energy`; every ingredient factored to it on its own statistics
+        # (zero-padded where rank deficient: the soups need one architecture) and fine-tuned
+        config = CompressConfig(method="data", energy=energy, tolerance=None, keep_ranks=True,
+                                stats_batch_size=batch_size, finetune=TrainRecipe(epochs=0))
+        plan = compress_model(base, data, config, arch=arch, device=device, score=False, progress=False).plan
+        log(f"plan: {len(plan.layers)} layers factored at energy {energy}; each ingredient factored on its own "
+            f"statistics and fine-tuned {compressed_epochs} epochs")
+        recipes = [TrainRecipe(epochs=compressed_epochs, lr=compressed_lr, weight_decay=weight_decay,
+                               seed=entry.get("seed", seed + 1 + i), augment=augment) for i, entry in enumerate(meta)]
+        cmodels = []
+        for m, entry, recipe in zip(models, meta, recipes, strict=True):
+            result = compress_model(m, data, replace(config, finetune=recipe), plan=plan, arch=arch, device=device,
+                                    progress=False)
+            entry["projected"], entry["compressed"] = result.scores["projected"], result.scores["compressed"]
+            cmodels.append(result.model)
+        params = count_params(cmodels[0])
+        doc["compressed"] = {"params": params, "energy": energy, "layers_factored": len(plan.layers),
+                             "finetune_epochs": compressed_epochs, "param_ratio": params / dense["params"],
+                             **_compressed_soups(base, data, cmodels, meta, plan, batch_size, device)}
+        doc["plan"] = plan.to_dict()
+    doc["rows"] = table_rows(doc)
+    doc["seconds"] = time.perf_counter() - started
+    return doc
 
-    # -- dense soups
+
+def _given_ingredients(base: nn.Module, ingredients: Sequence) -> tuple[list[nn.Module], list[dict]]:
+    models = [load_soup(copy.deepcopy(base), state_dict_of(src, i)).eval() for i, src in enumerate(ingredients)]
+    return models, [{"name": str(src)} for src in ingredients]
+
+
+def _trained_ingredients(base: nn.Module, data, n: int, epochs: int, lrs: Sequence[float], weight_decay: float,
+                         seed: int, augment: bool, device, log: Callable[[str], None]) -> tuple[list[nn.Module],
+                                                                                               list[dict]]:
+    """``n`` fine-tuned copies of ``base``, seeds ``seed + 1 ...`` and learning rates cycling through ``lrs``."""
+    models, meta = [], []
+    for i in range(n):
+        s, lr = seed + 1 + i, float(lrs[i % len(lrs)])
+        log(f"ingredient {i + 1}/{n}: fine-tune {epochs} epochs, seed {s}, lr {lr:g}")
+        m = train(copy.deepcopy(base), data.train, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                  seed=s, augment=augment, device=device, desc=f"ingredient {i + 1}")
+        models.append(m)
+        meta.append({"name": f"seed{s}-lr{lr:g}", "seed": s, "lr": lr, "epochs": epochs})
+    return models, meta
+
+
+def _dense_soups(base: nn.Module, data, models: list[nn.Module], meta: list[dict], device) -> dict:
+    """The base model, the best single ingredient, the uniform and the greedy soup (SWA is added by the caller)."""
+    def val_accuracy(m):
+        return evaluate(m, data.val, device=device)
+
     dense: dict = {"params": count_params(base), "base": _row(base, data, device)}
     b = _best(meta)
     dense["best_single"] = {"index": b, "name": meta[b]["name"], "val": meta[b]["val"],
@@ -97,49 +140,29 @@ def soup_experiment(
     g = greedy_soup(models, val_accuracy, model=greedy_model, scores=[e["val"] for e in meta], progress=False)
     dense["greedy"] = {**_row(greedy_model, data, device), "selected": [meta[i]["name"] for i in g.selected],
                        "history": [{**h, "name": meta[h["index"]]["name"]} for h in g.history]}
-    if swa_cycles:
-        log(f"SWA: {swa_cycles} cycles of 1 epoch from the base model, lr {max(lrs):g}")
-        swa_model = swa(base, data.train, cycles=swa_cycles, lr=float(max(lrs)), weight_decay=weight_decay,
-                        augment=augment, seed=seed + 100, device=device, progress=False)
-        dense["swa"] = {**_row(swa_model, data, device), "cycles": swa_cycles}
-    doc = {"format": SOUP_FORMAT, "model": arch, "dataset": data.name, "ingredients": meta, "dense": dense}
+    return dense
 
-    # -- compressed soups
-    if compressed:
-        # one plan, from the base model at `energy`; every ingredient factored to it on its own statistics
-        # (zero-padded where rank deficient: the soups need one architecture) and fine-tuned
-        config = CompressConfig(method="data", energy=energy, tolerance=None, keep_ranks=True,
-                                stats_batch_size=batch_size, finetune=TrainRecipe(epochs=0))
-        plan = compress_model(base, data, config, arch=arch, device=device, score=False, progress=False).plan
-        log(f"plan: {len(plan.layers)} layers factored at energy {energy}; each ingredient factored on its own "
-            f"statistics and fine-tuned {compressed_epochs} epochs")
-        cmodels = []
-        for i, (m, entry) in enumerate(zip(models, meta, strict=True)):
-            recipe = TrainRecipe(epochs=compressed_epochs, lr=compressed_lr, weight_decay=weight_decay,
-                                 seed=entry.get("seed", seed + 1 + i), augment=augment)
-            result = compress_model(m, data, replace(config, finetune=recipe), plan=plan, arch=arch, device=device,
-                                    progress=False)
-            entry["projected"], entry["compressed"] = result.scores["projected"], result.scores["compressed"]
-            cmodels.append(result.model)
-        crows = [e["compressed"] for e in meta]
-        comp: dict = {"params": count_params(cmodels[0]), "energy": energy, "layers_factored": len(plan.layers),
-                      "finetune_epochs": compressed_epochs}
-        comp["param_ratio"] = comp["params"] / dense["params"]
-        b = _best(crows)
-        comp["best_single"] = {"index": b, "name": meta[b]["name"], **crows[b]}
-        u = compressed_soup(cmodels, plan, base, batches=stats_loader)
-        comp["uniform"] = {**_row(u.model, data, device), "size": len(cmodels)}
-        gs = greedy_compressed_soup(cmodels, plan, base, val_accuracy, batches=stats_loader,
-                                    scores=[r["val"] for r in crows], progress=False)
-        comp["greedy"] = {**_row(gs.model, data, device), "selected": [meta[i]["name"] for i in gs.selected],
-                          "history": [{**h, "name": meta[h["index"]]["name"]} for h in gs.greedy.history]}
-        naive = load_soup(copy.deepcopy(cmodels[0]), uniform_soup(cmodels))
-        comp["factorwise"] = _row(naive, data, device)
-        doc["compressed"] = comp
-        doc["plan"] = plan.to_dict()
-    doc["rows"] = table_rows(doc)
-    doc["seconds"] = time.perf_counter() - started
-    return doc
+
+def _compressed_soups(base: nn.Module, data, cmodels: list[nn.Module], meta: list[dict], plan, batch_size: int,
+                      device) -> dict:
+    """The compressed ingredients' best single, uniform and greedy soups (averaged dense, re-factored on the
+    soup's statistics) and the naive factor-wise average, by name."""
+    def val_accuracy(m):
+        return evaluate(m, data.val, device=device)
+
+    stats_loader = DataLoader(data.train, batch_size=batch_size, shuffle=False)
+    crows = [e["compressed"] for e in meta]
+    b = _best(crows)
+    comp: dict = {"best_single": {"index": b, "name": meta[b]["name"], **crows[b]}}
+    u = compressed_soup(cmodels, plan, base, batches=stats_loader)
+    comp["uniform"] = {**_row(u.model, data, device), "size": len(cmodels)}
+    gs = greedy_compressed_soup(cmodels, plan, base, val_accuracy, batches=stats_loader,
+                                scores=[r["val"] for r in crows], progress=False)
+    comp["greedy"] = {**_row(gs.model, data, device), "selected": [meta[i]["name"] for i in gs.selected],
+                      "history": [{**h, "name": meta[h["index"]]["name"]} for h in gs.greedy.history]}
+    naive = load_soup(copy.deepcopy(cmodels[0]), uniform_soup(cmodels))
+    comp["factorwise"] = _row(naive, data, device)
+    return comp
 
 
 def table_rows(doc: dict) -> list[dict]:
@@ -171,7 +194,9 @@ def table_rows(doc: dict) -> list[dict]:
 
 def format_soup_table(doc: dict) -> str:
     c = doc.get("compressed")
-    pct = lambda v: f"{v:>8.2%}" if v is not None else f"{'-':>8}"
+    def pct(v):
+        return f"{v:>8.2%}" if v is not None else f"{'-':>8}"
+
     head = f"{'':<34}{'dense':>17}"
     if c:
         head += f"{'compressed':>19}"

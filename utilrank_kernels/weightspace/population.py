@@ -30,11 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .._cache import atomic_path, cache_dir, write_json
+from .._files import atomic_path, cache_dir, write_json
+from ..data import load_data
+from ..data.datasets import SPLIT_SEED
+from ..models import BUILTIN_MODELS, build_builtin
+from ..models.loading import trained_builtin
+from ..train import evaluate, train
+from .average import has_batchnorm, load_soup, state_dict_of, swa_average
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +118,6 @@ def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 
 def population_dir(model_name: str, recipe: dict, base_state: Mapping[str, torch.Tensor]) -> Path:
-    from ..data.datasets import SPLIT_SEED
-
     key = json.dumps({"format": POPULATION_FORMAT, "model": model_name, "recipe": recipe, "split": SPLIT_SEED,
                       "base": weights_digest(base_state)}, sort_keys=True)
     return cache_dir() / "populations" / f"{model_name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
@@ -170,14 +175,6 @@ def train_population(
     """The population ``recipe`` (default ``DEFAULT_RECIPE``) makes from the trained built-in ``model_name``
     (or from ``base``, a model of that architecture), from the cache or trained now (each member cached as
     soon as it exists)."""
-    from safetensors.torch import load_file, save_file
-
-    from ..data import load_data
-    from ..models import BUILTIN_MODELS, build_builtin
-    from ..models.loading import trained_builtin
-    from ..train import evaluate, train
-    from .average import has_batchnorm, swa_average
-
     if model_name not in BUILTIN_MODELS:
         raise ValueError(f"a trained population needs a built-in model ({', '.join(BUILTIN_MODELS)}), got "
                          f"{model_name!r}; pass checkpoint files for other models")
@@ -194,74 +191,94 @@ def train_population(
         logger.info(f"population of {model_name}: training {len(todo)} of {len(plan)} models into {root}")
     else:
         logger.info(f"population of {model_name}: {len(plan)} models from {root}")
-    labels = _labels(data.train) if recipe.get("subsets") else None
-    bn_loader = DataLoader(data.train, batch_size=256) if has_batchnorm(base) else None
-    states: dict[str, dict[str, torch.Tensor]] = {}
-    chains: dict[str, nn.Module] = {}  # scratch run -> its model after the last stage trained
-
-    def member_state(name: str) -> dict[str, torch.Tensor]:
-        if name not in states:
-            states[name] = load_file(str(root / f"{name}.safetensors"))
-        return states[name]
-
-    def done(spec: dict, model: nn.Module) -> None:
-        state = _cpu_state(model)
-        with atomic_path(root / f"{spec['name']}.safetensors") as tmp:
-            save_file(state, str(tmp))
-        states[spec["name"]] = state
-        model = model.to(device).eval()
-        index[spec["name"]] = {**spec, "val": evaluate(model, data.val, device=device),
-                               "test": evaluate(model, data.test, device=device)}
-        write_json(index_path, {"format": POPULATION_FORMAT, "model": model_name, "recipe": recipe,
-                                "members": index})
-
+    trainer = _Trainer(model_name, recipe, plan, base, data, root, index, device,
+                       labels=_labels(data.train) if recipe.get("subsets") else None,
+                       bn_loader=DataLoader(data.train, batch_size=256) if has_batchnorm(base) else None)
     pending = {spec["name"] for spec in todo}
     bar = tqdm(plan, desc=f"population ({len(todo)} to train)", unit="model", disable=not progress or not todo)
     for spec in bar:
         bar.set_postfix_str(spec["name"], refresh=False)
-        if spec["name"] not in pending:
-            continue
-        kind = spec["kind"]
-        if kind == "base":
-            done(spec, base)
-            continue
-        if kind in ("finetune", "subset"):
-            dataset = data.train
-            if kind == "subset":
-                keep = torch.isin(labels, torch.tensor(spec["classes"])).nonzero().flatten().tolist()
-                dataset = Subset(data.train, keep)
-            model = train(copy.deepcopy(base), dataset, epochs=spec["epochs"], lr=spec["lr"],
-                          weight_decay=spec["weight_decay"], seed=spec["seed"], augment=data.augment, device=device,
-                          desc=spec["name"])
-        elif kind == "swa-snapshot":
-            start = base if spec["cycle"] == 1 else _loaded(base, member_state(f"swa-cycle{spec['cycle'] - 1}"))
-            model = train(copy.deepcopy(start), data.train, epochs=1, lr=spec["lr"], weight_decay=spec["weight_decay"],
-                          seed=spec["seed"], augment=data.augment, device=device, desc=spec["name"])
-        elif kind == "swa-average":
-            snapshots = [member_state(f"swa-cycle{c + 1}") for c in range(spec["cycles"])]
-            model = swa_average(base, snapshots, bn_loader=bn_loader, device=device)
-        else:  # scratch: the previous stage of the same run, or a fresh random initialization
-            if spec["stage"] == 0:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(spec["seed"])
-                    start = build_builtin(model_name)
-            else:
-                previous = next(p for p in plan if p.get("run") == spec["run"] and p["stage"] == spec["stage"] - 1)
-                start = chains[spec["run"]] if spec["run"] in chains else \
-                    _loaded(build_builtin(model_name), member_state(previous["name"]))
-            model = train(start, data.train, epochs=spec["stage_epochs"], lr=spec["lr"],
-                          weight_decay=spec["weight_decay"], batch_size=spec["batch_size"],
-                          seed=spec["seed"] * 100 + spec["stage"], augment=data.augment, device=device,
-                          desc=spec["name"])
-            chains[spec["run"]] = model
-        done(spec, model)
+        if spec["name"] in pending:
+            trainer.save(spec, base if spec["kind"] == "base" else trainer.trained(spec))
     members = []
     for spec in plan:
         entry = index[spec["name"]]
         meta = {k: v for k, v in entry.items() if k not in ("name", "group", "val", "test")}
-        members.append(Member(spec["name"], spec["group"], member_state(spec["name"]), meta, entry["val"],
+        members.append(Member(spec["name"], spec["group"], trainer.state(spec["name"]), meta, entry["val"],
                               entry["test"]))
     return Population(model_name, data.name, base, members, recipe, root)
+
+
+@dataclass
+class _Trainer:
+    """One population's members as they are trained: each saved to the cache folder as soon as it exists, with
+    its accuracies in the folder's index."""
+
+    model_name: str
+    recipe: dict
+    plan: list[dict]
+    base: nn.Module
+    data: object
+    root: Path
+    index: dict
+    device: torch.device | str
+    labels: torch.Tensor | None = None  # the training labels, for the class subsets
+    bn_loader: DataLoader | None = None
+    states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    chains: dict[str, nn.Module] = field(default_factory=dict)  # scratch run -> its model after the last stage
+
+    def state(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.states:
+            self.states[name] = load_file(str(self.root / f"{name}.safetensors"))
+        return self.states[name]
+
+    def save(self, spec: dict, model: nn.Module) -> None:
+        state = _cpu_state(model)
+        with atomic_path(self.root / f"{spec['name']}.safetensors") as tmp:
+            save_file(state, str(tmp))
+        self.states[spec["name"]] = state
+        model = model.to(self.device).eval()
+        self.index[spec["name"]] = {**spec, "val": evaluate(model, self.data.val, device=self.device),
+                                    "test": evaluate(model, self.data.test, device=self.device)}
+        write_json(self.root / "population.json", {"format": POPULATION_FORMAT, "model": self.model_name,
+                                                   "recipe": self.recipe, "members": self.index})
+
+    def trained(self, spec: dict) -> nn.Module:
+        """The member ``spec`` describes (any kind but the base), trained now."""
+        kind, data, base = spec["kind"], self.data, self.base
+        if kind in ("finetune", "subset"):
+            dataset = data.train
+            if kind == "subset":
+                keep = torch.isin(self.labels, torch.tensor(spec["classes"])).nonzero().flatten().tolist()
+                dataset = Subset(data.train, keep)
+            return train(copy.deepcopy(base), dataset, epochs=spec["epochs"], lr=spec["lr"],
+                         weight_decay=spec["weight_decay"], seed=spec["seed"], augment=data.augment,
+                         device=self.device, desc=spec["name"])
+        if kind == "swa-snapshot":
+            start = base if spec["cycle"] == 1 else _loaded(base, self.state(f"swa-cycle{spec['cycle'] - 1}"))
+            return train(copy.deepcopy(start), data.train, epochs=1, lr=spec["lr"], weight_decay=spec["weight_decay"],
+                         seed=spec["seed"], augment=data.augment, device=self.device, desc=spec["name"])
+        if kind == "swa-average":
+            snapshots = [self.state(f"swa-cycle{c + 1}") for c in range(spec["cycles"])]
+            return swa_average(base, snapshots, bn_loader=self.bn_loader, device=self.device)
+        return self._scratch(spec)
+
+    def _scratch(self, spec: dict) -> nn.Module:
+        """A scratch stage: the previous stage of the same run trained on, or a fresh random initialization."""
+        if spec["stage"] == 0:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec["seed"])
+                start = build_builtin(self.model_name)
+        else:
+            previous = next(p for p in self.plan if p.get("run") == spec["run"] and p["stage"] == spec["stage"] - 1)
+            start = self.chains[spec["run"]] if spec["run"] in self.chains else \
+                _loaded(build_builtin(self.model_name), self.state(previous["name"]))
+        model = train(start, self.data.train, epochs=spec["stage_epochs"], lr=spec["lr"],
+                      weight_decay=spec["weight_decay"], batch_size=spec["batch_size"],
+                      seed=spec["seed"] * 100 + spec["stage"], augment=self.data.augment, device=self.device,
+                      desc=spec["name"])
+        self.chains[spec["run"]] = model
+        return model
 
 
 def _loaded(template: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -283,9 +300,6 @@ def population_from_files(
     """A population of checkpoint files (safetensors, or torch files read with ``weights_only=True``) that
     load into ``template``; each member's group is ``groups[i]``, or else the name of the file's folder.
     Accuracies are measured on ``data``'s validation and test splits."""
-    from ..train import evaluate
-    from .average import load_soup, state_dict_of
-
     if groups is not None and len(groups) != len(files):
         raise ValueError(f"{len(groups)} group labels for {len(files)} files")
     members, names = [], set()

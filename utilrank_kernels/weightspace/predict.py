@@ -19,6 +19,8 @@ layer utilization at ``energy``) from one statistics pass over the training imag
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -26,8 +28,13 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .._files import write_json
+from ..analysis import build_report, collect_stats, compute_subspaces
+from ..analysis.esd import ESDOptions
+from ..analysis.spectrum import spectrum
 from .population import Population
 
 logger = logging.getLogger(__name__)
@@ -45,17 +52,11 @@ MIN_GROUP = 5
 def model_metrics(model, data=None, *, energy: float = 0.99, options=None, batch_size: int = 256,
                   device: torch.device | str = "cpu") -> dict:
     """The model-level metrics (``METRICS``; ``mlu`` only when ``data`` is given)."""
-    from ..analysis.spectrum import spectrum
-
     report, _ = spectrum(model, options=options, progress=False)
     out = {k: report["summary"][k] for k in SPECTRAL_METRICS}
     if data is not None:
-        from torch.utils.data import DataLoader
-
-        from ..analysis import analyze, collect_stats
-
         stats = collect_stats(model, DataLoader(data.train, batch_size=batch_size), device=device, progress=False)
-        out["mlu"] = analyze(model, stats, energy)[0].mlu
+        out["mlu"] = build_report(model, stats, compute_subspaces(model, stats, progress=False), energy).mlu
     return out
 
 
@@ -81,7 +82,7 @@ def average_ranks(x: Sequence[float]) -> np.ndarray:
 def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
     """Spearman's rho and its two-sided p-value (t approximation with n - 2 degrees of freedom); NaN when a
     variable is constant or fewer than 3 pairs are given."""
-    from scipy import stats
+    from scipy import stats  # a second to import: only for this test
 
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.size != y.size:
@@ -166,12 +167,6 @@ def member_metrics(population: Population, data, *, energy: float = 0.99, option
                    device: torch.device | str = "cpu", progress: bool = True) -> list[dict]:
     """``model_metrics`` of every member, cached beside a cached population (keyed by the definitions and
     ``energy``), so a second run reads them."""
-    import hashlib
-    import json
-
-    from .._cache import write_json
-    from ..analysis.esd import ESDOptions
-
     options = options or ESDOptions()
     cache = None
     if population.path is not None:
@@ -203,8 +198,6 @@ def predict_experiment(
     progress: bool = True,
 ) -> dict:
     """The ``predict.json`` document (see the module docstring); ``target`` is ``"test"`` or ``"val"``."""
-    from ..analysis.esd import ESDOptions
-
     if target not in ("test", "val"):
         raise ValueError(f"target = {target!r}: choose test or val")
     unknown = [m for m in metrics if m not in METRICS]

@@ -34,8 +34,14 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ..analysis.collect import collect_stats
+from ..analysis.subspace import compute_subspaces, restricted_weight
+from ..train import evaluate
+from .average import has_batchnorm
 from .population import Population
 
 logger = logging.getLogger(__name__)
@@ -53,14 +59,12 @@ def data_projection(model: nn.Module, data, energy: float = 0.99, *, batch_size:
                     device: torch.device | str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``{layer: (U_out, U_in)}``: the eigenvectors of ``model``'s statistics on the training split at
     ``energy`` (``k_out`` and ``k_in`` columns), one statistics pass."""
-    from torch.utils.data import DataLoader
-
-    from ..analysis import analyze, collect_stats
-
     stats = collect_stats(model, DataLoader(data.train, batch_size=batch_size), device=device, progress=False)
-    report, subspaces = analyze(model, stats, energy)
-    return {r.name: (subspaces[r.name].vec_out[:, : r.k_out].cpu(), subspaces[r.name].vec_in[:, : r.k_in].cpu())
-            for r in report.layers}
+    bases = {}
+    for name, sub in compute_subspaces(model, stats, progress=False).items():
+        u_in, u_out = sub.bases(*sub.ranks(energy))
+        bases[name] = (u_out.cpu(), u_in.cpu())
+    return bases
 
 
 def weight_vectors(
@@ -90,8 +94,7 @@ def weight_vectors(
         for part in parts:
             if projection is not None:
                 u_out, u_in = projection[part]
-                w = member.state[f"{part}.weight"].double()
-                pieces.append((u_out.T @ w.reshape(w.shape[0], -1) @ u_in).flatten())
+                pieces.append(restricted_weight(u_out, member.state[f"{part}.weight"].double(), u_in).flatten())
             else:
                 pieces.append(member.state[part].double().flatten())
         rows.append(torch.cat(pieces).numpy())
@@ -105,7 +108,7 @@ def embed(x: np.ndarray, *, seed: int = 0, tsne: bool = True) -> dict:
     """2-D PCA (with the variance ratio each axis explains) and t-SNE of the rows of ``x``. One exact PCA
     (full SVD: a few rows of many columns) gives both the 2-D map and the up to 50 components t-SNE
     starts from."""
-    from sklearn.decomposition import PCA
+    from sklearn.decomposition import PCA  # seconds to import: only for the maps
     from sklearn.manifold import TSNE
 
     n = x.shape[0]
@@ -134,7 +137,7 @@ def neighbourhood(dist: np.ndarray, center: int = 0) -> list[int] | None:
 def pairwise_distances(x: np.ndarray) -> np.ndarray:
     """Euclidean distances between rows, from the differences themselves (identical rows: exactly 0; the
     Gram-matrix shortcut would leave round-off there)."""
-    from scipy.spatial.distance import pdist, squareform
+    from scipy.spatial.distance import pdist, squareform  # scipy (through scikit-learn): only here
 
     return squareform(pdist(x))
 
@@ -180,8 +183,6 @@ def path_accuracy(
 ) -> list[float]:
     """``evaluate`` at ``points`` evenly spaced points of the straight line from ``a`` to ``b`` (BatchNorm
     statistics recomputed over ``bn_loader`` at each, when given)."""
-    from torch.optim.swa_utils import update_bn
-
     if points < 2:
         raise ValueError(f"a path needs at least 2 points, got {points}")
     model = copy.deepcopy(template).to(device)
@@ -223,11 +224,6 @@ def regions_experiment(
 ) -> dict:
     """The ``regions.json`` document of ``population`` (see the module docstring); ``pairs`` is
     ``"representative"`` (``representative_pairs``) or ``"all"``."""
-    from torch.utils.data import DataLoader, Subset
-
-    from ..train import evaluate
-    from .average import has_batchnorm
-
     if pairs not in ("representative", "all"):
         raise ValueError(f"pairs = {pairs!r}: choose representative or all")
     members = population.members
@@ -246,29 +242,8 @@ def regions_experiment(
     groups = [m.group for m in members]
     near = neighbourhood(dist)
     zoom = embed(x[near], seed=seed, tsne=False) if near is not None else None
-    rows = []
-    for i, m in enumerate(members):
-        row = {**m.row(), "pca": emb["pca"][i]}
-        if "tsne" in emb:
-            row["tsne"] = emb["tsne"][i]
-        if near is not None and i in near:
-            row["pca_near"] = zoom["pca"][near.index(i)]
-        rows.append(row)
-
-    chosen = representative_pairs(population) if pairs == "representative" else \
-        [(i, j, "same group" if groups[i] == groups[j] else "across groups")
-         for i, j in itertools.combinations(range(len(members)), 2)]
-    bn_loader = None
-    if has_batchnorm(population.template):
-        keep = list(range(min(BN_SAMPLES, len(data.train))))
-        bn_loader = DataLoader(Subset(data.train, keep), batch_size=128)
-    val_accuracy = lambda model: evaluate(model, data.val, device=device)
-    paths = []
-    for i, j, kind in tqdm(chosen, desc="interpolation paths", unit="pair", disable=not progress):
-        acc = path_accuracy(population.template, members[i].state, members[j].state, val_accuracy, points=points,
-                            bn_loader=bn_loader, device=device)
-        paths.append({"a": members[i].name, "b": members[j].name, "groups": [groups[i], groups[j]], "kind": kind,
-                      "distance": float(dist[i, j]), "accuracy": acc, "barrier": barrier_height(acc)})
+    rows = _member_rows(members, emb, near, zoom)
+    paths = _barrier_paths(population, data, pairs, dist, points=points, device=device, progress=progress)
     space = {"kind": "layer" if layer else "whole", "layer": layer, "projected": project,
              "energy": energy if project else None, "dims": int(x.shape[1]), "parts": len(parts)}
     return {
@@ -282,6 +257,44 @@ def regions_experiment(
         "population": {"cache": str(population.path) if population.path else None, "recipe": population.recipe},
         "seconds": time.perf_counter() - started,
     }
+
+
+def _member_rows(members: Sequence, emb: dict, near: list[int] | None, zoom: dict | None) -> list[dict]:
+    """Each member's row with its map coordinates (PCA, t-SNE, and the zoomed PCA of the neighbourhood)."""
+    rows = []
+    for i, m in enumerate(members):
+        row = {**m.row(), "pca": emb["pca"][i]}
+        if "tsne" in emb:
+            row["tsne"] = emb["tsne"][i]
+        if near is not None and i in near:
+            row["pca_near"] = zoom["pca"][near.index(i)]
+        rows.append(row)
+    return rows
+
+
+def _barrier_paths(population: Population, data, pairs: str, dist: np.ndarray, *, points: int, device,
+                   progress: bool) -> list[dict]:
+    """Validation accuracy along the straight path of each chosen pair, and its barrier."""
+    members = population.members
+    groups = [m.group for m in members]
+    chosen = representative_pairs(population) if pairs == "representative" else \
+        [(i, j, "same group" if groups[i] == groups[j] else "across groups")
+         for i, j in itertools.combinations(range(len(members)), 2)]
+    bn_loader = None
+    if has_batchnorm(population.template):
+        keep = list(range(min(BN_SAMPLES, len(data.train))))
+        bn_loader = DataLoader(Subset(data.train, keep), batch_size=128)
+
+    def val_accuracy(model):
+        return evaluate(model, data.val, device=device)
+
+    paths = []
+    for i, j, kind in tqdm(chosen, desc="interpolation paths", unit="pair", disable=not progress):
+        acc = path_accuracy(population.template, members[i].state, members[j].state, val_accuracy, points=points,
+                            bn_loader=bn_loader, device=device)
+        paths.append({"a": members[i].name, "b": members[j].name, "groups": [groups[i], groups[j]], "kind": kind,
+                      "distance": float(dist[i, j]), "accuracy": acc, "barrier": barrier_height(acc)})
+    return paths
 
 
 def barrier_table(doc: dict) -> list[dict]:

@@ -1,0 +1,1 @@
+"""Benchmarks, studies and tools of utilrank-kernels; ``python benchmarks/run.py --list`` lists them."""

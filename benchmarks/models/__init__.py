@@ -1,0 +1,1 @@
+"""Whole models, dense against factored, and the README's results table."""

@@ -1,0 +1,189 @@
+"""The compress summary (``summary.json``, format ``utilrank.summary/1``): what the compressed model costs and scores
+against the dense one, as one typed value: parameters, FLOPs, the test score, and the latency of both in each engine
+timed (a :class:`~utilrank_kernels.timing.Timing`, as ``utilrank bench``'s rows)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..data import DataSplits
+from ..data.datasets import example_inputs
+from ..measure import count_flops, count_params
+from ..models.hf import KeywordInputs
+from ..timing import Timing
+from .pipeline import CompressedModel
+
+SUMMARY_FORMAT = "utilrank.summary/1"
+LATENCY_BATCH = 32  # the batch the summary times dense and compressed at
+SPREAD_LIMIT = 1.25  # p80/p20 above this: the machine was busy, the medians are rough
+
+
+@dataclass(frozen=True)
+class EngineTiming:
+    """Dense and compressed milliseconds per step in one engine, timed interleaved at the same batch."""
+
+    dense: Timing
+    compressed: Timing
+
+    @property
+    def speedup(self) -> float:
+        return self.dense.median / self.compressed.median
+
+    def to_json(self) -> dict[str, float]:
+        return {"dense_ms": self.dense.median, "dense_p20_ms": self.dense.p20, "dense_p80_ms": self.dense.p80,
+                "compressed_ms": self.compressed.median, "compressed_p20_ms": self.compressed.p20,
+                "compressed_p80_ms": self.compressed.p80, "speedup": self.speedup}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model of the summary: its score on the test split and, where measured, its parameters, FLOPs per
+    example and latency (the first engine's: eager when it ran)."""
+
+    score: float
+    params: int | None = None
+    flops: int | None = None
+    latency: Timing | None = None
+
+    def to_json(self, metric: str) -> dict:
+        doc = {} if self.params is None else {"params": self.params, "flops": self.flops}
+        doc[metric] = self.score
+        if self.latency is not None:
+            doc.update(latency_ms=self.latency.median, latency_p20_ms=self.latency.p20,
+                       latency_p80_ms=self.latency.p80)
+        return doc
+
+
+@dataclass(frozen=True)
+class Target:
+    """A whole-model budget: ``measure`` (params or flops) at ``fraction`` of dense, and what the saved model has."""
+
+    measure: str
+    fraction: float
+    achieved: float
+
+
+@dataclass(frozen=True)
+class CompressSummary:
+    """The dense, projected (factored, before fine-tuning) and compressed models side by side. ``metric`` names the
+    score (``accuracy`` or ``cosine``); ``test_split`` is ``val`` where the data had no test split."""
+
+    model: str
+    dataset: str
+    method: str
+    metric: str
+    engines: Mapping[str, EngineTiming]
+    dense: Variant
+    projected: Variant
+    compressed: Variant
+    mlu: float
+    finetune_epochs: int
+    test_split: str
+    latency_batch: int = LATENCY_BATCH
+    notes: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    dense_finetuned: Variant | None = None  # the control: dense fine-tuned with the same recipe
+    target: Target | None = None
+    format: str = field(default=SUMMARY_FORMAT, init=False)
+
+    def to_json(self) -> dict:
+        doc = {"format": self.format, "model": self.model, "dataset": self.dataset, "method": self.method,
+               "metric": self.metric, "engines": {e: t.to_json() for e, t in self.engines.items()},
+               "dense": self.dense.to_json(self.metric), "projected": self.projected.to_json(self.metric),
+               "compressed": self.compressed.to_json(self.metric), "mlu": self.mlu,
+               "finetune_epochs": self.finetune_epochs, "test_split": self.test_split,
+               "latency_batch": self.latency_batch, "notes": list(self.notes), "warnings": list(self.warnings)}
+        if self.dense_finetuned is not None:
+            doc["dense_finetuned"] = self.dense_finetuned.to_json(self.metric)
+        if self.target is not None:
+            doc["target"] = {"measure": self.target.measure, "fraction": self.target.fraction,
+                             "achieved": self.target.achieved}
+        return doc
+
+    def format_table(self) -> str:
+        """The terminal table: dense against compressed, one latency line per engine, the notes and warnings."""
+        d, p, c = self.dense, self.projected, self.compressed
+        test = "test" if self.test_split == "test" else "test (= val!)"
+        lines = [
+            f"{'':<20}{'dense':>14}{'compressed':>14}{'ratio':>9}",
+            f"{'parameters':<20}{d.params:>14,}{c.params:>14,}{c.params / d.params:>9.3f}",
+            f"{'FLOPs / image':<20}{d.flops:>14,}{c.flops:>14,}{c.flops / d.flops:>9.3f}",
+            *self._latency_lines(),
+            f"{test + ' ' + self.metric:<20}{d.score:>14.2%}{c.score:>14.2%}{100 * (c.score - d.score):>+8.2f}pp",
+            f"projected ({self.method}, before fine-tuning): {p.score:.2%}; "
+            f"fine-tuned {self.finetune_epochs} epochs: {c.score:.2%}; MLU {self.mlu:.3f}",
+        ]
+        if self.dense_finetuned is not None:
+            control = self.dense_finetuned.score
+            lines.append(f"control: the dense model fine-tuned the same {self.finetune_epochs} epochs: "
+                         f"{control:.2%} (compressed {100 * (c.score - control):+.2f} pp against it)")
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def _latency_lines(self) -> list[str]:
+        """One line per engine (median, p20-p80, and the ratio compressed / dense), at the latency batch."""
+        def spread(t: Timing) -> str:  # a cell stays 14 wide
+            ms = lambda v: f"{v:.2f}" if v < 100 else f"{v:.0f}"  # noqa: E731
+            return f"[{ms(t.p20)}-{ms(t.p80)}]"
+
+        lines = []
+        for engine, t in self.engines.items():
+            label = f"CPU ms b{self.latency_batch} {engine}"
+            lines.append(f"{label:<20}{t.dense.median:>14.2f}{t.compressed.median:>14.2f}"
+                         f"{t.compressed.median / t.dense.median:>9.3f}  (speedup {t.speedup:.2f}x)")
+            lines.append(f"{'  p20-p80':<20}{spread(t.dense):>14}{spread(t.compressed):>14}")
+        return lines
+
+
+def latency_notes(engines: Mapping[str, EngineTiming], batch: int) -> list[str]:
+    """What the timings say beyond their numbers: a busy machine (a wide p20-p80), or no engine faster than dense."""
+    notes = []
+    spread = max(v.p80 / v.p20 for t in engines.values() for v in (t.dense, t.compressed))
+    if spread > SPREAD_LIMIT:
+        notes.append("latency p80/p20 above 1.25: a busy or throttling machine; compare with `utilrank bench`")
+    best = max(engines, key=lambda e: engines[e].speedup)
+    if engines[best].speedup <= 1:
+        notes.append(f"not faster than dense at batch {batch} in any engine timed (best: {best}, "
+                     f"{engines[best].speedup:.2f}x): this model is bound by per-call overhead and the layers "
+                     "factoring leaves alone (attention, norms); try --target-device cpu, which keeps dense the "
+                     "layers whose factored form is not faster, or a larger batch in `utilrank bench`")
+    return notes
+
+
+def summarize(result: CompressedModel, dense: nn.Module, data: DataSplits, *, model_name: str, metric: str,
+              finetune_epochs: int, engines: Mapping[str, EngineTiming], budget: tuple[str, float] | None = None,
+              notes: Sequence[str] = (), device: torch.device | str = "cpu",
+              latency_batch: int = LATENCY_BATCH) -> CompressSummary:
+    """The summary of ``compress_model``'s ``result`` against the ``dense`` model it started from: sizes counted
+    here (FLOPs on one test example), scores from ``result.scores``, latencies as timed (``engines``; eager's, else
+    the first engine's, is the dense and compressed rows' latency). ``budget``: the ``CompressConfig.budget`` the
+    plan was sized to."""
+    example = example_inputs(data.test, 1, device)
+    # a model called with **batch (a Hugging Face model on text) is measured through a wrapper that unpacks it
+    measured = KeywordInputs if isinstance(example, dict) else (lambda m: m)
+    scores = result.scores
+    # projected and fine-tuned share the compressed architecture: one count of each
+    params, flops = count_params(result.model), count_flops(measured(result.model), example)
+    latency = engines.get("eager") or next(iter(engines.values()))
+    dense_row = Variant(scores["dense"]["test"], count_params(dense), count_flops(measured(dense), example),
+                        latency.dense)
+    compressed_row = Variant(scores["compressed"]["test"], params, flops, latency.compressed)
+    target = None
+    if budget is not None:
+        measure, fraction = budget
+        achieved = getattr(compressed_row, measure) / getattr(dense_row, measure)
+        target = Target(measure, fraction, achieved)
+        notes = [*notes, f"target {measure} {fraction:g} of dense: the saved model has {achieved:.4f}"]
+    return CompressSummary(
+        model=model_name, dataset=data.name, method=result.plan.method, metric=metric, engines=dict(engines),
+        dense=dense_row, projected=Variant(scores["projected"]["test"], params, flops),
+        compressed=compressed_row, mlu=result.report.mlu,
+        finetune_epochs=finetune_epochs, test_split=data.test_split, latency_batch=latency_batch, notes=tuple(notes),
+        warnings=tuple(result.warnings),
+        dense_finetuned=Variant(scores["dense_finetuned"]["test"]) if "dense_finetuned" in scores else None,
+        target=target)

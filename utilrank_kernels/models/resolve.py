@@ -1,0 +1,175 @@
+"""A model and its data from plain names: what ``--model``, ``--checkpoint``, ``--data`` and ``--num-classes``
+name on the command line, resolved the same way in a notebook::
+
+    from utilrank_kernels.models import load_model_and_data
+
+    loaded = load_model_and_data("hf:bert-small", "text:lines.txt", max_length=64)
+    loaded.model, loaded.data.train, loaded.config
+
+A model is a built-in (``vit-digits``, ``vgg-digits``), a timm name (with ``checkpoint`` weights) or ``hf:DIR``,
+a local Hugging Face folder whose tokenizer or image processor prepares the data. A problem with the names is one
+``ModelDataError`` line (the command exits 2 on it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import DataSplits, load_data, load_imagefolder_splits, load_text_splits
+from ..data.text import DEFAULT_MAX_LENGTH, is_text_data
+from ..measure import count_params
+from ..train import train_head
+from . import hf
+from .builtin import BUILTIN_MODELS
+from .loading import build_model
+
+Log = Callable[[str], None]
+
+
+class ModelDataError(ValueError):
+    """A model, checkpoint or data name that does not resolve (a missing file, a misfit, an unknown name): one
+    line naming the option."""
+
+
+@dataclass(frozen=True)
+class ModelAndData:
+    """The model (eval mode, on the device asked for), its train/val/test splits, and the ``config`` that rebuilds
+    the architecture (``arch``, ``source``: builtin, timm or hf, ...; saved as a compressed folder's
+    ``config.json``)."""
+
+    model: nn.Module
+    data: DataSplits
+    config: dict
+
+
+def load_model_and_data(
+    model: str, data: str | None = None, *, checkpoint: str | Path | None = None, num_classes: int | None = None,
+    head_epochs: int = 5, max_length: int | None = None, device: str | torch.device = "cpu", log: Log | None = None,
+) -> ModelAndData:
+    """The model named ``model`` with ``checkpoint``'s weights, and the data ``data`` names (``None``: the
+    built-in digits; an ImageFolder directory; ``text:FILE`` with an ``hf:DIR`` model).
+
+    ``num_classes``: the checkpoint's classifier has other classes than the data: it is replaced by a new head,
+    trained ``head_epochs`` epochs with the backbone frozen. ``max_length``: tokens per line of text data (default
+    128, or the model's positions if fewer). ``log`` gets a line per step (the command prints them)."""
+    log = log or (lambda line: None)
+    device = torch.device(device)
+    # a line before the imports and the load (timm, scikit-learn: seconds on a small machine)
+    log(f"loading --model {model}" + (f" and --data {data}" if data else "") + " ...")
+    try:
+        net, config, splits = _load(model, data, checkpoint, num_classes, max_length, device, log)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise ModelDataError(str(exc).strip("'\"")) from exc
+    check_finite(net, f"--checkpoint {checkpoint}" if checkpoint else f"--model {model}")
+    net = net.to(device)
+    log(("" if model in BUILTIN_MODELS else f"{model}: {count_params(net):,} parameters; ")
+        + f"data {splits.name}: {len(splits.train):,} train, {len(splits.val):,} val, {len(splits.test):,} test")
+    if config.get("head_reset"):  # a fresh classifier: trained first, so that a search measures a real model
+        log(f"--num-classes {num_classes}: a new {num_classes}-class head, trained {head_epochs} epochs with the "
+            "backbone frozen")
+        head = hf.classifier(net) if hf.is_hf_model(net) else net.get_classifier()
+        train_head(net, splits.train, head, epochs=head_epochs, device=device)
+    elif num_classes is not None:
+        log(f"--num-classes {num_classes}: the checkpoint's head already has {num_classes} classes; kept")
+    return ModelAndData(net, splits, config)
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Refuse weights that hold NaN or Inf, naming the tensor (before they poison every statistic after it)."""
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ModelDataError(f"{source}: {name} holds NaN or Inf")
+
+
+def _load(model: str, data: str | None, checkpoint, num_classes: int | None, max_length: int | None,
+          device: torch.device, log: Log) -> tuple[nn.Module, dict, DataSplits]:
+    if hf.is_hf_name(model):
+        return _load_hf(model, data, checkpoint, num_classes, max_length)
+    if is_text_data(data):
+        raise ValueError(f"--data {data}: text needs a tokenizer: give --model hf:DIR (a Hugging Face model folder "
+                         "with one)")
+    if model in BUILTIN_MODELS:
+        return _load_builtin(model, data, checkpoint, num_classes, device, log)
+    return _load_timm(model, data, checkpoint, num_classes)
+
+
+def _load_builtin(model: str, data: str | None, checkpoint, num_classes: int | None, device: torch.device,
+                  log: Log) -> tuple[nn.Module, dict, DataSplits]:
+    if data not in (None, "digits"):
+        raise ValueError(f"--model {model} is built for the digits data (1x16x16); with --data {data} use a timm "
+                         "model name")
+    if num_classes is not None:
+        raise ValueError(f"--num-classes: the built-in {model} already has the digits' 10 classes")
+    net, config = build_model(model, checkpoint, device=str(device))
+    log(f"{model}: {count_params(net):,} parameters")  # the data takes seconds more
+    return net, config, load_data(data, net)
+
+
+def _load_timm(model: str, data: str | None, checkpoint, num_classes: int | None) -> tuple[nn.Module, dict,
+                                                                                         DataSplits]:
+    if data in (None, "digits"):
+        splits = load_data(data)
+        shape = {"in_chans": splits.in_chans, "img_size": splits.img_size}
+    else:  # timm's eval transforms come from the model's config: a meta-device copy is enough
+        with torch.device("meta"):
+            probe, _ = build_model(model)
+        splits, shape = load_data(data, probe), {}
+    if num_classes is not None and num_classes != splits.num_classes:
+        raise ValueError(f"--num-classes {num_classes}: the data has {splits.num_classes} classes")
+    if num_classes is not None and checkpoint is None:
+        raise ValueError("--num-classes replaces a checkpoint's classifier: give --checkpoint")
+    net, config = build_model(model, checkpoint, num_classes=splits.num_classes, reset_head=num_classes is not None,
+                              **shape)
+    return net, config, splits
+
+
+def _load_hf(model: str, data: str | None, checkpoint, num_classes: int | None,
+             max_length: int | None) -> tuple[nn.Module, dict, DataSplits]:
+    """``hf:DIR``: the folder's model with ``text:FILE`` (its tokenizer), an ImageFolder (its image processor) or
+    the built-in digits (a model configured for 1x16x16 images)."""
+    if checkpoint is not None:
+        raise ValueError(f"--checkpoint: --model {model} loads the weights of its folder; give no --checkpoint")
+    hf_config = hf.read_config(model)
+    splits = _hf_data(model, hf_config, data, max_length)
+    labels = hf.num_labels(hf_config)
+    task = hf.task_of(hf_config.get("architectures"))
+    if num_classes is not None and num_classes != splits.num_classes:
+        raise ValueError(f"--num-classes {num_classes}: the data has {splits.num_classes} classes")
+    if task != "encoder" and splits.num_classes and labels != splits.num_classes and num_classes is None:
+        raise ValueError(f"--model {model} has a {labels}-class head ({task}), --data {data} has "
+                         f"{splits.num_classes} classes: give --num-classes {splits.num_classes} to replace the head")
+    net, config = hf.load_hf_model(model, num_labels=num_classes)
+    return net, config, splits
+
+
+def _hf_data(model: str, hf_config: dict, data: str | None, max_length: int | None) -> DataSplits:
+    """The data of an ``hf:DIR`` model, prepared by the folder's tokenizer or image processor."""
+    image_model = "num_channels" in hf_config and "image_size" in hf_config
+    if data is None:
+        raise ValueError(f"--model {model}: give --data: " + (
+            "an ImageFolder directory (or digits for a 1x16x16 model)" if image_model else "text:FILE (one example "
+            "per line)"))
+    if is_text_data(data):
+        if image_model:
+            raise ValueError(f"--data {data}: --model {model} takes images, not text")
+        positions = hf_config.get("max_position_embeddings")
+        if max_length is not None and max_length > hf_config.get("max_position_embeddings", max_length):
+            raise ValueError(f"--max-length {max_length}: --model {model} has {positions} positions "
+                             "(max_position_embeddings)")
+        default = min(hf_config.get("max_position_embeddings", DEFAULT_MAX_LENGTH), DEFAULT_MAX_LENGTH)
+        return load_text_splits(data, hf.tokenizer(model), max_length or default)
+    if data == "digits":
+        shape = (hf_config.get("num_channels"), hf_config.get("image_size"))
+        if shape != (1, 16):
+            raise ValueError(f"--data digits: the digits are 1x16x16 images; --model {model} takes "
+                             f"num_channels {shape[0]}, image_size {shape[1]}")
+        return load_data("digits")
+    if not image_model:
+        raise ValueError(f"--data {data}: --model {model} takes text: give --data text:FILE")
+    size = hf_config["image_size"]
+    return load_imagefolder_splits(data, transform=hf.image_transform(model),
+                                   img_size=size if isinstance(size, int) else size[0])
