@@ -51,13 +51,15 @@ REGISTRY: dict[str, Benchmark] = {
                               "at ViT-B/16 shapes, per backend (CPU fp32; GPU bf16 too)"),
     "lowrank": Benchmark("kernels.lowrank", "Triton low-rank linear, MLP and conv against the two-call torch "
                          "path and the dense layer (issue 5's bars)", gpu=True, packages=("triton",)),
-    "lowrank-vs-cublas": Benchmark("kernels.cublas", "each factored op against two cuBLAS calls (with and "
-                                   "without GELU, eager and compiled) beside the roofline's ideal", gpu=True,
-                                   packages=("triton",)),
-    "covariance": Benchmark("kernels.covariance", "Triton covariance kernels against addmm / unfold + addmm, "
-                            "and the ViT-B statistics pass against its forward", gpu=True, packages=("triton",)),
+    "lowrank-vs-cublas": Benchmark("kernels.cublas", "ViT-B/16's factored linears and MLP at 50% parameters: "
+                                   "Triton fused and split against two torch calls, the cuBLASLt bias+GELU "
+                                   "epilogue and dense, beside the roofline's ideal", gpu=True, packages=("triton",)),
+    "covariance": Benchmark("kernels.covariance", "Triton covariance kernels against addmm / unfold + addmm "
+                            "(with the error against fp64), and the ViT-B statistics pass against its forward",
+                            gpu=True, packages=("triton",)),
     "cuda-small-m": Benchmark("kernels.cuda_small_m", "the CUDA extension's one-launch kernels at M <= 16 "
-                              "against Triton and torch; writes the small-M dispatch table", gpu=True),
+                              "against Triton, torch and auto under CUDA graphs; writes the small-M dispatch "
+                              "table", gpu=True),
     # models: whole models, dense against factored
     "factored-models": Benchmark("models.factored_models", "vit-digits and ViT-B/16 at 50% parameters against "
                                  "dense, per backend (CPU fp32; GPU bf16 too)"),
@@ -80,13 +82,17 @@ REGISTRY: dict[str, Benchmark] = {
                               "(SINGLE_THREAD_EIGH_BELOW)"),
     "gram-panels": Benchmark("studies.gram_panels", "the CPU covariance update's panel widths against one "
                              "full GEMM"),
+    "covariance-tf32x3": Benchmark("studies.covariance_tf32x3", "the fp32 covariance kernels' error against fp64: "
+                                   "FMA, TF32 and tf32x3 products, emulated bit by bit on the CPU"),
     "progress-gaps": Benchmark("studies.progress_gaps", "the longest silences of a utilrank command"),
     # tools
     "kernel-resources": Benchmark("tools.kernel_resources", "every Triton kernel and autotune row compiled for "
                                   "sm_80/sm_90 on the CPU: registers, spills, shared memory, tensor cores",
                                   packages=("triton",)),
-    "gpu-run": Benchmark("tools.gpu_run", "what a lent GPU runs: the GPU tests, lowrank-vs-cublas, ViT-B/16 "
-                         "end to end (tools/gpu_run.sh builds the extension first)", gpu=True),
+    "gpu-run": Benchmark("tools.gpu_run", "what a lent GPU runs, in two calls of ~5 minutes: the probe, the "
+                         "extension build, the kernels against the torch baselines, the GPU tests, ViT-B/16 end to "
+                         "end, results under $OUT (run it as bash benchmarks/gpu_run.sh --call 1|2|--dry-run)",
+                         gpu=True),
 }
 
 

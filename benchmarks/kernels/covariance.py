@@ -11,7 +11,9 @@ same run, side by side:
   ``acc.addmm_(x.T, x)`` in fp32 (TF32 off; bf16 inputs converted to fp32 first, as peers do), for d in
   {384, 768, 1024, 3072, 4096}, N in {8192, 65536}, bf16 and fp32 inputs. ``torch.mm(x.T, x)`` in the
   input dtype (a full GEMM on tensor cores, its result rounded to the input dtype: too coarse for
-  statistics) is recorded beside it as the speed of light of the full product.
+  statistics) is recorded beside it as the speed of light of the full product; the package's torch path and,
+  for fp32, the kernel with ``allow_tf32`` too, each with its error against an fp64 product
+  (``syrk_cases``; ``gpu_run.sh --call 1`` runs them at d 768 and 3072, N 12608).
 - ``conv``: ``conv_covariance_update`` (implicit im2col) against ``F.unfold`` + ``addmm_`` in fp32,
   time and peak memory, on ViT-B/16 and ResNet-50 conv shapes at batch 64.
 - ``vit``: the statistics pass of a ViT-B/16 (timm ``vit_base_patch16_224``, random init, synthetic
@@ -32,6 +34,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
+from benchmarks.kernels.cases import Case, Impl, gpu_timer, measure_cases, scaled_rows
 from benchmarks.tools.rows import ROWS_FORMAT, Row, cuda_timing, environment, result_path
 from utilrank_kernels._files import write_json
 from utilrank_kernels.analysis import collect_stats
@@ -69,30 +72,63 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
 # ---------------------------------------------------------------------------------------------
 # sections
 # ---------------------------------------------------------------------------------------------
-def bench_syrk(d: int, n: int, dtype_name: str) -> Row:
-    dtype = DTYPES[dtype_name]
-    x = (torch.randn(n, d, device="cuda") + 0.1).to(dtype)
-    acc64 = torch.zeros(d, d, dtype=torch.float64, device="cuda")
-    acc32 = torch.zeros(d, d, dtype=torch.float32, device="cuda")
+def _upper_rel_err(update: Callable[[torch.Tensor], None], ref: torch.Tensor) -> float:
+    """``||U(acc) - U(ref)|| / ||U(ref)||`` over the upper triangles, ``acc`` the fp64 accumulator ``update``
+    adds one batch into from zero."""
+    acc = torch.zeros_like(ref)
+    update(acc)
+    upper = torch.ones_like(ref, dtype=torch.bool).triu()
+    return float((acc - ref)[upper].norm() / ref[upper].norm())
 
-    def kernel():
-        covariance_update(acc64, x, backend="triton")
+
+def syrk_impls(n: int, d: int, dtype_name: str, device: str) -> dict[str, Impl]:
+    """The covariance update of one batch ``x`` (``N x d``) into an fp64 accumulator: the Triton kernel (full, and
+    upper triangle only as the statistics pass runs it; with TF32 for fp32 inputs), the package's torch path,
+    what peers run (``addmm_`` in fp32, TF32 off) and the full product in the input dtype (the speed of light of a
+    GEMM, too coarse for statistics). The kernels' error against an fp64 product is measured once, at build.
+    Turns TF32 off for fp32 matmuls (the baseline is fp32 as peers run it: TF32 would trade away the statistics'
+    precision)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dtype = DTYPES[dtype_name]
+    x = (torch.randn(n, d, device=device) + 0.1).to(dtype)
+    acc64 = torch.zeros(d, d, dtype=torch.float64, device=device)
+    acc32 = torch.zeros(d, d, dtype=torch.float32, device=device)
+    ref = x.double().T @ x.double()
+    on_gpu = device != "cpu"
+
+    def update(backend: str, **kw) -> Callable[[torch.Tensor], None]:
+        return lambda acc: covariance_update(acc, x, backend=backend, **kw)
 
     def baseline():
         xf = x.float()  # a no-op for fp32 input; the bf16 -> fp32 copy peers pay otherwise
         acc32.addmm_(xf.T, xf)
 
-    def gemm_same_dtype():
-        torch.mm(x.T, x)
+    # upper: the statistics pass's form, each upper tile written once (the lower triangle mirrored at the end)
+    kernels = {"triton": ({"backend": "triton"}, on_gpu),
+               "triton-upper": ({"backend": "triton", "upper": True}, on_gpu),
+               "torch-path": ({"backend": "torch"}, True)}
+    if dtype == torch.float32:
+        kernels["triton-tf32"] = ({"backend": "triton", "allow_tf32": True}, on_gpu)
+    impls = {}
+    for name, (kw, runs_here) in kernels.items():
+        fn = update(**kw)
+        err = {"rel_err_vs_fp64": _upper_rel_err(fn, ref)} if runs_here else {}
+        impls[name] = Impl(lambda fn=fn: fn(acc64), cpu=kw["backend"] == "torch", extra=err)
+    impls["addmm-fp32"] = Impl(baseline, True, extra={"rel_err_vs_fp64": _upper_rel_err(
+        lambda acc: acc.add_(x.float().T @ x.float()), ref)})
+    impls["gemm-same-dtype"] = Impl(lambda: torch.mm(x.T, x), True)
+    return impls
 
-    kernel()  # the first call of a shape autotunes
-    t_kernel = cuda_timing(kernel)
-    return Row("syrk", "triton", dtype_name, {"N": n, "d": d}, t_kernel,
-               {"addmm_fp32": cuda_timing(baseline), "gemm_same_dtype": cuda_timing(gemm_same_dtype)},
-               {"kernel": "covariance_update(backend='triton') into fp64",
-                "baseline": "acc32.addmm_(x.float().T, x.float()), TF32 off",
-                # the full product's FLOPs over the kernel's time: above the GEMM's rate means the half saved
-                "effective_tflops": 2 * n * d * d / (t_kernel.median * 1e-3) / 1e12})
+
+def syrk_cases(device: str = "cuda", *, ds=SYRK_D, ns=SYRK_N, dtypes=tuple(DTYPES),
+               max_rows: int | None = None) -> list[Case]:
+    """``covariance_update`` against ``addmm_`` for each ``d``, ``N`` (``cases.scaled_rows``) and dtype."""
+    return [Case("syrk", f"d{d}", dtype_name, {"N": n, "d": d},
+                 lambda n=n, d=d, dtype_name=dtype_name: syrk_impls(n, d, dtype_name, device),
+                 ("addmm-fp32", "gemm-same-dtype"),
+                 # tflops: the full product's FLOPs over the time (above the GEMM's rate: the half saved)
+                 {"accumulator": "fp64", "tf32_matmul": False, "flops": 2 * n * d * d})
+            for dtype_name in dtypes for n in (scaled_rows(n, max_rows) for n in ns) for d in ds]
 
 
 def _out_hw(h: int, w: int, k: int, s: int, p: int) -> tuple[int, int]:
@@ -165,12 +201,7 @@ def bench_vit(dtype_name: str, backend: str, *, batch_size: int = 64, batches: i
 # ---------------------------------------------------------------------------------------------
 def _print_row(row: Row) -> None:
     t = row.timing.median
-    if row.op == "syrk":
-        base, gemm = row.baselines["addmm_fp32"], row.baselines["gemm_same_dtype"]
-        print(f"syrk {row.dtype:>4} N={row.shape['N']:<6} d={row.shape['d']:<5} triton {t:8.3f} ms  "
-              f"addmm fp32 {base.median:8.3f} ms  -> {row.speedup('addmm_fp32'):.2f}x  "
-              f"(same-dtype GEMM {gemm.median:.3f} ms)")
-    elif row.op == "conv":
+    if row.op == "conv":
         x = row.extra
         print(f"conv {row.dtype:>4} {x['layer']:<22} {row.shape['memory_format']:<13} triton "
               f"{t:8.3f} ms {x['peak_bytes'] / 2**20:8.1f} MiB  unfold "
@@ -189,8 +220,8 @@ def measure(sections: list[str], quick: bool) -> list[Row]:
 
     rows: list[Row] = []
     if "syrk" in sections:
-        rows += [each(bench_syrk(d, n, dtype_name)) for dtype_name in DTYPES
-                 for n in (SYRK_N[:1] if quick else SYRK_N) for d in (SYRK_D[:1] if quick else SYRK_D)]
+        rows += measure_cases(syrk_cases(ds=SYRK_D[:1] if quick else SYRK_D, ns=SYRK_N[:1] if quick else SYRK_N),
+                              gpu_timer)
     if "conv" in sections:
         rows += [each(bench_conv(name, shape, k, s, pad, dtype_name, channels_last)) for dtype_name in DTYPES
                  for name, shape, k, s, pad in (CONV_SHAPES[:1] if quick else CONV_SHAPES)

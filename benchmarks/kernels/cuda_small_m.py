@@ -5,7 +5,8 @@
 
 1. Per call, for ViT-B/L layer shapes at ~50% parameters and M in {1, 4, 16}: the CUDA extension's
    one-launch kernel, the Triton kernel (``lowrank_linear(..., backend="triton")``) and the two-call
-   torch path (plus the dense ``F.linear`` for reference), and the same for the whole factored MLP.
+   torch path, ``auto`` (plus the dense ``F.linear`` for reference), and the same for the whole factored MLP
+   (``graph_cases``; ``gpu_run.sh --call 2`` runs them at M 1, 8 and 16 with ViT-B/16's 50% ranks).
    Time per call is the median (p20, p80) of CUDA-graph replays of many calls, each call on its own
    copy of the weights, enough copies to overflow L2: the weights stream from DRAM, as in a model.
    Achieved bandwidth = bytes of the weights and x read and y written / time.
@@ -24,14 +25,14 @@ import argparse
 import math
 import platform
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.kernels.cases import Case, Impl, gpu_timer, measure_cases, time_graph
 from benchmarks.tools.rows import Row, environment, first_line, result_path, write_rows
 from utilrank_kernels.nn import LowRankLinear, set_backend
 from utilrank_kernels.ops import lowrank_linear, lowrank_mlp
@@ -42,6 +43,7 @@ from utilrank_kernels.ops._dispatch import (
     triton_available,
     write_small_m_table,
 )
+from utilrank_kernels.ops.lowrank import apply_activation, lowrank_mlp_reference
 from utilrank_kernels.timing import Timing
 
 # (model, layer, in, out)
@@ -55,8 +57,8 @@ MLPS = [("vit_b", 768, 3072), ("vit_l", 1024, 4096)]
 MS = (1, 4, 16)
 L2_OVERFLOW_BYTES = 256 << 20  # weight copies per timed graph: comfortably past any L2 (50-60 MB)
 TIMING = ("per call: median (p20, p80) of 30 CUDA-graph replays of one call per weight copy, with enough copies "
-          f"(<= {L2_OVERFLOW_BYTES >> 20} MiB) to stream the weights from DRAM; eager_us: a Python loop of 200 "
-          "calls (launch overheads included)")
+          f"(<= {L2_OVERFLOW_BYTES >> 20} MiB) to stream the weights from DRAM")
+RUNTIME_BACKENDS = ("cuda", "triton", "torch")  # what the small-M table may name
 
 
 def half_rank(n_in: int, n_out: int, ratio: float = 0.5) -> int:
@@ -64,146 +66,107 @@ def half_rank(n_in: int, n_out: int, ratio: float = 0.5) -> int:
     return max(1, int(ratio * n_in * n_out / (n_in + n_out)))
 
 
-def time_graph(calls: list, reps: int = 30) -> Timing:
-    """Per-call time of ``calls`` (closures) captured into one CUDA graph and replayed ``reps`` times."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for fn in calls[:3]:  # warm-up (Triton autotuning, lazy init) off the capturing stream
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    for _ in range(3):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    seconds = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        seconds.append(start.elapsed_time(end) / 1e3 / len(calls))
-    return Timing.of(seconds)
-
-
-def time_eager(fn, iters: int = 200) -> float:
-    """Microseconds per call of a plain Python loop (launch overheads included)."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / iters * 1e6
-
-
-def measure(name: str, make_call: Callable[[int], Callable], copies: int) -> tuple[Timing | None, dict, str | None]:
-    """``(timing, {"eager_us"}, None)``, or ``(None, {}, error)`` for a backend that cannot run this case
-    (recorded, not fatal)."""
-    try:
-        timing = time_graph([make_call(i) for i in range(copies)])
-        return timing, {"eager_us": time_eager(make_call(0))}, None
-    except Exception as exc:
-        print(f"  {name}: {first_line(exc, 160)}", file=sys.stderr)
-        return None, {}, first_line(exc)
-
-
-def bind_copies(fn, x: torch.Tensor, copies: list[tuple]):
-    """``make(i)``: a closure calling ``fn(x, *copies[i % len(copies)])``."""
-
-    def make(i: int):
-        w = copies[i % len(copies)]
-        return lambda: fn(x, *w)
-
-    return make
+def _copies(weight_bytes: int, cap: int) -> int:
+    """Weight copies per timed graph: enough to stream the weights from DRAM, at most ``cap``."""
+    return max(2, min(cap, L2_OVERFLOW_BYTES // weight_bytes))
 
 
 def nbytes(*ts: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def backend_rows(op: str, label: str, dtype: torch.dtype, shape: dict, backends: dict, extra: dict) -> list[Row]:
-    """One row per backend (``backends``: name -> (make_call, copies, bytes moved)), each against the torch
-    path measured here."""
-    measured = {name: measure(f"{label} M={shape['m']} {name}", make, copies)
-                for name, (make, copies, _) in backends.items()}
-    torch_path = measured["torch"][0]
-    rows = []
-    for name, (timing, eager, error) in measured.items():
-        moved = backends[name][2]
-        baselines = {"torch": torch_path} if name != "torch" and timing and torch_path else {}
-        rows.append(Row(op, name, str(dtype).removeprefix("torch."), shape, timing, baselines,
-                        {**extra, **eager, "bytes": moved,
-                         "gbps": moved / (timing.median * 1e-3) / 1e9 if timing else None}, error))
-    print(f"{label:10s} M={shape['m']:2d} r={shape['rank']} {rows[0].dtype}: "
-          + "  ".join(f"{r.impl}={r.timing.median * 1e3:.2f}" if r.timing else f"{r.impl}=n/a" for r in rows)
-          + " us")
-    return rows
+def _graph_impls(fns: dict[str, Callable], x: torch.Tensor, copies: list[tuple], moved: int,
+                 cpu: frozenset[str]) -> dict[str, Impl]:
+    """One ``Impl`` per function: ``fn(x, *copies[0])`` alone, and the graph of one call per copy."""
+    return {name: Impl(lambda fn=fn: fn(x, *copies[0]), name in cpu,
+                       [lambda fn=fn, w=w: fn(x, *w) for w in copies], {"bytes": moved})
+            for name, fn in fns.items()}
+
+
+CPU_IMPLS = frozenset({"torch", "torch-epilogue", "auto", "dense"})
+
+
+def linear_impls(m: int, n_in: int, n_out: int, r: int, act: str | None, dtype: torch.dtype, device: str,
+                 max_copies: int = 256) -> dict[str, Impl]:
+    """The CUDA extension, Triton, the torch path (and its cuBLASLt epilogue for GELU), ``auto`` and the dense
+    layer, each timed over its own copies of the weights."""
+    kw = {"device": device, "dtype": dtype}
+    x = torch.randn(m, n_in, **kw)
+    copies = _copies((r * n_in + n_out * r + n_out) * x.element_size(), max_copies)
+    ws = [(torch.randn(r, n_in, **kw) * n_in**-0.5, torch.randn(n_out, r, **kw) * r**-0.5,
+           torch.randn(n_out, **kw)) for _ in range(copies)]
+    y_bytes = m * n_out * x.element_size()
+    fns = {"cuda": lambda x, a, b, bias: lowrank_linear_cuda(x, a, b, bias, act),
+           "triton": lambda x, a, b, bias: lowrank_linear(x, a, b, bias, act, backend="triton"),
+           "torch": lambda x, a, b, bias: apply_activation(F.linear(F.linear(x, a), b, bias), act),
+           "auto": lambda x, a, b, bias: lowrank_linear(x, a, b, bias, act, backend="auto")}
+    if act == "gelu":
+        fns["torch-epilogue"] = lambda x, a, b, bias: torch._addmm_activation(bias, F.linear(x, a), b.t(),
+                                                                              use_gelu=True)
+    impls = _graph_impls(fns, x, ws, nbytes(x, *ws[0]) + y_bytes, CPU_IMPLS)
+    dense = [(torch.randn(n_out, n_in, **kw), w[2]) for w in ws[:_copies(n_in * n_out * x.element_size(), max_copies)]]
+    impls |= _graph_impls({"dense": lambda x, w, bias: apply_activation(F.linear(x, w, bias), act)}, x, dense,
+                          nbytes(x, *dense[0]) + y_bytes, CPU_IMPLS)
+    return impls
+
+
+def mlp_impls(m: int, d: int, hidden: int, r1: int, r2: int, dtype: torch.dtype, device: str,
+              max_copies: int = 128) -> dict[str, Impl]:
+    kw = {"device": device, "dtype": dtype}
+    x = torch.randn(m, d, **kw)
+    copies = _copies((r1 * d + hidden * r1 + hidden + r2 * hidden + d * r2 + d) * x.element_size(), max_copies)
+    ws = [(torch.randn(r1, d, **kw) * d**-0.5, torch.randn(hidden, r1, **kw) * r1**-0.5,
+           torch.randn(hidden, **kw), torch.randn(r2, hidden, **kw) * hidden**-0.5,
+           torch.randn(d, r2, **kw) * r2**-0.5, torch.randn(d, **kw)) for _ in range(copies)]
+    fns = {"cuda": lambda x, *w: lowrank_mlp_cuda(x, *w, "gelu"),
+           "triton": lambda x, *w: lowrank_mlp(x, *w, "gelu", backend="triton"),
+           "torch": lambda x, *w: lowrank_mlp_reference(x, *w, "gelu"),
+           "auto": lambda x, *w: lowrank_mlp(x, *w, "gelu", backend="auto")}
+    impls = _graph_impls(fns, x, ws, nbytes(x, *ws[0]) + m * d * x.element_size(), CPU_IMPLS)
+    dense = [(torch.randn(hidden, d, **kw), w[2], torch.randn(d, hidden, **kw), w[5])
+             for w in ws[:_copies(2 * d * hidden * x.element_size(), max_copies)]]
+    impls |= _graph_impls({"dense": lambda x, w1, b1, w2, b2: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)}, x,
+                          dense, nbytes(x, *dense[0]) + m * d * x.element_size(), CPU_IMPLS)
+    return impls
+
+
+def graph_cases(layers: Sequence[tuple[str, int, int, int, str | None]], mlps: Sequence[tuple[str, int, int, int]],
+                ms: Sequence[int], dtype: torch.dtype, device: str = "cuda", *, max_copies: int = 256) -> list[Case]:
+    """Per layer ``(name, in, out, rank, activation)`` and MLP ``(name, width, hidden, rank)``, at each M: every
+    backend as CUDA-graph replays, each row against the torch path (and its epilogue) of the same run."""
+    name = str(dtype).removeprefix("torch.")
+    cases = [Case("lowrank_linear", layer, name, {"m": m, "in_features": n_in, "out_features": n_out, "rank": r},
+                  lambda m=m, n_in=n_in, n_out=n_out, r=r, act=act: linear_impls(m, n_in, n_out, r, act, dtype, device,
+                                                                                max_copies),
+                  ("torch", "torch-epilogue"), {"activation": act, "timing": TIMING})
+             for layer, n_in, n_out, r, act in layers for m in ms]
+    cases += [Case("lowrank_mlp", layer, name, {"m": m, "in_features": d, "hidden_features": hidden,
+                                                "out_features": d, "rank": r, "rank2": r},
+                   lambda m=m, d=d, hidden=hidden, r=r: mlp_impls(m, d, hidden, r, r, dtype, device,
+                                                                   min(max_copies, 128)),
+                   ("torch",), {"timing": TIMING})
+              for layer, d, hidden, r in mlps for m in ms]
+    return cases
 
 
 def linear_rows(dtype: torch.dtype, layers=LAYERS, ms=MS) -> list[Row]:
-    kw = {"device": "cuda", "dtype": dtype}
-    rows = []
-    for model, layer, n_in, n_out in layers:
-        r = half_rank(n_in, n_out)
-        for m in ms:
-            x = torch.randn(m, n_in, **kw)
-            copies = max(2, min(256, L2_OVERFLOW_BYTES // ((r * n_in + n_out * r + n_out) * x.element_size())))
-            ws = [(torch.randn(r, n_in, **kw) * n_in**-0.5, torch.randn(n_out, r, **kw) * r**-0.5,
-                   torch.randn(n_out, **kw)) for _ in range(copies)]
-            dense_copies = max(2, min(256, L2_OVERFLOW_BYTES // (n_in * n_out * x.element_size())))
-            dense = [(torch.randn(n_out, n_in, **kw),) for _ in range(dense_copies)]
-            y_bytes = m * n_out * x.element_size()
-            moved = nbytes(x, *ws[0]) + y_bytes
-            fns = {"cuda": lowrank_linear_cuda,
-                   "triton": lambda x, a, b, bias: lowrank_linear(x, a, b, bias, backend="triton"),
-                   "torch": lambda x, a, b, bias: F.linear(F.linear(x, a), b, bias)}
-            backends = {name: (bind_copies(fn, x, ws), copies, moved) for name, fn in fns.items()}
-            backends["dense"] = (bind_copies(F.linear, x, dense), dense_copies, nbytes(x, dense[0][0]) + y_bytes)
-            shape = {"m": m, "in_features": n_in, "out_features": n_out, "rank": r}
-            rows += backend_rows("lowrank_linear", f"{model}.{layer}", dtype, shape, backends,
-                                 {"model": model, "layer": layer})
-            del ws, dense
-    return rows
+    cases = graph_cases([(f"{model}.{layer}", n_in, n_out, half_rank(n_in, n_out), None)
+                         for model, layer, n_in, n_out in layers], [], ms, dtype)
+    return measure_cases(cases, gpu_timer)
 
 
 def mlp_rows(dtype: torch.dtype, mlps=MLPS, ms=MS) -> list[Row]:
-    kw = {"device": "cuda", "dtype": dtype}
-
-    def torch_mlp(x, a1, b1, bias1, a2, b2, bias2):
-        return F.linear(F.linear(F.gelu(F.linear(F.linear(x, a1), b1, bias1)), a2), b2, bias2)
-
-    rows = []
-    for model, d, hidden in mlps:
-        r1, r2 = half_rank(d, hidden), half_rank(hidden, d)
-        for m in ms:
-            x = torch.randn(m, d, **kw)
-            w_bytes = (r1 * d + hidden * r1 + hidden + r2 * hidden + d * r2 + d) * x.element_size()
-            copies = max(2, min(128, L2_OVERFLOW_BYTES // w_bytes))
-            ws = [(torch.randn(r1, d, **kw) * d**-0.5, torch.randn(hidden, r1, **kw) * r1**-0.5,
-                   torch.randn(hidden, **kw), torch.randn(r2, hidden, **kw) * hidden**-0.5,
-                   torch.randn(d, r2, **kw) * r2**-0.5, torch.randn(d, **kw)) for _ in range(copies)]
-            moved = nbytes(x, *ws[0]) + m * d * x.element_size()
-            fns = {"cuda": lambda x, *w: lowrank_mlp_cuda(x, *w, "gelu"),
-                   "triton": lambda x, *w: lowrank_mlp(x, *w, "gelu", backend="triton"), "torch": torch_mlp}
-            backends = {name: (bind_copies(fn, x, ws), copies, moved) for name, fn in fns.items()}
-            shape = {"m": m, "in_features": d, "hidden_features": hidden, "out_features": d, "rank": r1,
-                     "rank2": r2}
-            rows += backend_rows("lowrank_mlp", f"{model}.mlp", dtype, shape, backends, {"model": model})
-            del ws
-    return rows
+    cases = graph_cases([], [(f"{model}.mlp", d, hidden, half_rank(d, hidden)) for model, d, hidden in mlps], ms, dtype)
+    return measure_cases(cases, gpu_timer)
 
 
 def dispatch_table(rows: list[Row], device: str) -> dict:
     """Per op, M, shape and dtype, every backend's microseconds and the fastest."""
     cases: dict[tuple, dict] = {}
     for row in rows:
-        if row.op in ("lowrank_linear", "lowrank_mlp") and row.impl != "dense" and row.timing:
+        if row.op in ("lowrank_linear", "lowrank_mlp") and row.timing:
+            if row.impl not in RUNTIME_BACKENDS:
+                continue
             s = row.shape
             key = (row.op, s["m"], s["in_features"], s["out_features"], s["rank"], row.dtype)
             cases.setdefault(key, {})[row.impl] = round(row.timing.median * 1e3, 3)

@@ -11,8 +11,8 @@ baselines measured in the same run, so a row's ratios are side-by-side measureme
 - ``lowrank_linear``: Triton ("triton-auto" and each path, "triton-fused"/"triton-split", to tune
   ``SMALL_M``) against the two-call torch path (``F.linear`` twice: addmm, what peers ship) and the dense
   ``F.linear`` of the same (in, out);
-- ``lowrank_mlp``: ``LowRankMlp`` (fused) against two factored layers plus a separate GELU (torch path)
-  and timm's dense ``Mlp``;
+- ``lowrank_mlp``: ``LowRankMlp`` (fused) against two factored layers plus a separate GELU (torch path), the
+  same with the bias and GELU in cuBLASLt's epilogue (``torch._addmm_activation``), and timm's dense ``Mlp``;
 - ``lowrank_conv2d``: cuDNN ``r``-filter conv + Triton 1x1 GEMM against two cuDNN convs and the dense
   conv, all channels_last.
 
@@ -72,6 +72,13 @@ def linear_rows(dtype: str, shapes, ranks, ms) -> list[Row]:
     return rows
 
 
+def two_layers_epilogue(x, a1, b1, bias1, a2, b2, bias2):
+    """Two factored layers with fc1's bias and GELU in cuBLASLt's GEMM epilogue (``torch._addmm_activation``,
+    on CUDA the tanh GELU): the stronger torch baseline."""
+    h = torch._addmm_activation(bias1, F.linear(x, a1), b1.t(), use_gelu=True)
+    return F.linear(F.linear(h, a2), b2, bias2)
+
+
 def mlp_rows(dtype: str, shapes, ranks, ms) -> list[Row]:
     rows = []
     for width, hidden in shapes:
@@ -84,13 +91,15 @@ def mlp_rows(dtype: str, shapes, ranks, ms) -> list[Row]:
                      torch.randn(r, hidden), torch.randn(width, r), torch.randn(width)]
                 p = [(t / t.shape[-1] ** 0.5 if t.dim() == 2 else t).to("cuda", DTYPES[dtype]) for t in p]
                 two = cuda_timing(lambda x=x, p=p: lowrank_mlp_reference(x, *p, "gelu"))
+                epilogue = cuda_timing(lambda x=x, p=p: two_layers_epilogue(x, *p))
                 shape = {"M": m, "in": width, "hidden": hidden, "r1": r, "r2": r}
                 rows += [Row("lowrank_mlp", "two_layers_gelu", dtype, shape, two, {"dense": dense}),
+                         Row("lowrank_mlp", "two_layers_epilogue", dtype, shape, epilogue, {"dense": dense}),
                          Row("lowrank_mlp", "dense", dtype, shape, dense)]
                 for path in ("auto", "fused", "split"):
                     t = cuda_timing(lambda x=x, p=p, path=path: lowrank_mlp_triton(x, *p, "gelu", path=path))
                     rows.append(Row("lowrank_mlp", f"triton-{path}", dtype, shape, t,
-                                    {"two_layers_gelu": two, "dense": dense}))
+                                    {"two_layers_gelu": two, "two_layers_epilogue": epilogue, "dense": dense}))
                     print(f"mlp M={m:6d} {width}->{hidden} r={r:3d} triton-{path:5s} {t.median:.4f} ms "
                           f"x{rows[-1].speedup('two_layers_gelu'):.2f} vs two layers", flush=True)
     return rows

@@ -60,18 +60,36 @@ def lowrank_linear_roofline(m: int, k: int, n: int, r: int, device: Device, elem
     return {"cublas": first + second, "cublas_gelu": first + second + gelu, "fused": fused}
 
 
+def dense_linear_roofline(m: int, k: int, n: int, device: Device, element_size: int = 2) -> dict:
+    """Ideal times (us) of the dense ``y = x w^T + bias``: ``cublas`` (one GEMM, the bias, and a GELU if any,
+    in its epilogue) and ``cublas_gelu`` (the same and a separate GELU reading and writing ``y``)."""
+    e = element_size
+    y = m * n * e
+    gemm = bound_us(2 * m * k * n, (m * k + n * k + n) * e + y, device, e)
+    return {"cublas": gemm, "cublas_gelu": gemm + bound_us(0, 2 * y, device, e)}
+
+
+def dense_mlp_roofline(m: int, width: int, hidden: int, device: Device, element_size: int = 2) -> dict:
+    """Ideal times (us) of timm's dense Mlp: ``unfused`` (the GELU a kernel of its own) and ``epilogue`` (the
+    GELU in fc1's GEMM epilogue, as cuBLASLt's ``torch._addmm_activation`` runs it)."""
+    fc1 = dense_linear_roofline(m, width, hidden, device, element_size)
+    fc2 = dense_linear_roofline(m, hidden, width, device, element_size)
+    return {"unfused": fc1["cublas_gelu"] + fc2["cublas"], "epilogue": fc1["cublas"] + fc2["cublas"]}
+
+
 def lowrank_mlp_roofline(m: int, width: int, hidden: int, r1: int, r2: int, device: Device,
                          element_size: int = 2) -> dict:
     """Ideal times (us) of timm's Mlp with both layers factored: ``unfused`` (two factored layers as four
-    GEMMs and a separate GELU, every intermediate through DRAM) and ``fused`` (one kernel, the hidden
-    activations on chip)."""
+    GEMMs and a separate GELU, every intermediate through DRAM), ``epilogue`` (the same with the GELU in a
+    GEMM's epilogue) and ``fused`` (one kernel, the hidden activations on chip)."""
     fc1 = lowrank_linear_roofline(m, width, hidden, r1, device, element_size)
     fc2 = lowrank_linear_roofline(m, hidden, width, r2, device, element_size)
     e = element_size
     weights = (r1 * (width + hidden) + hidden + r2 * (hidden + width) + width) * e
     flops = 2 * m * (r1 * (width + hidden) + r2 * (hidden + width))
     fused = bound_us(flops, 2 * m * width * e + weights, device, e)
-    return {"unfused": fc1["cublas_gelu"] + fc2["cublas"], "fused": fused}
+    return {"unfused": fc1["cublas_gelu"] + fc2["cublas"], "epilogue": fc1["cublas"] + fc2["cublas"],
+            "fused": fused}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utilrank_kernels.ops import conv_covariance_update, covariance_update
+from utilrank_kernels.ops import conv_covariance_update, covariance_update, mirror_upper_
 
 
 def gram64(x2d: torch.Tensor) -> torch.Tensor:
@@ -49,6 +49,26 @@ def test_covariance_accumulates_over_batches_and_noncontiguous():
         covariance_update(acc, x)
     ref = sum(gram64(x) for x in xs)
     assert rel_err(acc, ref) < 1e-6
+
+
+def test_upper_updates_then_one_mirror_equal_full_updates():
+    """The statistics pass's mode: upper triangles only, the lower one untouched, one mirror after the last
+    batch; bitwise the accumulator the full updates give (the same fp64 sums, in the same order)."""
+    xs = [torch.randn(2, 40, 300) for _ in range(3)]
+    convs = [torch.randn(2, 3, 9, 8) for _ in range(3)]
+    full, upper = (torch.zeros(300, 300, dtype=torch.float64) for _ in range(2))
+    full_c, upper_c = (torch.zeros(27, 27, dtype=torch.float64) for _ in range(2))
+    for x, xc in zip(xs, convs, strict=True):
+        covariance_update(full, x)
+        covariance_update(upper, x, upper=True)
+        conv_covariance_update(full_c, xc, 3, 2, 1, 1)
+        conv_covariance_update(upper_c, xc, 3, 2, 1, 1, upper=True)
+    for acc in (upper, upper_c):
+        assert not acc.tril(-1).any()
+    assert torch.equal(mirror_upper_(upper), full)
+    assert torch.equal(mirror_upper_(upper_c), full_c)
+    assert rel_err(full, sum(gram64(x.reshape(-1, 300)) for x in xs)) < 1e-6
+    assert torch.equal(mirror_upper_(upper), full)  # idempotent
 
 
 def test_covariance_mask_excludes_tokens():
@@ -109,6 +129,8 @@ def test_covariance_custom_ops_under_torch_compile():
     x, xc = torch.randn(2, 5, 130), torch.randn(2, 3, 8, 8)
     torch.library.opcheck(ops.covariance_update.default,
                           (torch.zeros(130, 130, dtype=torch.float64), x, x[..., 0] > 0, "torch", False))
+    torch.library.opcheck(ops.covariance_update.default,
+                          (torch.zeros(130, 130, dtype=torch.float64), x, None, "torch", False, True))
     torch.library.opcheck(ops.conv_covariance_update.default,
                           (torch.zeros(27, 27, dtype=torch.float64), xc, [3, 3], [2, 2], [1, 1], [1, 1], "torch"))
 

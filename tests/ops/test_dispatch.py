@@ -21,8 +21,10 @@ from utilrank_kernels.timing import device_slug
 
 @pytest.fixture
 def gpu(monkeypatch):
-    """A machine with a CUDA device, Triton, no CUDA extension, autocast off; returns a setter."""
+    """A machine with a CUDA device, Triton, no CUDA extension, autocast off, the fixed rule (the measured choice
+    off: tests/ops/test_tune.py drives it); returns a setter."""
     state = {"triton": True, "ext": False, "autocast": None, "table": None}
+    monkeypatch.setenv("UTILRANK_TUNE", "0")
     monkeypatch.setattr(_dispatch, "on_cuda", lambda t: t.device.type == "meta")
     monkeypatch.setattr(_dispatch, "triton_available", lambda: state["triton"])
     monkeypatch.setattr(_dispatch, "cuda_extension_loaded", lambda: state["ext"])

@@ -3,8 +3,9 @@
 The autotuner (and ``UTILRANK_TRITON_CONFIG=first``, implied by the interpreter) runs only a table's first
 row; here each row is forced in turn: ``Autotuner.run`` is replaced by a call of the kernel with that row's
 meta-parameters, for the launches of that table only, and the test checks that the row did run. The split
-variants run too: the covariance kernels with 2 splits along N, the fused low-rank linear with its output
-split over 2 programs per row block (``n_split``), the split-K shrink with each row's ``SPLIT_K``.
+variants run too: the covariance kernels with 2 splits along N, the fused low-rank linear (one-pass and
+chunked) with its output split over 2 programs per row block (``n_split``), the split-K shrink with each
+row's ``SPLIT_K``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from triton.runtime.autotuner import Autotuner  # noqa: E402
 
 from utilrank_kernels.triton import _autotune  # noqa: E402
 from utilrank_kernels.triton.covariance import conv_covariance_update_triton, covariance_update_triton  # noqa: E402
-from utilrank_kernels.triton.lowrank_linear import linear_epilogue, lowrank_linear_triton  # noqa: E402
+from utilrank_kernels.triton.lowrank_linear import fused_width, linear_epilogue, lowrank_linear_triton  # noqa: E402
 from utilrank_kernels.triton.lowrank_mlp import lowrank_mlp_triton  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -102,15 +103,30 @@ def run_conv_covariance(name, device):
         _gram_close(acc, torch.zeros_like(acc), cols.transpose(1, 2).reshape(-1, 27))
 
 
-def run_linear_fused(name, device):
-    dtype = _dtype(name)
-    x = torch.randn(70, 40, device=device).to(dtype)
-    a, b, c = _factors(40, 72, 24, dtype)
-    a, b, c = a.to(device), b.to(device), c.to(device)
+def _run_linear(device, dtype, r, n_splits):
+    x = torch.randn(70, 40, device=device).to(dtype)  # two 64-row blocks, the second one partial
+    a, b, c = (t.to(device) for t in _factors(40, 72, r, dtype))
     ref64 = lowrank_linear_reference(x.double(), a.double(), b.double(), c.double(), "gelu")
-    for n_split in (1, 2):
+    for n_split in n_splits:
         out = lowrank_linear_triton(x, a, b, c, "gelu", path="fused", n_split=n_split)
         _close(out, ref64, lowrank_linear_reference(x, a, b, c, "gelu"))
+
+
+def run_linear_fused(name, device):
+    """A rank in the table's width bucket, not a multiple of 16, held as two rank blocks where the width
+    allows (W = 64: 45 -> 32 + 16; 128: 93 -> 64 + 32; 256: 189 -> 128 + 64; fp32 W = 32: 21 -> 32)."""
+    width = int(name.split("W=")[1].rstrip("]"))
+    r = 3 * width // 4 - 3
+    assert fused_width(r, _dtype(name)) == width
+    _run_linear(device, _dtype(name), r, (1, 2))
+
+
+def run_linear_chunked(name, device):
+    """A rank wider than the fused tables hold (16-bit: 256, fp32: 64), not a multiple of any BR."""
+    dtype = _dtype(name)
+    r = 75 if dtype == torch.float32 else 267
+    assert fused_width(r, dtype) is None
+    _run_linear(device, dtype, r, (1, 2))
 
 
 def run_linear_split(name, device):
@@ -136,9 +152,10 @@ def run_mlp(name, device):
     dtype = _dtype(name)
     br = int(name.split("BR=")[1].rstrip("]"))
     r = br // 2 + 3  # a rank in this table's bucket, not a multiple of 16
-    k, hidden = 40, 72
+    r2 = 37  # fc2's rank narrower (BR2 = 64): the tables serve every BR2 up to their BR
+    k, hidden = 40, 136  # two hidden tiles or more, the last one partial
     g = torch.Generator().manual_seed(1)
-    shapes = [(r, k), (hidden, r), (hidden,), (r, hidden), (k, r), (k,)]
+    shapes = [(r, k), (hidden, r), (hidden,), (r2, hidden), (k, r2), (k,)]
     params = [(torch.randn(*s, generator=g) / (s[-1] ** 0.5 if len(s) == 2 else 1)).to(device, dtype) for s in shapes]
     x = torch.randn(70, k, device=device).to(dtype)
     out = lowrank_mlp_triton(x, *params, "gelu", path="fused")
@@ -148,7 +165,8 @@ def run_mlp(name, device):
 
 CASES = {
     "covariance.syrk": run_covariance, "covariance.conv_syrk": run_conv_covariance,
-    "lowrank_linear.fused": run_linear_fused, "lowrank_linear.shrink": run_linear_split,
+    "lowrank_linear.fused": run_linear_fused, "lowrank_linear.chunked": run_linear_chunked,
+    "lowrank_linear.shrink": run_linear_split,
     "lowrank_linear.epilogue[small": run_linear_split, "lowrank_linear.epilogue[large": run_epilogue_large,
     "lowrank_mlp.fused": run_mlp,
 }

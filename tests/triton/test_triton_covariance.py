@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utilrank_kernels.ops import conv_covariance_update, covariance_update
+from utilrank_kernels.ops import conv_covariance_update, covariance_update, mirror_upper_
 
 pytest.importorskip("triton")
 
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+
+from utilrank_kernels.triton import _autotune  # noqa: E402
 from utilrank_kernels.triton import covariance as tcov  # noqa: E402
 
 U32 = 2.0**-24  # unit roundoff of the fp32 accumulation
@@ -123,6 +126,102 @@ def test_covariance_splits(device, splits):
     acc = acc0.clone()
     tcov.covariance_update_triton(acc, x, mask, splits=splits)
     assert_gram_close(acc, acc0, x[mask])
+
+
+def _nan_lower(acc0: torch.Tensor) -> torch.Tensor:
+    """``acc0`` with NaN below the diagonal: an upper-triangle update must neither read nor write there."""
+    lower = torch.ones_like(acc0, dtype=torch.bool).tril(-1)
+    return acc0.masked_fill(lower, float("nan"))
+
+
+def assert_upper_then_mirror(acc: torch.Tensor, acc0: torch.Tensor, rows: torch.Tensor) -> None:
+    lower = torch.ones_like(acc, dtype=torch.bool).tril(-1)
+    assert acc[lower].isnan().all(), "an upper-triangle update wrote below the diagonal"
+    mirror_upper_(acc)
+    assert torch.equal(acc, acc.T)
+    assert_gram_close(acc, acc0, rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dt)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_covariance_upper_then_mirror(device, splits, dtype):
+    """The statistics pass's update: the upper triangle only (the lower one untouched), mirrored once at the end."""
+    x = torch.randn(3, 70, 150, device=device).to(dtype)
+    mask = torch.rand(3, 70, device=device) > 0.2
+    acc0 = _sym(150, device)
+    acc = _nan_lower(acc0)
+    for i in range(3):  # several batches, then one mirror
+        tcov.covariance_update_triton(acc, x[i], mask[i], upper=True, splits=splits)
+    assert_upper_then_mirror(acc, acc0, x[mask])
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_conv_covariance_upper_then_mirror(device, splits):
+    x = torch.randn(2, 5, 7, 8, device=device).to(memory_format=torch.channels_last)
+    acc0 = _sym(45, device)
+    acc = _nan_lower(acc0)
+    conv_covariance_update(acc, x, 3, 1, 1, 1, backend="triton", upper=True)
+    tcov.conv_covariance_update_triton(acc, x, (3, 3), (1, 1), (1, 1), (1, 1), upper=True, splits=splits)
+    rows = _unfold_rows(x, (3, 3), (1, 1), (1, 1), (1, 1))
+    assert_upper_then_mirror(acc, acc0, torch.cat([rows, rows]))
+
+
+def test_no_split_where_the_tiles_fill_the_sms():
+    """The split rule: no split (so no atomics) once the tile pairs alone fill the SMs; below that, enough
+    splits to fill them. On CPU tensors the interpreter stands in 4 SMs."""
+    cpu = torch.device("cpu")
+    slots = tcov.sm_count(cpu)
+    n = 1 << 20
+    for tiles in (slots, 3 * slots + 1, 1000):
+        assert tcov._num_splits(tiles, n, tcov._EPILOGUE_ROWS_TENSOR_CORE, cpu) == 1
+    for tiles in range(1, slots):
+        s = tcov._num_splits(tiles, n, tcov._EPILOGUE_ROWS_TENSOR_CORE, cpu)
+        assert s > 1 and tiles * s >= slots
+    assert tcov._num_splits(1, 300, tcov._EPILOGUE_ROWS_TENSOR_CORE, cpu) == 1  # too short to split
+
+
+def test_fp32_precision_choice():
+    """fp32 inputs take tf32x3 (TF32 when allowed); 16-bit inputs their own products."""
+    x = torch.empty(2, 2)
+    assert tcov._precision(x) == "tf32x3"
+    assert tcov._precision(x, allow_tf32=True) == "tf32"
+    assert tcov._precision(x.half()) == "ieee"
+
+
+COV_TABLES = [(name, i) for name, table in sorted(_autotune.TABLES.items()) if name.startswith("covariance.")
+              for i in range(len(table.configs))]
+
+
+@pytest.mark.parametrize("name,row", COV_TABLES, ids=[f"{n}-row{i}" for n, i in COV_TABLES])
+def test_every_row_upper(device, name, row, monkeypatch):
+    """Each autotune row in the statistics pass's mode (upper triangle, no mirror), with 1 and 2 splits; the
+    full mode's rows run in tests/triton/test_autotune_rows.py."""
+    table = _autotune.TABLES[name]
+    real, ran = Autotuner.run, []
+
+    def run(self, *args, **kwargs):
+        if self is not table.tuner:
+            return real(self, *args, **kwargs)
+        ran.append(row)
+        return self.fn.run(*args, **kwargs, **table.configs[row].all_kwargs())
+
+    monkeypatch.setattr(Autotuner, "run", run)
+    dtype = torch.float32 if "fp32" in name else torch.float16
+    for splits in (1, 2):
+        acc0 = _sym(27, device)
+        acc = _nan_lower(acc0)
+        if name.startswith("covariance.syrk"):
+            x = torch.randn(130, 27, device=device).to(dtype)
+            tcov.covariance_update_triton(acc, x, None, upper=True, splits=splits)
+            rows = x
+        else:
+            x = torch.randn(2, 3, 9, 7, device=device).to(dtype)
+            if splits == 2:  # tap-major columns: stored at permuted indices
+                x = x.to(memory_format=torch.channels_last)
+            tcov.conv_covariance_update_triton(acc, x, (3, 3), (2, 1), (1, 1), (1, 1), upper=True, splits=splits)
+            rows = _unfold_rows(x, (3, 3), (2, 1), (1, 1), (1, 1))
+        assert_upper_then_mirror(acc, acc0, rows)
+    assert ran == [row, row]
 
 
 def test_covariance_fp32_accumulator_and_repeats(device):
@@ -320,6 +419,27 @@ def test_covariance_tf32_opt_in():
     acc = torch.zeros(512, 512, dtype=torch.float64, device="cuda")
     covariance_update(acc, x, backend="triton", allow_tf32=True)
     assert_gram_close(acc, torch.zeros_like(acc), x, u=U_TF32)
+
+
+@pytest.mark.gpu
+def test_covariance_fp32_tf32x3_against_fp32_gemm():
+    """fp32 inputs run tf32x3 on the tensor cores: at most twice the error of torch's fp32 GEMM (TF32 off),
+    flash-attention's rule; the CPU emulation (benchmarks/studies/covariance_tf32x3.py) predicts ~7x below
+    an FMA loop's."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4096, 768, device="cuda", generator=gen) * (1 + torch.rand(768, device="cuda", generator=gen)) + 0.3
+    ref = x.double().T @ x.double()
+    acc = torch.zeros_like(ref)
+    covariance_update(acc, x, backend="triton", upper=True)
+    mirror_upper_(acc)
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gemm = (x.T @ x).double()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    err, err_gemm = ((acc - ref).norm() / ref.norm()).item(), ((gemm - ref).norm() / ref.norm()).item()
+    assert err <= 2 * err_gemm + 1e-7, f"tf32x3 {err:.3g} against the fp32 GEMM's {err_gemm:.3g}"
 
 
 @pytest.mark.gpu

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .._kernel_args import conv_output_size
 from ..data.batch import call_model, model_input, token_mask
 from ..layers import FilterFn, find_layers
-from ..ops import conv_covariance_update, covariance_update
+from ..ops import conv_covariance_update, covariance_update, mirror_upper_
 from .stats import LayerStats, Statistics
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class _Collector:
                 mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
                 x, padding = F.pad(x, module._reversed_padding_repeated_twice, mode=mode), (0, 0)
             conv_covariance_update(acc, x, module.kernel_size, module.stride, padding, module.dilation,
-                                   backend=self.backend)
+                                   backend=self.backend, upper=True)
             out_h, out_w = conv_output_size(x.shape[2:], module.kernel_size, module.stride, padding,
                                             module.dilation)
             tokens = x.shape[0] * out_h * out_w
@@ -134,7 +134,7 @@ class _Collector:
                                      f"input is {tuple(x.shape)} (tokens {tuple(x.shape[:-1])}); pass a mask_fn "
                                      "whose mask fits every token input, or a filter_fn that leaves this layer out")
                 mask = mask.to(x.device)
-            covariance_update(acc, x, mask, backend=self.backend)
+            covariance_update(acc, x, mask, backend=self.backend, upper=True)
             tokens = mask.sum() if mask is not None else x.numel() // x.shape[-1]
         if acc is not s.cov:
             s.cov.add_(acc.to(s.cov.device))
@@ -158,6 +158,12 @@ class _Collector:
         counts = iter(torch.stack(counted).tolist()) if counted else iter(())
         for name, t in pending:
             layers[name].tokens += next(counts) if isinstance(t, torch.Tensor) else t
+
+
+def _mirror(stats: Statistics) -> None:
+    """The updates write the upper triangles only (each off-diagonal entry once); fill the lower ones."""
+    for s in stats.layers.values():
+        mirror_upper_(s.cov)
 
 
 def collect_stats(
@@ -245,9 +251,11 @@ def collect_stats(
                 collector.finish_batch()
                 stats.batches += 1
                 if checkpoint_every and checkpoint_path and stats.batches % checkpoint_every == 0:
+                    _mirror(stats)
                     stats.save(checkpoint_path)
     finally:
         collector.remove()
+        _mirror(stats)
         torch.set_num_threads(threads)
         model.train(was_training)
     stats.all_reduce()

@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 from .._files import atomic_path, write_json
+from ..nn.tune import summary
 from ..plots import plot_speedup
 
 BENCH_FORMAT = "utilrank.bench/1"
@@ -20,6 +21,8 @@ def format_row(row: dict) -> str:
     if row["variant"] == "compressed":
         ratios = (f"  speedup {row['speedup']:.2f}x of {row['theoretical_speedup']:.2f}x "
                   f"(realized {row['realized_fraction']:.2f})")
+    if row.get("layer_backends"):
+        ratios += f"  layers: {summary(row['layer_backends'])}"
     return (f"{where} {row['infer_step_time']:10.3f} ms [{row['step_time_p20']:.3f}, {row['step_time_p80']:.3f}] "
             f"{row['infer_samples_per_sec']:10.1f}/s  {row['param_count']:.4g}M params "
             f"{row['infer_gmacs']:.4g} GMACs{ratios}")

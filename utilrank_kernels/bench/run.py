@@ -2,7 +2,9 @@
 
 Within an engine (``bench.engines``) the dense model and the compressed variants are timed interleaved, so a
 busy machine slows them alike; the engines are timed one after the other. Rows are timm's fields plus what
-makes them comparable (``bench.output`` writes them).
+makes them comparable (``bench.output`` writes them). Compressed rows of PyTorch engines list the backend each
+factored layer ran (``layer_backends``, from an eager pass before the engine's steps: on CUDA, the pass that
+makes the measured choices, ``ops/_tune.py``, for keys not yet recorded; ``tune=True`` times them all again).
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .._progress import ticking
 from ..measure import count_flops, count_params
-from ..nn import set_backend
+from ..nn import layer_backends, set_backend, tune
 from ..timing import Timing, cpu_thp_alloc, device_label, step_times, time_interleaved, versions
 from .engines import (
     DTYPES,
@@ -67,13 +69,16 @@ def bench(
     max_seconds: float | None = None,
     extra: dict | None = None,
     log: Callable[[str], None] | None = None,
+    tune: bool = False,
 ) -> list[dict]:
     """The rows of one run: per dtype, engine and batch size, one dense row and one compressed row per
     backend (the onnxruntime engine: one, the exported torch path), timed interleaved within the engine;
     engines one after the other (each has its own threads). ``max_seconds`` ends a configuration's timed
-    rounds early (after at least 5). Backends that cannot run on ``device`` at all are skipped with a
-    message; an engine or backend that fails (not installed, export or compile error) is a row with its
-    ``error``; the dense model failing in eager PyTorch raises."""
+    rounds early (after at least 5). ``tune``: on CUDA, each compressed model's measured backend choices are
+    timed anew on each batch before its steps (``nn.tune(..., retune=True)``), once per dtype and batch size.
+    Backends that cannot run on ``device`` at all are skipped with a message; an engine or backend that fails
+    (not installed, export or compile error) is a row with its ``error``; the dense model failing in eager
+    PyTorch raises."""
     log = log or logger.info
     device = torch.device(device)
     unknown = [e for e in engines if e not in ENGINES]
@@ -90,8 +95,10 @@ def bench(
     if device.type == "cpu":
         common.update(threads=torch.get_num_threads(), thp_mem_alloc=cpu_thp_alloc())
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if tune and device.type != "cuda":
+        log(f"tune: nothing is timed on {device.type} (the torch path runs)")
     run = _Run(model_name, input_shape, batch_sizes, device, fmt, cuda_graphs, warmup, iters, max_seconds,
-               flops, params, common, log)
+               flops, params, common, log, tune)
     rows = []
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
@@ -135,6 +142,8 @@ class _Run:
     params: dict[str, int]
     common: dict
     log: Callable[[str], None]
+    tune: bool = False
+    tuned: set = field(default_factory=set)  # (backend, dtype, batch size) already tuned in this run
 
     def _input(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
         x = torch.randn(batch, *self.input_shape, device=self.device, dtype=dtype)
@@ -173,6 +182,7 @@ class _Run:
                 x = self._input(bs, dtype)
                 if engine == "compile":
                     torch.compiler.reset()  # each batch size compiles anew: no cache limit reached in silence
+                layers = self._layer_backends(engine, runners, x, dtype_name) if engine != "onnxruntime" else {}
                 steps, errors = self._steps(engine, runners, x)
                 errors = {**prepare_errors, **errors}
                 if "dense" not in steps:  # nothing to compare with: every row of this engine says why
@@ -186,7 +196,7 @@ class _Run:
                     continue
                 times = time_interleaved(steps, warmup=self.warmup, iters=self.iters, device=self.device,
                                          max_seconds=self.max_seconds)
-                rows += self._timed_rows(engine, dtype_name, bs, times, fields)
+                rows += self._timed_rows(engine, dtype_name, bs, times, fields, layers)
         return rows
 
     def _steps(self, engine: str, runners: dict, x: torch.Tensor) -> tuple[dict[str, Callable], dict[str, str]]:
@@ -211,8 +221,27 @@ class _Run:
                 steps.pop(key, None)
         return steps, errors
 
+    def _layer_backends(self, engine: str, runners: dict, x: torch.Tensor, dtype_name: str) -> dict[str, list]:
+        """Per compressed model, the backend each factored layer runs on ``x`` (``nn.layer_backends``; with
+        ``tune``, the first time per backend, dtype and batch size: ``nn.tune(..., retune=True)``). A model that
+        fails here fails again in its steps, where its row says why."""
+        layers = {}
+        for key, model in runners.items():
+            if key == "dense":
+                continue
+            first = (key, dtype_name, x.shape[0]) not in self.tuned
+            try:
+                if self.tune and first:
+                    self.tuned.add((key, dtype_name, x.shape[0]))
+                    layers[key] = tune(model, x, retune=True)
+                else:
+                    layers[key] = layer_backends(model, x)
+            except Exception as exc:  # a kernel that fails: the engine's step reports it in the row
+                self.log(f"{engine} {key}: no per-layer backends: {_first_line(exc)}")
+        return layers
+
     def _timed_rows(self, engine: str, dtype_name: str, bs: int, times: dict[str, list[float]],
-                    fields: dict[str, dict]) -> list[dict]:
+                    fields: dict[str, dict], layers: dict[str, list]) -> list[dict]:
         rows, dense_ms = [], None
         for key, ts in times.items():
             variant = "dense" if key == "dense" else "compressed"
@@ -231,6 +260,8 @@ class _Run:
             else:
                 row.update(realized(dense_ms, median, self.flops["dense"], self.flops["compressed"]))
                 row["weight_bytes_ratio"] = round(self.params["dense"] / self.params["compressed"], 4)
+                if key in layers:
+                    row["layer_backends"] = layers[key]
             rows.append(row)
             self.log(format_row(row))
         return rows

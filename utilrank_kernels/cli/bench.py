@@ -109,7 +109,7 @@ def run(args) -> int:
         rows = bench(dense, compressed, model_name=name, input_shape=shape, batch_sizes=args.batch_sizes,
                      dtypes=args.dtype, backends=backends, engines=args.engine, device=device,
                      channels_last=args.channels_last, cuda_graphs=args.cuda_graphs, warmup=args.warmup,
-                     iters=args.iters, max_seconds=args.max_seconds, extra=extra, log=print)
+                     iters=args.iters, max_seconds=args.max_seconds, extra=extra, log=print, tune=args.tune)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     written = write_rows(rows, out, csv_too=args.csv, plot=not args.no_plot)
@@ -161,6 +161,11 @@ def add_parser(sub) -> None:
                         "(inductor), onnxruntime runs each model's checked ONNX export (pip install -e "
                         "'.[deploy]'); an engine that is missing or fails gives rows with its error")
     p.add_argument("--cuda-graphs", action="store_true", help="replay each step from a CUDA graph")
+    p.add_argument("--tune", action="store_true",
+                   help="CUDA: before each batch size's steps, time every factored op's candidates again (torch "
+                        "with the cuBLASLt epilogue, Triton fused and split, the CUDA extension; an MLP's fused op "
+                        "against two linears) and record the fastest in the cache (UTILRANK_CACHE/tune/), which "
+                        "CUDA graphs and torch.compile then read; rows list each layer's backend either way")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps per model (default: %(default)s)")
     p.add_argument("--iters", type=int, default=40, help="timed steps per model (default: %(default)s)")
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",

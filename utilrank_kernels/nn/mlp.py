@@ -118,10 +118,11 @@ class LowRankMlp(nn.Module):
             return self._modules_path(x)
         fc1, fc2 = self.fc1, self.fc2
         params = (fc1.weight_a, fc1.weight_b, fc1.bias, fc2.weight_a, fc2.weight_b, fc2.bias)
-        choice = mlp_choice(x, *params, backend=self.backend)  # the one dispatch rule (ops/_dispatch.py)
+        # the one dispatch rule (ops/_dispatch.py), measured on CUDA (ops/_tune.py)
+        choice = mlp_choice(x, *params, backend=self.backend, activation=self.activation)
         if choice.impl == "torch":  # timm's forward, through the submodules
             return self._modules_path(x)
-        return lowrank_mlp(x, *params, self.activation, choice=choice)
+        return lowrank_mlp(x, *params, self.activation, choice=choice)  # "linears": fc1's and fc2's own choices
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, backend={self.backend!r}"

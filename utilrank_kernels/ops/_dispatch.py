@@ -21,7 +21,13 @@ gradient is needed, ``torch.is_autocast_enabled`` and the number of rows, and re
    patches formed on the GPU (``F.unfold``, in chunks of ``UTILRANK_IM2COL_CHUNK_BYTES``).
 
 Each time ``auto`` passes over a kernel for a CUDA tensor (rules 2, 4, 6, or a recorded table preferring
-another backend) it says why once per reason (a ``KernelFallbackWarning``). A named backend (``"triton"``,
+another backend) it says why once per reason (a ``KernelFallbackWarning``).
+
+Rules 5-6 are the fixed rule. Where ``auto`` reaches them for a factored op (``Choice.tunable``), the measured
+choice (``ops/_tune.py``, on unless ``UTILRANK_TUNE=0``) times the op's candidates (:data:`TUNE_CANDIDATES`; those
+:func:`candidate_problem` rules out are passed over with its reason) once per shape bucket and runs the fastest;
+the fixed rule is what it falls back to where nothing may be timed (CUDA-graph capture, ``torch.compile``
+tracing) and nothing is recorded. A named backend (``"triton"``,
 ``"cuda"``) is used or fails with a one-line error naming what is wrong; ``"torch"`` is always the torch path.
 Under ``TRITON_INTERPRET=1``, ``backend="triton"`` also runs on CPU tensors.
 
@@ -42,7 +48,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,6 +65,13 @@ LOWRANK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COVARIANCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 AUTOCAST_CASTS = (torch.float32, torch.float16, torch.bfloat16)  # what autocast casts for a matmul
 CUDA_EXT_OPS = ("lowrank_linear", "lowrank_mlp")
+# What the measured choice times per op (ops/_tune.py). "triton:fused" / "triton:split": the Triton launcher with
+# that ``path=``; "linears": the MLP as two factored linears, each with its own measured choice.
+TUNE_CANDIDATES = {
+    "lowrank_linear": ("torch", "triton:fused", "triton:split", "cuda"),
+    "lowrank_mlp": ("triton:fused", "linears", "cuda"),
+    "lowrank_conv2d": ("torch", "triton"),
+}
 SMALL_M_MAX_ROWS = 16  # rows (tokens) the CUDA extension's kernels take (kMaxM in csrc/small_m_plan.h)
 SMALL_M_TABLE_FORMAT = "utilrank.small_m_table/1"
 
@@ -203,24 +216,27 @@ class KernelFallbackWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Choice:
-    impl: str  # "torch" | "triton" | "cuda"
+    impl: str  # "torch" | "triton" | "cuda"; measured choices also "triton:fused" | "triton:split" | "linears"
     cast_to: torch.dtype | None = None  # autocast: cast the floating operands to this dtype first
     reason: str = ""  # why a kernel was passed over ("" when none was)
+    # ``auto`` reached the kernel rules (5-6) for a factored op: the measured choice may pick among its candidates
+    tunable: bool = field(default=False, compare=False)
 
 
 _warned: set[tuple[str, str]] = set()
 
 
-def _say_once(op: str, reason: str) -> None:
+def _say_once(op: str, reason: str, stacklevel: int) -> None:
     if (op, reason) in _warned or torch.compiler.is_compiling():
         return
     _warned.add((op, reason))
-    # stacklevel: _say_once, _fallback, _auto_rule, choose, then the op's caller
-    warnings.warn(f"{op}: backend='auto' runs the torch path: {reason}", KernelFallbackWarning, stacklevel=5)
+    warnings.warn(f"{op}: backend='auto' runs the torch path: {reason}", KernelFallbackWarning, stacklevel=stacklevel)
 
 
-def _fallback(op: str, reason: str) -> Choice:
-    _say_once(op, reason)
+def _fallback(op: str, reason: str, stacklevel: int = 5) -> Choice:
+    """``stacklevel`` for the warning: _say_once, _fallback, _auto_rule, choose, then the op (one more from
+    _kernel_rule)."""
+    _say_once(op, reason, stacklevel)
     return Choice("torch", reason=reason)
 
 
@@ -260,18 +276,43 @@ def _auto_rule(op: str, x: torch.Tensor, cast_to: torch.dtype | None, problem: s
         return _fallback(op, "a gradient is needed and the kernels are inference-only")
     if problem:
         return _fallback(op, problem)
+    choice = _kernel_rule(op, x, cast_to, rows, shape)
+    # a plain constructor, not dataclasses.replace: dynamo traces this under torch.compile(fullgraph=True)
+    return Choice(choice.impl, choice.cast_to, choice.reason, tunable=True) if op in TUNE_CANDIDATES else choice
+
+
+def _kernel_rule(op: str, x: torch.Tensor, cast_to: torch.dtype | None, rows: int | None,
+                 shape: tuple[int, int, int] | None) -> Choice:
+    """Rules 5-6: the fixed rule among the kernels, for operands a kernel takes."""
     small_m = op in CUDA_EXT_OPS and rows is not None and 0 < rows <= SMALL_M_MAX_ROWS
     if small_m and cuda_extension_loaded():
         recorded = small_m_choice(op, rows, shape, cast_to or x.dtype) if shape is not None else None
         if recorded in (None, "cuda"):
             return Choice("cuda", cast_to)
         if recorded == "torch":
-            return _fallback(op, "the recorded small-M table measured the torch path fastest here")
+            return _fallback(op, "the recorded small-M table measured the torch path fastest here", 6)
     if triton_available():
         return Choice("triton", cast_to)
     if op == "conv_covariance_update":
-        return _fallback(op, "triton is not installed: im2col patches are formed on the GPU with F.unfold")
-    return _fallback(op, "triton is not installed")
+        return _fallback(op, "triton is not installed: im2col patches are formed on the GPU with F.unfold", 6)
+    return _fallback(op, "triton is not installed", 6)
+
+
+def candidate_problem(op: str, name: str, rows: int, dtype: torch.dtype) -> str | None:
+    """Why the measured choice passes over candidate ``name`` of ``op`` (one of ``TUNE_CANDIDATES[op]``) for
+    ``rows`` rows of ``dtype`` before timing it, or None where it is timed (a candidate may still fail when
+    run: it is passed over then with its error)."""
+    kind = name.partition(":")[0]
+    if kind == "triton" and not triton_available():
+        return "triton is not installed"
+    if kind == "cuda":
+        if not cuda_extension_loaded():
+            return "the CUDA extension utilrank_kernels._C is not built"
+        if not 0 < rows <= SMALL_M_MAX_ROWS:
+            return f"the CUDA extension takes 1 to {SMALL_M_MAX_ROWS} rows, not {rows}"
+    if op == "lowrank_mlp" and name == "triton:fused" and dtype not in (torch.float16, torch.bfloat16):
+        return f"the fused MLP kernel takes 16-bit inputs, not {str(dtype).removeprefix('torch.')}"
+    return None
 
 
 def _triton_rule(op: str, x: torch.Tensor) -> None:

@@ -41,8 +41,9 @@ def _panel_width(d: int) -> int:
     return 128 if d <= 512 else 256
 
 
-def _add_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
-    """``acc += x^T x`` for a 2-D ``x``; a symmetric ``acc`` stays exactly symmetric."""
+def _add_gram_(acc: torch.Tensor, x: torch.Tensor, upper: bool = False) -> None:
+    """``acc += x^T x`` for a 2-D ``x``; a symmetric ``acc`` stays exactly symmetric. ``upper``: the
+    upper triangle only (``i <= j``), the lower one is left as it is."""
     d = x.shape[1]
     width = _panel_width(d)
     gram = x.new_empty(d, d)
@@ -50,18 +51,26 @@ def _add_gram_(acc: torch.Tensor, x: torch.Tensor) -> None:
         stop = min(start + width, d)
         torch.mm(x[:, start:stop].T, x[:, start:], out=gram[start:stop, start:])
     # the panels fill the upper block triangle, and their diagonal blocks are GEMM results, symmetric
-    # only up to rounding: keep the upper triangle and mirror it
-    upper = gram.triu()
-    acc.add_(upper.add_(upper.T.tril(-1)))
+    # only up to rounding: keep the upper triangle (and mirror it)
+    triangle = gram.triu()
+    acc.add_(triangle if upper else triangle.add_(triangle.T.tril(-1)))
 
 
-def covariance_update_reference(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+def mirror_upper_(acc: torch.Tensor) -> torch.Tensor:
+    """Fills the strictly lower triangle of ``acc`` with the upper one, transposed, in place: what the
+    updates made with ``upper=True`` leave to be done once, after the last batch. Idempotent."""
+    acc.copy_(acc.triu().add_(acc.triu(1).mT))
+    return acc
+
+
+def covariance_update_reference(acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None,
+                                upper: bool = False) -> None:
     x2d = x.reshape(-1, x.shape[-1])
     if mask is not None:
         x2d = x2d[mask.reshape(-1)]
     if x2d.shape[0] == 0:
         return
-    _add_gram_(acc, x2d.to(torch.float32))
+    _add_gram_(acc, x2d.to(torch.float32), upper)
 
 
 def conv_covariance_update_reference(
@@ -71,6 +80,7 @@ def conv_covariance_update_reference(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    upper: bool = False,
 ) -> None:
     """im2col in chunks of images so that the unfolded patches stay under a fixed memory budget."""
     n_img, channels, h, w = x.shape
@@ -90,7 +100,7 @@ def conv_covariance_update_reference(
         else:
             cols = F.unfold(images.float(), (kh, kw), dilation=dilation, padding=padding, stride=stride)
             patches = cols.transpose(1, 2).reshape(-1, k)  # [b, K, L] -> [b * L, K]
-        covariance_update_reference(acc, patches)
+        covariance_update_reference(acc, patches, upper=upper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,33 +109,33 @@ def conv_covariance_update_reference(
 # Eager calls run the chosen implementation directly: the custom op's Python dispatch costs tens of
 # microseconds a call, which the small layers of a statistics pass feel. Under torch.compile they go through
 # the custom ops below (``impl``: "triton" or "torch", chosen by ops/_dispatch.py).
-def _covariance_update_impl(acc, x, mask, impl: str, allow_tf32: bool) -> None:
+def _covariance_update_impl(acc, x, mask, impl: str, allow_tf32: bool, upper: bool) -> None:
     if impl == "triton":
         from ..triton.covariance import covariance_update_triton  # optional: triton, imported where it runs
 
-        covariance_update_triton(acc, x, mask, allow_tf32=allow_tf32)
+        covariance_update_triton(acc, x, mask, allow_tf32=allow_tf32, upper=upper)
     else:
-        covariance_update_reference(acc, x, mask)
+        covariance_update_reference(acc, x, mask, upper=upper)
 
 
-def _conv_covariance_update_impl(acc, x, kernel_size, stride, padding, dilation, impl: str) -> None:
+def _conv_covariance_update_impl(acc, x, kernel_size, stride, padding, dilation, impl: str, upper: bool) -> None:
     if impl == "triton":
         from ..triton.covariance import conv_covariance_update_triton  # optional: triton
 
-        conv_covariance_update_triton(acc, x, kernel_size, stride, padding, dilation)
+        conv_covariance_update_triton(acc, x, kernel_size, stride, padding, dilation, upper=upper)
     else:
-        conv_covariance_update_reference(acc, x, kernel_size, stride, padding, dilation)
+        conv_covariance_update_reference(acc, x, kernel_size, stride, padding, dilation, upper=upper)
 
 
 @torch.library.custom_op("utilrank::covariance_update", mutates_args={"acc"})
 def _covariance_update_op(
-    acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, impl: str, allow_tf32: bool
+    acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, impl: str, allow_tf32: bool, upper: bool = False
 ) -> None:
-    _covariance_update_impl(acc, x, mask, impl, allow_tf32)
+    _covariance_update_impl(acc, x, mask, impl, allow_tf32, upper)
 
 
 @_covariance_update_op.register_fake
-def _(acc, x, mask, impl, allow_tf32) -> None:
+def _(acc, x, mask, impl, allow_tf32, upper=False) -> None:
     return None
 
 
@@ -138,12 +148,13 @@ def _conv_covariance_update_op(
     padding: list[int],
     dilation: list[int],
     impl: str,
+    upper: bool = False,
 ) -> None:
-    _conv_covariance_update_impl(acc, x, kernel_size, stride, padding, dilation, impl)
+    _conv_covariance_update_impl(acc, x, kernel_size, stride, padding, dilation, impl, upper)
 
 
 @_conv_covariance_update_op.register_fake
-def _(acc, x, kernel_size, stride, padding, dilation, impl) -> None:
+def _(acc, x, kernel_size, stride, padding, dilation, impl, upper=False) -> None:
     return None
 
 
@@ -154,12 +165,16 @@ def covariance_update(
     *,
     backend: str = "auto",
     allow_tf32: bool = False,
+    upper: bool = False,
 ) -> None:
     """``acc += x^T x`` in place, summed over all leading dims of ``x`` (shape ``(..., d)``).
 
     ``mask`` (bool, shape ``x.shape[:-1]``) excludes tokens where it is False (padding). The
     per-batch product is accumulated in fp32 and added into ``acc`` (fp64 recommended).
-    ``allow_tf32`` lets the Triton path use TF32 for fp32 inputs (faster, less exact).
+    ``allow_tf32`` lets the Triton path use TF32 for fp32 inputs (faster, less exact; the default
+    there is tf32x3, see ``utilrank_kernels/triton/covariance.py``). ``upper`` updates the upper
+    triangle (``i <= j``) only, each off-diagonal entry written once instead of twice: for a pass
+    of many updates, followed by one :func:`mirror_upper_` after the last.
     """
     check_backend("covariance_update", backend)
     if x.dim() < 1:
@@ -177,9 +192,9 @@ def covariance_update(
         raise ValueError(f"covariance_update: mask is on {mask.device} but x is on {x.device}")
     impl = choose("covariance_update", backend, x).impl
     if through_op():
-        _covariance_update_op(acc, x, mask, impl, allow_tf32)
+        _covariance_update_op(acc, x, mask, impl, allow_tf32, upper)
     else:
-        _covariance_update_impl(acc, x, mask, impl, allow_tf32)
+        _covariance_update_impl(acc, x, mask, impl, allow_tf32, upper)
 
 
 def conv_covariance_update(
@@ -191,12 +206,14 @@ def conv_covariance_update(
     dilation: int | Sequence[int] = 1,
     *,
     backend: str = "auto",
+    upper: bool = False,
 ) -> None:
     """``acc += P^T P`` for the im2col patches ``P`` (one row per output pixel) of a 2-D conv input.
 
     ``x`` is ``(N, C, H, W)`` in NCHW or channels_last memory; ``acc`` is ``(C*kh*kw)^2`` with the
     patch laid out as ``F.unfold`` does (channel-major, then kernel row, then kernel column), which
-    matches ``conv.weight.reshape(out, -1)``. Padding is zero padding.
+    matches ``conv.weight.reshape(out, -1)``. Padding is zero padding. ``upper`` as in
+    :func:`covariance_update`.
     """
     check_backend("conv_covariance_update", backend)
     if x.dim() != 4:
@@ -208,9 +225,9 @@ def conv_covariance_update(
     geometry = [kh, kw], list(pair(stride)), list(pair(padding)), list(pair(dilation))
     impl = choose("conv_covariance_update", backend, x).impl
     if through_op():
-        _conv_covariance_update_op(acc, x, *geometry, impl)
+        _conv_covariance_update_op(acc, x, *geometry, impl, upper)
     else:
-        _conv_covariance_update_impl(acc, x, *geometry, impl)
+        _conv_covariance_update_impl(acc, x, *geometry, impl, upper)
 
 
 __all__ = [
@@ -218,5 +235,6 @@ __all__ = [
     "conv_covariance_update_reference",
     "covariance_update",
     "covariance_update_reference",
+    "mirror_upper_",
 ]
 

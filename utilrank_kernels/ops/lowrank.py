@@ -4,7 +4,9 @@ both layers factored (``lowrank_mlp``): the torch references, the ``torch.librar
 FLOP formulas, and the front ends.
 
 The torch path (two ``F.linear`` / ``F.conv2d`` calls) is the reference, the CPU path and the training
-path: it is plain autograd-, ``torch.compile``- and ``FlopCounterMode``-friendly torch. Kernel backends
+path: it is plain autograd-, ``torch.compile``- and ``FlopCounterMode``-friendly torch. In eager inference on
+CUDA, the second call of a linear with a bias and a ReLU or tanh-GELU is ``torch._addmm_activation``, which runs
+bias and activation in cuBLASLt's GEMM epilogue (:func:`epilogue_applies`). Kernel backends
 (Triton, the CUDA extension of ``ops/_cuda_ext.py``) are inference paths behind the same functions; which one
 runs is decided by the one rule in ``ops/_dispatch.py`` (anything that needs a gradient goes to the torch
 path, so the custom ops have no autograd formula).
@@ -19,13 +21,14 @@ reference, for ``opcheck`` and tests) as an argument.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 from .._kernel_args import check_activation, conv_output_size, pair
+from . import _tune
 from ._cuda_ext import lowrank_linear_cuda, lowrank_mlp_cuda
 from ._dispatch import Choice, cast, choose, needs_grad, rows_of, through_op
 
@@ -45,11 +48,37 @@ def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     return y
 
 
+# cuBLASLt's GELU epilogue is the tanh approximation (and so is torch's fallback for _addmm_activation on CUDA),
+# so erf GELU ("gelu", nn.GELU's default) has none: it keeps F.linear, then F.gelu. activation -> use_gelu
+EPILOGUE_ACTIVATIONS = {"relu": False, "gelu_tanh": True}
+EPILOGUE_DEVICES = ("cuda",)  # on the CPU, _addmm_activation's GELU is erf GELU: the CPU keeps two calls
+EPILOGUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # cuBLASLt's, on CUDA
+
+
+def epilogue_applies(t: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str | None) -> bool:
+    """Whether ``act(t b^T + bias)`` runs as one ``torch._addmm_activation`` (bias and activation in the GEMM's
+    cuBLASLt epilogue): an eager inference call on CUDA (it has no autograd formula, no FLOP formula and no ONNX
+    export; ``torch.compile`` fuses the activation itself), a ReLU or tanh GELU, a 1-D bias, one dtype of
+    ``EPILOGUE_DTYPES`` (autocast's, where it is on), ``t`` contiguous (flattened to 2-D without a copy)."""
+    if activation not in EPILOGUE_ACTIVATIONS or bias is None or t.device.type not in EPILOGUE_DEVICES:
+        return False
+    if not (t.dtype == b.dtype == bias.dtype and t.dtype in EPILOGUE_DTYPES and bias.dim() == 1
+            and t.is_contiguous() and t.dim() >= 1):
+        return False
+    autocast = torch.is_autocast_enabled(t.device.type) and torch.get_autocast_dtype(t.device.type) != t.dtype
+    return not (autocast or through_op() or needs_grad(t, b, bias) or torch.onnx.is_in_onnx_export())
+
+
 def lowrank_linear_reference(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
     activation: str | None = None,
 ) -> torch.Tensor:
-    return apply_activation(F.linear(F.linear(x, a), b, bias), activation)
+    t = F.linear(x, a)
+    if epilogue_applies(t, b, bias, activation):
+        y = torch._addmm_activation(bias, t.reshape(-1, t.shape[-1]), b.t(),
+                                    use_gelu=EPILOGUE_ACTIVATIONS[activation])
+        return y.view(*t.shape[:-1], b.shape[0])
+    return apply_activation(F.linear(t, b, bias), activation)
 
 
 def lowrank_mlp_reference(
@@ -71,11 +100,14 @@ def lowrank_conv2d_reference(
 # ---------------------------------------------------------------------------------------------
 # The Triton launchers are imported where they run: importing triton (and deciding TRITON_INTERPRET) is left
 # to the first kernel call, so that the CPU path never needs it.
+# "triton:fused" / "triton:split": the Triton launcher with that ``path=`` (the measured choice's candidates);
+# "triton" leaves the path to the launcher.
 def run_linear(impl: str, x, a, b, bias, activation) -> torch.Tensor:
-    if impl == "triton":
+    kind, _, path = impl.partition(":")
+    if kind == "triton":
         from ..triton.lowrank_linear import lowrank_linear_triton  # optional: triton
 
-        return lowrank_linear_triton(x, a, b, bias, activation)
+        return lowrank_linear_triton(x, a, b, bias, activation, path=path or "auto")
     if impl == "cuda":
         return lowrank_linear_cuda(x, a, b, bias, activation)
     if impl == "torch":
@@ -84,12 +116,16 @@ def run_linear(impl: str, x, a, b, bias, activation) -> torch.Tensor:
 
 
 def run_mlp(impl: str, x, a1, b1, bias1, a2, b2, bias2, activation) -> torch.Tensor:
-    if impl == "triton":
+    kind, _, path = impl.partition(":")
+    if kind == "triton":
         from ..triton.lowrank_mlp import lowrank_mlp_triton  # optional: triton
 
-        return lowrank_mlp_triton(x, a1, b1, bias1, a2, b2, bias2, activation)
+        return lowrank_mlp_triton(x, a1, b1, bias1, a2, b2, bias2, activation, path=path or "auto")
     if impl == "cuda":
         return lowrank_mlp_cuda(x, a1, b1, bias1, a2, b2, bias2, activation)
+    if impl == "linears":  # two factored linears, each with its own choice (measured where it is on)
+        h = lowrank_linear(x, a1, b1, bias1, activation)
+        return lowrank_linear(h, a2, b2, bias2)
     if impl == "torch":
         h = lowrank_linear_reference(x, a1, b1, bias1, activation)
         return lowrank_linear_reference(h, a2, b2, bias2).contiguous()
@@ -201,6 +237,18 @@ for _packet, _formula in ((torch.ops.utilrank.lowrank_linear, _lowrank_linear_fl
 # ---------------------------------------------------------------------------------------------
 # front ends
 # ---------------------------------------------------------------------------------------------
+def _measured(choice: Choice, op: str, x: torch.Tensor, dims: tuple, activation: str | None, bias: int,
+              run: Callable[[str], torch.Tensor], rows: int | None = None) -> Choice:
+    """The measured choice (``ops/_tune.py``) among ``op``'s candidates where the rule leaves one to it
+    (``choice.tunable``); ``run(name)`` computes the op with candidate ``name`` on the (cast) operands; ``rows``
+    (default: ``x``'s rows) is bucketed in the key, ``dims`` exact."""
+    if not choice.tunable:
+        return choice
+    rows = rows_of(x) if rows is None else rows
+    impl = _tune.pick(op, x, rows, dims, activation, bias, choice.impl, lambda name: lambda: run(name))
+    return choice if impl == choice.impl else Choice(impl, choice.cast_to, tunable=True)
+
+
 def lowrank_linear(
     x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
     activation: str | None = None, *, backend: str = "auto",
@@ -212,20 +260,32 @@ def lowrank_linear(
         )
     choice = choose("lowrank_linear", backend, x, (a, b, bias), needs_grad=needs_grad(x, a, b, bias),
                     rows=rows_of(x), shape=(a.shape[1], b.shape[0], a.shape[0]))
+    x, a, b, bias = (cast(t, choice.cast_to) for t in (x, a, b, bias))
+    choice = _measured(choice, "lowrank_linear", x, (a.shape[1], b.shape[0], a.shape[0]), activation,
+                       bias is not None, lambda impl: run_linear(impl, x, a, b, bias, activation))
+    _tune.note("lowrank_linear", choice.impl)
     if choice.impl == "torch":
         return lowrank_linear_reference(x, a, b, bias, activation)
-    x, a, b, bias = (cast(t, choice.cast_to) for t in (x, a, b, bias))
     if through_op():
         return torch.ops.utilrank.lowrank_linear(x, a, b, bias, activation, choice.impl)
     return run_linear(choice.impl, x, a, b, bias, activation)
 
 
 def mlp_choice(x: torch.Tensor, a1: torch.Tensor, b1: torch.Tensor, bias1: torch.Tensor | None,
-               a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, *, backend: str) -> Choice:
-    """The dispatch rule's choice for ``lowrank_mlp`` (``LowRankMlp`` asks it, then passes it on)."""
+               a2: torch.Tensor, b2: torch.Tensor, bias2: torch.Tensor | None, *, backend: str,
+               activation: str | None = "gelu") -> Choice:
+    """The dispatch rule's choice for ``lowrank_mlp``, measured where the rule leaves it to the measured choice
+    (``LowRankMlp`` asks it, then passes it on): "torch" is timm's forward, "linears" two factored linears."""
     params = (a1, b1, bias1, a2, b2, bias2)
-    return choose("lowrank_mlp", backend, x, params, needs_grad=needs_grad(x, *params), rows=rows_of(x),
-                  shape=(a1.shape[1], b2.shape[0], a1.shape[0]))
+    choice = choose("lowrank_mlp", backend, x, params, needs_grad=needs_grad(x, *params), rows=rows_of(x),
+                    shape=(a1.shape[1], b2.shape[0], a1.shape[0]))
+    if not choice.tunable:
+        return choice
+    x, *params = (cast(t, choice.cast_to) for t in (x, *params))
+    dims = (a1.shape[1], b1.shape[0], b2.shape[0], a1.shape[0], a2.shape[0])
+    bias = (bias1 is not None) + 2 * (bias2 is not None)
+    return _measured(choice, "lowrank_mlp", x, dims, activation, bias,
+                     lambda impl: run_mlp(impl, x, *params, activation))
 
 
 def lowrank_mlp(
@@ -247,13 +307,14 @@ def lowrank_mlp(
         )
     params = (a1, b1, bias1, a2, b2, bias2)
     if choice is None:
-        choice = mlp_choice(x, *params, backend=backend)
+        choice = mlp_choice(x, *params, backend=backend, activation=activation)
+    _tune.note("lowrank_mlp", choice.impl)
     if choice.impl == "torch":
         return lowrank_mlp_reference(x, *params, activation)
     x, *params = (cast(t, choice.cast_to) for t in (x, *params))
-    if through_op():
-        return torch.ops.utilrank.lowrank_mlp(x, *params, activation, choice.impl)
-    return run_mlp(choice.impl, x, *params, activation)
+    if choice.impl == "linears" or not through_op():  # two linears: each its own op under torch.compile
+        return run_mlp(choice.impl, x, *params, activation)
+    return torch.ops.utilrank.lowrank_mlp(x, *params, activation, choice.impl)
 
 
 def lowrank_conv2d(
@@ -263,9 +324,16 @@ def lowrank_conv2d(
 ) -> torch.Tensor:
     """An ``r``-filter conv ``a`` (``(r, C, kh, kw)``) followed by the 1x1 conv ``b`` (``(out, r, 1, 1)``)."""
     choice = choose("lowrank_conv2d", backend, x, (a, b, bias), needs_grad=needs_grad(x, a, b, bias))
+    x, a, b, bias = (cast(t, choice.cast_to) for t in (x, a, b, bias))
+    if choice.tunable:  # the key: the image, both convs and their arguments exactly; the batch bucketed
+        c, h, w = x.shape[1:]
+        pads = (padding,) if isinstance(padding, str) else tuple(pair(padding))
+        dims = (c, h, w, b.shape[0], a.shape[0], *a.shape[2:], *pair(stride), *pads, *pair(dilation))
+        choice = _measured(choice, "lowrank_conv2d", x, dims, None, bias is not None,
+                           lambda impl: run_conv2d(impl, x, a, b, bias, stride, padding, dilation), rows=x.shape[0])
+    _tune.note("lowrank_conv2d", choice.impl)
     if choice.impl == "torch":
         return lowrank_conv2d_reference(x, a, b, bias, stride, padding, dilation)
-    x, a, b, bias = (cast(t, choice.cast_to) for t in (x, a, b, bias))
     if not through_op():
         return run_conv2d(choice.impl, x, a, b, bias, stride, padding, dilation)
     padding_str, pads = (padding, [0, 0]) if isinstance(padding, str) else ("", list(pair(padding)))

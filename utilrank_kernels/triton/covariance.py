@@ -9,12 +9,32 @@ Two kernels share one scheme:
   NCHW or channels_last tensor (implicit im2col): no unfolded tensor ever exists.
 
 The grid is ``(tile pairs i <= j, splits)``. Only the upper-triangle tile pairs of the ``d x d``
-result are computed (half the work of a GEMM); each tile is added into ``acc`` at ``(i, j)`` and,
-transposed, at ``(j, i)``. Tall inputs (``N >> d``, few tiles) are split along ``N`` so every SM
-works: each split sums its chunk of rows in fp32 and adds it into the fp64 ``acc`` with an atomic
-add, so rounding never accumulates across chunks or batches (fp32 within a chunk, fp64 across).
-With one split the tile is added with a plain load/store: deterministic. With several, the order
-of the fp64 atomic adds varies from run to run (differences at the 1e-16 level).
+result are computed (half the work of a GEMM). With ``upper=True`` (the statistics pass) each tile is
+added into ``acc`` once, above the diagonal, and the lower triangle is filled once after the last batch
+(``ops.covariance.mirror_upper_``, called by ``analysis.collect``); otherwise each off-diagonal tile is
+also added, transposed, below it (every off-diagonal entry written twice).
+
+Splits along N (``_num_splits``): none where the tile pairs alone fill the SMs (``tiles >= SMs``; d 3072
+in 128-wide tiles is 300 pairs): each program adds its tile with a plain read-modify-write, no atomics,
+deterministic. Fewer pairs (d 768: 21) are split to fill the SMs: each split sums its chunk of rows in
+fp32 and adds it into the fp64 ``acc`` with fp64 atomic adds, which then touch fewer than ``SMs`` tiles
+(under 17 MB at 128-wide tiles on 132 SMs: inside L2). Rounding never accumulates across chunks or
+batches (fp32 within a chunk, fp64 across); with splits, the order of the atomic adds varies from run to
+run (differences at the 1e-16 level).
+
+Products: 16-bit inputs on the tensor cores (exact products, fp32 sums). fp32 inputs (the default
+statistics pass) run ``tl.dot(..., input_precision="tf32x3")`` instead of the FMA loop: three TF32
+tensor-core products per step (``a = a_big + a_small``, ``a_big`` rounded to TF32, ``a_small * b_small``
+dropped); TF32 tensor cores run 7x the FMA rate (H100: 495 against 67 TFLOP/s), so three products still
+win. Its error against fp64, emulated bit by bit on the CPU (the interpreter does not round to TF32;
+``python benchmarks/run.py covariance-tf32x3``), one chunk of 4096 ViT-like activations at d 768
+(LayerNorm outputs with a few massive channels; GELU outputs): relative Frobenius error 1.5-2.0e-7, against
+1.0-1.2e-6 for the fp32 FMA loop and 1.3-4.9e-5 for plain TF32 (``allow_tf32``), whether the tensor cores
+round their fp32 sums to nearest or toward zero. Triton (since late 2024, triton-lang/triton#4934; the
+TTGIR of 3.8 shows it) sums each step's three products from zero and adds them to the accumulator with one
+fp32 add, so the long sum rounds as the FMA loop's does, over BLOCK_K (32) times fewer additions; chaining
+the three products on the accumulator, as Triton did before, would have been 27x worse than the FMA loop
+under truncating accumulation.
 """
 
 from __future__ import annotations
@@ -30,33 +50,39 @@ import triton.language as tl
 from .._kernel_args import conv_output_size
 from ._autotune import autotune, sm_count
 
-# Rows of dot products that cost as much as one tile's fp64 epilogue; both scale with BD^2, so the
-# ratio holds for every tile size. Estimated from H100 per-SM rates, not yet measured: the epilogue
-# sends 2 x BD^2 x 8 B to L2 at ~40 GB/s, a row costs 2 x BD^2 flops at ~7.5 bf16 TFLOP/s (about
-# 1500 rows; 1024 as Triton reaches ~2/3 of peak) or ~0.5 fp32 FMA TFLOP/s (about 100 rows).
+# Rows of dot products that cost as much as one tile's fp64 epilogue, for the split count below one wave of
+# tiles; both scale with BD^2, so the ratio holds for every tile size. Estimated from H100 per-SM rates, not
+# yet measured: the epilogue sends 2 x BD^2 x 8 B to L2 at ~40 GB/s, a row costs 2 x BD^2 flops at ~7.5 bf16
+# TFLOP/s (about 1500 rows; 1024 as Triton reaches ~2/3 of peak) or, for fp32, ~1.25 tf32x3 TFLOP/s (three
+# TF32 products at 3.75; about 170 rows at 2/3 of it; the FMA loop it replaced, ~0.5 TFLOP/s: about 100).
 # Retune them with benchmarks/kernels/covariance.py.
 _EPILOGUE_ROWS_TENSOR_CORE = 1024
-_EPILOGUE_ROWS_FMA = 128
+_EPILOGUE_ROWS_FP32 = 128
 _MIN_ROWS_PER_SPLIT = 256
 _MAX_SPLITS = 128
 _DOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # BLOCK_D (square output tile), BLOCK_K (rows per step), num_warps, num_stages; one table for 16-bit inputs
-# (tensor cores) and one for fp32 (IEEE products on the FMA units, or TF32). The first row of each is what
-# the interpreter and UTILRANK_TRITON_CONFIG=first run. Rows are kept only where the compiled kernel moves no
-# local memory inside its loop and fits 163 KiB of shared memory on sm_80 and sm_90, in every dtype of its
-# table (benchmarks/results/sm80-sm90_kernel-resources-triton*.md): 128-wide tiles on 4 warps spilled 0.5-1.8 KB per
-# thread, in the loop on sm_80; BLOCK_K = 64 with 128-wide fp32 tiles, 8-13 KB. Shared memory of a row:
-# stages x 2 x BLOCK_K x BLOCK_D x element size, at most 128 KiB (fp32 64/64/4 stages).
+# and one for fp32 (tf32x3: three TF32 products on the tensor cores, see the module docstring), both on the
+# tensor cores (HMMA; wgmma on sm_90 from 64-wide tiles). The first row of each is what the interpreter and
+# UTILRANK_TRITON_CONFIG=first run. Rows are kept only where the compiled kernel moves no local memory inside
+# its loop and fits 163 KiB of shared memory on sm_80 and sm_90, in every dtype of its table
+# (benchmarks/results/sm80-sm90_kernel-resources-triton*.md): 128-wide tiles on 4 warps spilled 0.5-1.8 KB per
+# thread, in the loop on sm_80. Shared memory of a row: stages x 2 x BLOCK_K x BLOCK_D x element size (16-bit),
+# plus the two TF32 halves of one operand step for tf32x3 (fp32 64/32/4 warps: 57 KiB on sm_90).
+# tf32x3 needs more registers than the FMA loop it replaced (64/32/4 warps on sm_80: 246): fp32 64/64/4 warps
+# and 32/128/4 warps (120 and 47 LDL/STL in the loop on sm_80) and 128/32/8 warps (75) spill; 128/16/8 warps
+# (254 registers on sm_80, 186 on sm_90) and 64/32/8 warps do not.
 _SYRK_ROWS = {
     "16-bit": [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3), (64, 128, 4, 3), (32, 64, 4, 3)],
-    "fp32": [(64, 32, 4, 3), (64, 64, 4, 4), (32, 64, 4, 3), (32, 128, 4, 3)],
+    "fp32": [(64, 32, 4, 3), (128, 16, 8, 3), (64, 32, 8, 3), (32, 64, 4, 3)],
 }
 # the conv kernel also forms its patch addresses in the loop: 128-wide tiles spill there with BLOCK_K = 64,
 # and so does 64 x 64 on 4 warps (26-111 LDL/STL in the loop on sm_80 and sm_90, Triton 3.6 and 3.8)
 _CONV_ROWS = {
     "16-bit": [(128, 32, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3)],
-    # fp32 on 4 warps: 255 registers and 48-192 B of stack, in the loop, on sm_80; 8 warps: 47-80, none
+    # fp32 (tf32x3) on 8 warps: 120-255 registers, no local memory; on 4 warps (FMA loop): 255 and 48-192 B
+    # of stack, in the loop, on sm_80
     "fp32": [(64, 32, 8, 3), (32, 64, 8, 3), (32, 32, 4, 3)],
 }
 _KEYS = ("BLOCK_D", "BLOCK_K", "num_warps", "num_stages")
@@ -111,55 +137,67 @@ def _column_halves(b):
 
 
 @triton.jit
-def _add_piece(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1):
-    """``acc[idx_m, idx_n] += b_c`` where ``o_m <= o_n`` and ``acc[idx_n, idx_m] += b_c`` where
-    ``o_m < o_n`` (``b_c``: ``[BD, W]`` fp32)."""
+def _add_piece(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1,
+               MIRROR: tl.constexpr, PERMUTED: tl.constexpr):
+    """``acc[idx_m, idx_n] += b_c`` where ``o_m <= o_n``, and with MIRROR ``acc[idx_n, idx_m] += b_c``
+    where ``o_m < o_n`` (``b_c``: ``[BD, W]`` fp32). Without MIRROR the entry goes above the diagonal
+    of ``acc``: where the columns are PERMUTED (``idx`` not increasing with ``o``), at
+    ``(min(idx_m, idx_n), max(idx_m, idx_n))``."""
     b_c = b_c.to(acc_ptr.dtype.element_ty)
     m_c = m_m[:, None] & m_n[None, :]
     m_up = m_c & (o_m[:, None] <= o_n[None, :])  # [BD, W]
-    m_lo = m_c & (o_m[:, None] < o_n[None, :])  # [BD, W]
     # 32-bit offsets (the launcher checks that acc has fewer than 2^31 elements): int64 address tiles
     # are what made this epilogue spill
-    p_c = acc_ptr + (idx_m[:, None] * stride_a0 + idx_n[None, :] * stride_a1)  # [BD, W]
+    if PERMUTED and not MIRROR:
+        row = tl.minimum(idx_m[:, None], idx_n[None, :])  # [BD, W]
+        col = tl.maximum(idx_m[:, None], idx_n[None, :])  # [BD, W]
+        p_c = acc_ptr + (row * stride_a0 + col * stride_a1)  # [BD, W]
+    else:
+        p_c = acc_ptr + (idx_m[:, None] * stride_a0 + idx_n[None, :] * stride_a1)  # [BD, W]
     if tl.num_programs(1) == 1:
-        # this program is the only writer of both tiles
+        # this program is the only writer of its tile
         tl.store(p_c, tl.load(p_c, mask=m_up, other=0.0) + b_c, mask=m_up)
     else:
         tl.atomic_add(p_c, b_c, mask=m_up, sem="relaxed")
-    # the mirror stores the same registers through transposed addresses (no tl.trans of the tile)
-    p_ct = acc_ptr + (idx_n[None, :] * stride_a0 + idx_m[:, None] * stride_a1)  # [BD, W]
-    if tl.num_programs(1) == 1:
-        tl.store(p_ct, tl.load(p_ct, mask=m_lo, other=0.0) + b_c, mask=m_lo)
-    else:
-        tl.atomic_add(p_ct, b_c, mask=m_lo, sem="relaxed")
+    if MIRROR:
+        # the mirror stores the same registers through transposed addresses (no tl.trans of the tile)
+        m_lo = m_c & (o_m[:, None] < o_n[None, :])  # [BD, W]
+        p_ct = acc_ptr + (idx_n[None, :] * stride_a0 + idx_m[:, None] * stride_a1)  # [BD, W]
+        if tl.num_programs(1) == 1:
+            tl.store(p_ct, tl.load(p_ct, mask=m_lo, other=0.0) + b_c, mask=m_lo)
+        else:
+            tl.atomic_add(p_ct, b_c, mask=m_lo, sem="relaxed")
 
 
 @triton.jit
-def _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1):
-    """``acc[idx_m, idx_n] += b_c`` on and above the diagonal, and the same values mirrored below it.
+def _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1,
+              MIRROR: tl.constexpr, PERMUTED: tl.constexpr = False):
+    """``acc[idx_m, idx_n] += b_c`` on and above the diagonal; with MIRROR, the same values below it too.
 
     A diagonal tile's dot product is not bitwise symmetric (its two halves sum the same products in
-    different orders), so only its upper half is used, for both halves: the result is exactly
-    symmetric. Off-diagonal tiles (``o_m < o_n`` everywhere) are written whole, twice. The fp64
-    read-modify-write goes in two column halves: a whole 128 x 128 tile held its fp64 values, its
+    different orders), so only its upper half is used. Without MIRROR (the statistics pass) each
+    off-diagonal tile is written once and the lower triangle is filled once, after the last batch
+    (``ops.covariance.mirror_upper_``); with it, every off-diagonal tile is written twice. The fp64
+    read-modify-write goes in column quarters: a whole 128 x 128 tile held its fp64 values, its
     fp32 sums and its addresses at once and spilled 1.3-2.1 KB per thread (benchmarks/tools/kernel_resources.py).
     """
     b_0, b_1 = _column_halves(b_c)  # [BD, BD / 2] each
     o_n0, o_n1 = _halves(o_n)
     m_n0, m_n1 = _halves(m_n)
     idx_n0, idx_n1 = _halves(idx_n)
-    _add_half(acc_ptr, b_0, o_m, o_n0, m_m, m_n0, idx_m, idx_n0, stride_a0, stride_a1)
-    _add_half(acc_ptr, b_1, o_m, o_n1, m_m, m_n1, idx_m, idx_n1, stride_a0, stride_a1)
+    _add_half(acc_ptr, b_0, o_m, o_n0, m_m, m_n0, idx_m, idx_n0, stride_a0, stride_a1, MIRROR, PERMUTED)
+    _add_half(acc_ptr, b_1, o_m, o_n1, m_m, m_n1, idx_m, idx_n1, stride_a0, stride_a1, MIRROR, PERMUTED)
 
 
 @triton.jit
-def _add_half(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1):
+def _add_half(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1,
+              MIRROR: tl.constexpr, PERMUTED: tl.constexpr):
     b_0, b_1 = _column_halves(b_c)  # [BD, BD / 4] each
     o_n0, o_n1 = _halves(o_n)
     m_n0, m_n1 = _halves(m_n)
     idx_n0, idx_n1 = _halves(idx_n)
-    _add_piece(acc_ptr, b_0, o_m, o_n0, m_m, m_n0, idx_m, idx_n0, stride_a0, stride_a1)
-    _add_piece(acc_ptr, b_1, o_m, o_n1, m_m, m_n1, idx_m, idx_n1, stride_a0, stride_a1)
+    _add_piece(acc_ptr, b_0, o_m, o_n0, m_m, m_n0, idx_m, idx_n0, stride_a0, stride_a1, MIRROR, PERMUTED)
+    _add_piece(acc_ptr, b_1, o_m, o_n1, m_m, m_n1, idx_m, idx_n1, stride_a0, stride_a1, MIRROR, PERMUTED)
 
 
 @triton.jit
@@ -168,7 +206,7 @@ def _syrk_kernel(
     n_rows, d, R1,
     stride_x0, stride_x1, stride_xd, stride_a0, stride_a1,
     n_bucket,
-    HAS_MASK: tl.constexpr, TWO_LEVEL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, TWO_LEVEL: tl.constexpr, INPUT_PRECISION: tl.constexpr, MIRROR: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # token r sits at x_ptr + (r // R1) * stride_x0 + (r % R1) * stride_x1 (TWO_LEVEL) or
@@ -198,7 +236,7 @@ def _syrk_kernel(
         b_b = tl.load(p_n + o_row[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BD]
         b_c = tl.dot(tl.trans(b_a), b_b, b_c, input_precision=INPUT_PRECISION)  # [BD, BD]
 
-    _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, o_m, o_n, stride_a0, stride_a1)
+    _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, o_m, o_n, stride_a0, stride_a1, MIRROR)
 
 
 @triton.jit
@@ -256,7 +294,7 @@ def _conv_syrk_kernel(
     n_bucket,
     KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    TAP_MAJOR: tl.constexpr, PIXEL_FAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TAP_MAJOR: tl.constexpr, PIXEL_FAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, MIRROR: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # rows are output pixels r = (n * OH + oh) * OW + ow; columns are kernel taps (c, i, j); the
@@ -291,16 +329,18 @@ def _conv_syrk_kernel(
         else:
             b_c = tl.dot(tl.trans(b_a), b_b, b_c, input_precision=INPUT_PRECISION)  # [BD, BD]
 
-    _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1)
+    # tap-major columns are stored at their F.unfold index: a permutation of the tile's order
+    _add_tile(acc_ptr, b_c, o_m, o_n, m_m, m_n, idx_m, idx_n, stride_a0, stride_a1, MIRROR, TAP_MAJOR)
 
 
 # tuning runs the kernel several times on the live accumulator: restore it in between
 _SYRK = {kind: autotune(f"covariance.syrk[{kind}]", _syrk_kernel, _KEYS, rows,
-                        key=["d", "n_bucket", "HAS_MASK", "TWO_LEVEL", "INPUT_PRECISION"],
+                        key=["d", "n_bucket", "HAS_MASK", "TWO_LEVEL", "INPUT_PRECISION", "MIRROR"],
                         prune_configs_by={"early_config_prune": _prune_tiles}, restore_value=["acc_ptr"])
          for kind, rows in _SYRK_ROWS.items()}
 _CONV_SYRK = {kind: autotune(f"covariance.conv_syrk[{kind}]", _conv_syrk_kernel, _KEYS, rows,
-                             key=["d", "n_bucket", "C", "KH", "KW", "SH", "SW", "TAP_MAJOR", "PIXEL_FAST"],
+                             key=["d", "n_bucket", "C", "KH", "KW", "SH", "SW", "TAP_MAJOR", "PIXEL_FAST",
+                                  "INPUT_PRECISION", "MIRROR"],
                              prune_configs_by={"early_config_prune": _prune_tiles}, restore_value=["acc_ptr"])
               for kind, rows in _CONV_ROWS.items()}
 
@@ -313,14 +353,20 @@ def _table(x: torch.Tensor) -> str:
 # launchers
 # ---------------------------------------------------------------------------------------------
 def _num_splits(tiles: int, n_rows: int, epilogue_rows: int, device: torch.device) -> int:
-    """Splits along N: enough programs to fill the SMs, few enough that the epilogues stay cheap.
+    """Splits along N: none where the tile pairs alone fill the SMs; below that, enough to fill them.
 
-    ``s`` splits take ``ceil(tiles * s / SMs)`` waves, each of ``ceil(N / s)`` rows of dot products
-    plus one epilogue (adding a tile into the fp64 accumulator, twice), which costs about as much as
-    ``epilogue_rows`` rows of dot products. d = 384, N = 8192, 16-bit input on 132 SMs: 6 tiles of
-    128 take 22 splits (one wave); d = 4096 (528 tiles) takes none.
+    The rule: with ``tiles >= SMs`` every program owns its tile and adds it into the accumulator with a
+    plain read-modify-write: no atomics, deterministic. Fewer tiles than SMs would leave SMs idle, so
+    ``s`` splits are chosen by cost: ``ceil(tiles * s / SMs)`` waves, each of ``ceil(N / s)`` rows of
+    dot products plus one epilogue, which costs about as much as ``epilogue_rows`` rows. The splits meet
+    with fp64 atomic adds, which then touch fewer than ``SMs`` tiles: at most 132 x 128 x 128 x 8 B =
+    17 MB on an H100, inside its L2 (50 MiB; A100: 40 MiB), so no atomic goes over an accumulator larger
+    than L2. d = 384, N = 8192, 16-bit input on 132 SMs: 6 tiles of 128 take 22 splits (one wave);
+    d = 3072 (300 tiles) takes none.
     """
     slots = sm_count(device)
+    if tiles >= slots:
+        return 1
     s_max = max(1, min(_MAX_SPLITS, n_rows // _MIN_ROWS_PER_SPLIT))
 
     def cost(s: int) -> int:
@@ -365,13 +411,26 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _precision(x: torch.Tensor, allow_tf32: bool = False) -> str:
+    """fp32 inputs: tf32x3 on the tensor cores (TF32 with ``allow_tf32``); 16-bit inputs: their own products."""
+    if x.dtype != torch.float32:
+        return "ieee"
+    return "tf32" if allow_tf32 else "tf32x3"
+
+
+def _epilogue_rows(precision: str, x: torch.Tensor) -> int:
+    return _EPILOGUE_ROWS_FP32 if x.dtype == torch.float32 and precision != "tf32" else _EPILOGUE_ROWS_TENSOR_CORE
+
+
 def covariance_update_triton(
     acc: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None, allow_tf32: bool = False, *,
-    splits: int | None = None,
+    upper: bool = False, splits: int | None = None,
 ) -> None:
     """``acc += x^T x`` summed over the leading dims of ``x`` (``(..., d)``); rows where ``mask`` is
-    False are skipped. ``acc`` is ``(d, d)`` fp64 (or fp32). fp32 inputs use IEEE fp32 products
-    unless ``allow_tf32``. ``splits`` forces the number of chunks along N (tests); None picks it.
+    False are skipped. ``acc`` is ``(d, d)`` fp64 (or fp32). ``upper``: only the upper triangle
+    (``i <= j``) of ``acc`` is updated, the lower one is left as it is. fp32 inputs run as tf32x3 on
+    the tensor cores, TF32 with ``allow_tf32``. ``splits`` forces the number of chunks along N
+    (tests); None picks it (``_num_splits``).
     """
     d = x.shape[-1]
     n_rows = x.numel() // d if d else 0
@@ -392,16 +451,14 @@ def covariance_update_triton(
         two_level, r1, stride_x0, stride_x1 = False, n_rows, 0, strides[0] if strides else d
     # a copy only if the mask itself is strided (N bytes, never the tokens); x stands in for no mask, never read
     mask_arg = mask.reshape(-1).view(torch.uint8) if mask is not None else x
-    precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
-    fma = x.dtype == torch.float32 and precision == "ieee"
-    epilogue_rows = _EPILOGUE_ROWS_FMA if fma else _EPILOGUE_ROWS_TENSOR_CORE
+    precision = _precision(x, allow_tf32)
     with _device_guard(x):
-        _SYRK[_table(x)][_grid(d, n_rows, epilogue_rows, x.device, splits)](
+        _SYRK[_table(x)][_grid(d, n_rows, _epilogue_rows(precision, x), x.device, splits)](
             x, mask_arg, acc,
             n_rows, d, r1,
             stride_x0, stride_x1, x.stride(-1), acc.stride(0), acc.stride(1),
             triton.next_power_of_2(n_rows),
-            HAS_MASK=mask is not None, TWO_LEVEL=two_level, INPUT_PRECISION=precision,
+            HAS_MASK=mask is not None, TWO_LEVEL=two_level, INPUT_PRECISION=precision, MIRROR=not upper,
         )
 
 
@@ -428,12 +485,14 @@ def conv_covariance_update_triton(
     padding: Sequence[int],
     dilation: Sequence[int],
     *,
+    upper: bool = False,
     splits: int | None = None,
     layout: tuple[bool, bool] | None = None,
 ) -> None:
     """``acc += P^T P`` for the im2col patches ``P`` of ``x`` (``(N, C, H, W)``, any strides), with
-    the patch laid out as F.unfold does. ``splits`` and ``layout`` (``(tap_major, pixel_fast)``)
-    force the split count and the load orientation (tests); None picks them."""
+    the patch laid out as F.unfold does; ``upper`` as in :func:`covariance_update_triton`. ``splits``
+    and ``layout`` (``(tap_major, pixel_fast)``) force the split count and the load orientation
+    (tests); None picks them."""
     n_img, channels, h, w = x.shape
     kh, kw = (int(v) for v in kernel_size)
     sh, sw = (int(v) for v in stride)
@@ -451,17 +510,15 @@ def conv_covariance_update_triton(
     if x.dtype not in _DOT_DTYPES:
         x = x.to(torch.float32)
     tap_major, pixel_fast = layout if layout is not None else _conv_layout(x, kw, sw, dw, out_w)
-    epilogue_rows = _EPILOGUE_ROWS_FMA if x.dtype == torch.float32 else _EPILOGUE_ROWS_TENSOR_CORE
+    precision = _precision(x)
     with _device_guard(x):
-        _CONV_SYRK[_table(x)][_grid(d, n_rows, epilogue_rows, x.device, splits)](
+        _CONV_SYRK[_table(x)][_grid(d, n_rows, _epilogue_rows(precision, x), x.device, splits)](
             x, acc,
             n_rows, d, channels, h, w, out_h, out_w,
             *x.stride(), acc.stride(0), acc.stride(1),
             triton.next_power_of_2(n_rows),
             KH=kh, KW=kw, SH=sh, SW=sw, PH=ph, PW=pw, DH=dh, DW=dw,
-            TAP_MAJOR=tap_major, PIXEL_FAST=pixel_fast,
-            # fp32 activations keep IEEE products: TF32 would degrade the statistics
-            INPUT_PRECISION="ieee",
+            TAP_MAJOR=tap_major, PIXEL_FAST=pixel_fast, INPUT_PRECISION=precision, MIRROR=not upper,
         )
 
 
