@@ -291,6 +291,7 @@ class Job:
     labels: list[str] = field(default_factory=list)
     shapes: list[dict] = field(default_factory=list)  # per label: the launch's scalar arguments and grid
     selectable_for: list[bool] = field(default_factory=list)  # per label: the launcher's prune keeps the row
+    launch_ids: list[int] = field(default_factory=list)  # per label: the launch's index in the recording
     selectable: bool = False
 
 
@@ -306,7 +307,7 @@ def make_jobs(launches: list[Launch], targets, rows: str, representative: bool =
 
     jobs: dict[str, Job] = {}
     binders = {}
-    for launch in launches:
+    for n, launch in enumerate(launches):
         table = _autotune.TABLES[launch.table]
         fn = table.kernel
         for cc in targets:
@@ -341,6 +342,7 @@ def make_jobs(launches: list[Launch], targets, rows: str, representative: bool =
                                           fn.fn.__module__, fn.fn.__qualname__, signature, constexprs, attrs,
                                           dict(options.__dict__))
                 job.labels.append(launch.label)
+                job.launch_ids.append(n)
                 job.shapes.append(_scalars(fn.arg_names, launch, config))
                 job.selectable_for.append(_config_str(config) in selectable)
                 job.selectable = job.selectable or _config_str(config) in selectable
@@ -825,8 +827,10 @@ def finish_row(job: Job, result: dict) -> dict:
 
 def loop_report(job: Job, bodies: list[dict]) -> dict:
     """The compile's main loops (:func:`main_loops`) with the iterations of the first launch it serves, and
-    per launch (``per_launch``, in the order of ``labels``) the iterations, output tiles and instructions
-    per output tile, from that launch's scalars and grid."""
+    per launch (``per_launch``, in the order of ``labels``) the output tiles per program and instructions
+    per output tile, from that launch's scalars and grid, the programs of its grid, and the warp
+    instructions its main loops issue in all (per program x warps x programs: every program taken to
+    run as many iterations as the first; split-K programs of one tile each count)."""
     _, _, fdef, helpers = kernel_ast(job.module, job.kernel)
     names = list(job.signature)
     constexprs = {names[i[0]]: v for i, v in job.constexprs.items() if isinstance(v, int) and not isinstance(v, bool)}
@@ -837,11 +841,15 @@ def loop_report(job: Job, bodies: list[dict]) -> dict:
         per_launch.append(main_loops(bodies, loops, holder))
     first = per_launch[0]
     return {"main_loops": first["loops"], "grid": job.shapes[0].get("grid") if job.shapes else None,
-            "per_launch": [{"iterations": [lo["iterations"] for lo in r["loops"]], "tiles": r["tiles"],
-                            "loop_instructions": r["loop_instructions"],
-                            "instructions_per_tile": r["instructions_per_tile"],
-                            "programs": math.prod(shapes["grid"]) if shapes.get("grid") else None}
+            "per_launch": [{"tiles": r["tiles"], "instructions_per_tile": r["instructions_per_tile"],
+                            "programs": _programs(shapes),
+                            "launch_instructions": None if r["loop_instructions"] is None or not _programs(shapes)
+                            else r["loop_instructions"] * job.options["num_warps"] * _programs(shapes)}
                            for r, shapes in zip(per_launch, job.shapes or [{}], strict=True)]}
+
+
+def _programs(shapes: dict) -> int | None:
+    return math.prod(shapes["grid"]) if shapes.get("grid") else None
 
 
 def loops_str(main: list[dict]) -> str:
@@ -966,14 +974,19 @@ BEFORE_AFTER_LAUNCHES = (
 )
 
 
+def _millions(v) -> str:
+    return "-" if v is None else f"{v / 1e6:.1f}"
+
+
 def _num(v) -> str:
     return "-" if v is None else f"{v:,.0f}" if isinstance(v, float) else str(v)
 
 
 def launch_metrics(compiles: list[dict], labels=BEFORE_AFTER_LAUNCHES) -> dict:
-    """Per (label, target, dtype, kernel table): the first row's registers, LDL/STL in loops, shared memory,
-    MMA per main-loop iteration (the most over its loops) and instructions per output tile, and the fewest
-    instructions per output tile over the rows the launcher keeps for that launch (with the row)."""
+    """Per (label, target, dtype, kernel table, launch index: a label may launch one table twice): the first
+    row's registers, LDL/STL in loops, shared memory, MMA per main-loop iteration (the most over its loops),
+    instructions per output tile, programs and warp instructions per launch, and the fewest instructions per
+    output tile over the rows the launcher keeps for that launch (with the row)."""
     out: dict[tuple, dict] = {}
     for c in compiles:
         if c["status"] != "ok":
@@ -981,7 +994,7 @@ def launch_metrics(compiles: list[dict], labels=BEFORE_AFTER_LAUNCHES) -> dict:
         for i, label in enumerate(c["labels"]):
             if label not in labels:
                 continue
-            key = (label, c["target"], c["dtype"], c["table"])
+            key = (label, c["target"], c["dtype"], c["table"], c["launch_ids"][i] if c.get("launch_ids") else 0)
             entry = out.setdefault(key, {"best": None, "best_row": None})
             launch = c["per_launch"][i] if c.get("per_launch") else {}
             per_tile = launch.get("instructions_per_tile")
@@ -990,6 +1003,7 @@ def launch_metrics(compiles: list[dict], labels=BEFORE_AFTER_LAUNCHES) -> dict:
                 entry.update(row0=True, regs=c["regs"], stack=c["stack"], local_in_loop=c["local_in_loop"],
                              smem=c["smem"], mma=max(mma, default=0), per_tile=per_tile,
                              programs=launch.get("programs"), tiles=launch.get("tiles"),
+                             launch_instructions=launch.get("launch_instructions"),
                              loops=loops_str(c.get("main_loops", [])), config=c["config"])
             if c.get("selectable_for", [True] * (i + 1))[i] and per_tile is not None and (
                     entry["best"] is None or per_tile < entry["best"]):
@@ -1004,34 +1018,53 @@ def before_metrics(report: dict) -> dict:
         return launch_metrics(report["compiles"])
     out = {}
     for key, v in report["before_after"]["before"].items():
-        label, target, dtype, table = key.split(" | ")
-        out[label, int(target), dtype, table] = v
+        label, target, dtype, table, *n = key.split(" | ")
+        out[label, int(target), dtype, table, int(n[0]) if n else 0] = v
     return out
+
+
+def _pairs(bs: list[dict], as_: list[dict]) -> list[tuple[dict | None, dict | None]]:
+    """Before and after kernels of one launch, paired: same family (the table name before ``[``) first, in
+    order; then what is left on both sides, in order (a kernel that replaced another: a renamed table, the
+    fused MLP's two linears); then the rest alone."""
+    def family(e):
+        return e["table"].split("[")[0]
+
+    pairs, left_b, left_a = [], [], list(as_)
+    for b in bs:
+        a = next((a for a in left_a if family(a) == family(b)), None)
+        if a is None:
+            left_b.append(b)
+        else:
+            left_a.remove(a)
+            pairs.append((b, a))
+    n = min(len(left_b), len(left_a))
+    pairs += list(zip(left_b[:n], left_a[:n], strict=True))
+    return pairs + [(b, None) for b in left_b[n:]] + [(None, a) for a in left_a[n:]]
 
 
 def before_after_md(before: dict, after: dict) -> list[str]:
     """The "Before/after (issue 23)" section: per representative launch, target, dtype and kernel (the
-    launcher's tables, matched by kernel family: the name before ``[``), before -> after."""
-    def family(table):
-        return table.split("[")[0]
-
+    launcher's tables, paired by :func:`_pairs`), before -> after."""
     b_m, a_m = before_metrics(before), launch_metrics(after["compiles"])
-    keys = sorted({(k[0], k[1], k[2], family(k[3])) for k in (*b_m, *a_m)},
-                  key=lambda k: (BEFORE_AFTER_LAUNCHES.index(k[0]), k[3], k[1], k[2]))
+    keys = sorted({k[:3] for k in (*b_m, *a_m)}, key=lambda k: (BEFORE_AFTER_LAUNCHES.index(k[0]), k[1], k[2]))
     out = ["", "## Before/after (issue 23)", "",
            f"Before: {before.get('source', 'the tree before the change')} (Triton {before['triton']}); after: this "
-           "table. Per representative launch, target and dtype, for each kernel it launches (its table; `-`: "
-           "not launched on that side): the first row's registers, LDL/STL inside loops, shared memory, "
-           "tensor-core instructions per main-loop iteration (the most over its loops), main-loop instructions "
-           "per warp per output tile and the loops themselves (`var:instr/MMA` per iteration, as above), the "
-           "programs its launch grid holds (as recorded on this CPU-only machine: where a launcher sizes its grid "
-           "by the SM count, the count it assumes without a device), and the fewest instructions per output tile "
-           "over the rows the launcher keeps for that launch (with that row).", "",
+           "table. Per representative launch, target and dtype, for each kernel it launches (its table, before / "
+           "after where the name changed; `-`: not launched on that side): the first row's registers, LDL/STL "
+           "inside loops, shared memory, tensor-core instructions per main-loop iteration (the most over its "
+           "loops), main-loop instructions per warp per output tile and the loops themselves (`var:instr/MMA` "
+           f"per iteration, as above), the programs of its launch grid (the launchers sized for {RECORD_SMS} SMs, "
+           "an H100/H200), the warp instructions its main loops issue in the whole launch in millions (per "
+           "program x warps x programs, each program taken to run the first one's iterations: unlike the "
+           "per-tile count, it charges split-K programs that share a tile and work repeated by each split), and "
+           "the fewest instructions per output tile over the rows the launcher keeps for that launch (with that "
+           "row).", "",
            "| launch | kernel | target | dtype | REG | LDL/STL in loop | smem KiB | MMA/iter | instr/tile (row 0) | "
-           "main loops (row 0) | programs | fewest instr/tile (row) |", "|" + "---|" * 12]
+           "main loops (row 0) | programs | M warp-instr/launch | fewest instr/tile (row) |", "|" + "---|" * 13]
 
     def pick(metrics, key):
-        return [v | {"table": k[3]} for k, v in metrics.items() if (k[0], k[1], k[2], family(k[3])) == key]
+        return [v | {"table": k[3]} for k, v in sorted(metrics.items(), key=lambda kv: kv[0][3:]) if k[:3] == key]
 
     def cell(b, a, field, fmt=_num):
         def one(e):
@@ -1039,17 +1072,14 @@ def before_after_md(before: dict, after: dict) -> list[str]:
         return f"{one(b)} → {one(a)}"
 
     for key in keys:
-        bs, as_ = pick(b_m, key), pick(a_m, key)
-        for n in range(max(len(bs), len(as_))):
-            b = bs[n] if n < len(bs) else None
-            a = as_[n] if n < len(as_) else None
+        for b, a in _pairs(pick(b_m, key), pick(a_m, key)):
             tables = " / ".join(dict.fromkeys(e["table"] for e in (b, a) if e))
             best = " → ".join(f"{_num(e['best'])} ({e['best_row']})" if e and e["best"] is not None else "-"
                               for e in (b, a))
             out.append(f"| {key[0]} | {tables} | sm_{key[1]} | {key[2]} | {cell(b, a, 'regs')} | "
                        f"{cell(b, a, 'local_in_loop')} | {cell(b, a, 'smem', lambda v: f'{v / 1024:.1f}')} | "
                        f"{cell(b, a, 'mma')} | {cell(b, a, 'per_tile')} | {cell(b, a, 'loops')} | "
-                       f"{cell(b, a, 'programs')} | {best} |")
+                       f"{cell(b, a, 'programs')} | {cell(b, a, 'launch_instructions', _millions)} | {best} |")
     return out
 
 

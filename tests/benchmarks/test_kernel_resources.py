@@ -175,7 +175,8 @@ def test_before_after_section():
         return {"status": "ok", "table": table, "row": row, "config": "c", "target": 90, "dtype": "bf16",
                 "labels": ["vit_b16 b64 fc1 r192 lowrank_linear"], "selectable_for": [selectable], "regs": regs,
                 "stack": 0, "local_in_loop": 0, "smem": 2048,
-                "per_launch": [{"instructions_per_tile": per_tile, "programs": 99}],
+                "per_launch": [{"instructions_per_tile": per_tile, "programs": 99,
+                                "launch_instructions": per_tile * 4 * 8 * 99}],
                 "main_loops": [{"source": "k0 in range(0, K, BK)", "instructions": 90, "hmma": 0, "hgmma": 4,
                                 "counted": True, "repeat": False}]}
     before = {"triton": "3.8.0", "source": "HEAD", "compiles": [compile_(0, 203, 2900.0), compile_(1, 180, 2500.0),
@@ -185,7 +186,19 @@ def test_before_after_section():
     row = [ln for ln in lines if ln.startswith("| vit_b16")]
     assert row == ["| vit_b16 b64 fc1 r192 lowrank_linear | lowrank_linear.fused[16-bit] / "
                    "lowrank_linear.fused[16-bit,gelu] | sm_90 | bf16 | 203 → 168 | 0 → 0 | 2.0 → 2.0 | 4 → 4 | "
-                   "2,900 → 700 | k0:90/4 → k0:90/4 | 99 → 99 | 2,500 (1) → 700 (0) |"]
+                   "2,900 → 700 | k0:90/4 → k0:90/4 | 99 → 99 | 9.2 → 2.2 | 2,500 (1) → 700 (0) |"]
+    # a renamed table (another family) is paired with what it replaced; an extra kernel stands alone
+    after = {"compiles": [compile_(0, 168, 700.0, table="lowrank_linear.chunked[16-bit]"),
+                          compile_(0, 64, 300.0, table="lowrank_linear.shrink[16-bit]")]}
+    lines = kr.before_after_md(before, after)
+    row = [ln.split(" | ")[1:5] for ln in lines if ln.startswith("| vit_b16")]
+    assert row == [["lowrank_linear.fused[16-bit] / lowrank_linear.chunked[16-bit]", "sm_90", "bf16", "203 → 168"],
+                   ["lowrank_linear.shrink[16-bit]", "sm_90", "bf16", "- → 64"]]
+    # one table launched twice for one label (the two linears of a split MLP): two rows
+    twice = [compile_(0, 64, 300.0, table="lowrank_linear.shrink[16-bit]") | {"launch_ids": [n]} for n in (7, 9)]
+    rows = [ln for ln in kr.before_after_md(before, {"compiles": twice}) if ln.startswith("| vit_b16")]
+    assert [r.split(" | ")[1] for r in rows] == ["lowrank_linear.fused[16-bit] / lowrank_linear.shrink[16-bit]",
+                                                 "lowrank_linear.shrink[16-bit]"]
     # the kept block of a report made with --before gives the same section
     kept = {" | ".join(map(str, k)): v for k, v in kr.launch_metrics(before["compiles"]).items()}
     block = {"source": "HEAD", "triton": "3.8.0", "before": kept}
