@@ -827,10 +827,10 @@ def finish_row(job: Job, result: dict) -> dict:
 
 def loop_report(job: Job, bodies: list[dict]) -> dict:
     """The compile's main loops (:func:`main_loops`) with the iterations of the first launch it serves, and
-    per launch (``per_launch``, in the order of ``labels``) the output tiles per program and instructions
-    per output tile, from that launch's scalars and grid, the programs of its grid, and the warp
-    instructions its main loops issue in all (per program x warps x programs: every program taken to
-    run as many iterations as the first; split-K programs of one tile each count)."""
+    per launch (``per_launch``, in the order of ``labels``, as lists of ``PER_LAUNCH``) the output tiles
+    per program and instructions per output tile, from that launch's scalars and grid, the programs of its
+    grid, and the warp instructions its main loops issue in all (per program x warps x programs: every
+    program taken to run as many iterations as the first; split-K programs of one tile each count)."""
     _, _, fdef, helpers = kernel_ast(job.module, job.kernel)
     names = list(job.signature)
     constexprs = {names[i[0]]: v for i, v in job.constexprs.items() if isinstance(v, int) and not isinstance(v, bool)}
@@ -841,11 +841,18 @@ def loop_report(job: Job, bodies: list[dict]) -> dict:
         per_launch.append(main_loops(bodies, loops, holder))
     first = per_launch[0]
     return {"main_loops": first["loops"], "grid": job.shapes[0].get("grid") if job.shapes else None,
-            "per_launch": [{"tiles": r["tiles"], "instructions_per_tile": r["instructions_per_tile"],
-                            "programs": _programs(shapes),
-                            "launch_instructions": None if r["loop_instructions"] is None or not _programs(shapes)
-                            else r["loop_instructions"] * job.options["num_warps"] * _programs(shapes)}
+            "per_launch": [_per_launch(r, shapes, job.options["num_warps"])
                            for r, shapes in zip(per_launch, job.shapes or [{}], strict=True)]}
+
+
+def _per_launch(loops: dict, shapes: dict, num_warps: int) -> list:
+    per_tile, programs = loops["instructions_per_tile"], _programs(shapes)
+    return [loops["tiles"], None if per_tile is None else round(per_tile), programs,
+            None if loops["loop_instructions"] is None or not programs
+            else loops["loop_instructions"] * num_warps * programs]
+
+
+PER_LAUNCH = ("tiles", "instructions_per_tile", "programs", "launch_instructions")  # a per_launch entry's fields
 
 
 def _programs(shapes: dict) -> int | None:
@@ -908,7 +915,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                         fits=all(r["fits"] for r in ok), occupancy=min(r["occupancy"] for r in ok),
                         hmma=min(r["hmma"] for r in ok), hgmma=min(r["hgmma"] for r in ok),
                         ldgsts=min(r["ldgsts"] for r in ok), tma=min(r["tma"] for r in ok))
-            per_tile = [lc["instructions_per_tile"] for r in ok for lc in r.get("per_launch", [])]
+            per_tile = [dict(zip(PER_LAUNCH, lc, strict=True))["instructions_per_tile"] for r in ok
+                        for lc in r.get("per_launch", [])]
             mma = [lo["hmma"] + lo["hgmma"] for r in ok for lo in r.get("main_loops", []) if lo["counted"]]
             line.update(loops=loops_str(ok[0].get("main_loops", [])), mma_per_iteration=max(mma, default=0),
                         instructions_per_tile=None if None in per_tile or not per_tile else round(max(per_tile)))
@@ -979,7 +987,7 @@ def _millions(v) -> str:
 
 
 def _num(v) -> str:
-    return "-" if v is None else f"{v:,.0f}" if isinstance(v, float) else str(v)
+    return "-" if v is None else f"{v:,.0f}" if isinstance(v, int | float) and not isinstance(v, bool) else str(v)
 
 
 def launch_metrics(compiles: list[dict], labels=BEFORE_AFTER_LAUNCHES) -> dict:
@@ -996,7 +1004,7 @@ def launch_metrics(compiles: list[dict], labels=BEFORE_AFTER_LAUNCHES) -> dict:
                 continue
             key = (label, c["target"], c["dtype"], c["table"], c["launch_ids"][i] if c.get("launch_ids") else 0)
             entry = out.setdefault(key, {"best": None, "best_row": None})
-            launch = c["per_launch"][i] if c.get("per_launch") else {}
+            launch = dict(zip(PER_LAUNCH, c["per_launch"][i], strict=True)) if c.get("per_launch") else {}
             per_tile = launch.get("instructions_per_tile")
             if c["row"] == 0:
                 mma = [lo["hmma"] + lo["hgmma"] for lo in c.get("main_loops", []) if lo["counted"]]
@@ -1158,7 +1166,10 @@ def main(argv: list[str] | None = None) -> int:
     if before is not None:
         report["before_after"] = {"source": before.get("source", args.before), "triton": before["triton"],
                                   "before": {" | ".join(map(str, k)): v for k, v in before_metrics(before).items()}}
-    _write(out_dir / f"{stem}.json", json.dumps(report, indent=1) + "\n")
+    # one line per compile: the summary stays readable, the file small
+    text = json.dumps({**report, "compiles": "@COMPILES@"}, indent=1)
+    text = text.replace('"@COMPILES@"', "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n ]")
+    _write(out_dir / f"{stem}.json", text + "\n")
     _write(out_dir / f"{stem}.md", markdown(summary, ext_rows, found, header, before, report))
     print(f"kernel_resources: wrote {out_dir / stem}.{{json,md}} in {header['seconds']}s; "
           f"{len(found)} problem(s)")

@@ -175,8 +175,7 @@ def test_before_after_section():
         return {"status": "ok", "table": table, "row": row, "config": "c", "target": 90, "dtype": "bf16",
                 "labels": ["vit_b16 b64 fc1 r192 lowrank_linear"], "selectable_for": [selectable], "regs": regs,
                 "stack": 0, "local_in_loop": 0, "smem": 2048,
-                "per_launch": [{"instructions_per_tile": per_tile, "programs": 99,
-                                "launch_instructions": per_tile * 4 * 8 * 99}],
+                "per_launch": [[1, per_tile, 99, per_tile * 4 * 8 * 99]],
                 "main_loops": [{"source": "k0 in range(0, K, BK)", "instructions": 90, "hmma": 0, "hgmma": 4,
                                 "counted": True, "repeat": False}]}
     before = {"triton": "3.8.0", "source": "HEAD", "compiles": [compile_(0, 203, 2900.0), compile_(1, 180, 2500.0),
