@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.tools.rows import Row, environment, result_path, write_rows
+from benchmarks.tools.rows import Row, against_dense, environment, result_path, write_rows
 from utilrank_kernels.ops import lowrank_conv2d, lowrank_linear
-from utilrank_kernels.timing import Timing, time_interleaved
+from utilrank_kernels.timing import time_interleaved
 
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 DTYPE_NAME = {"cpu": "fp32", "cuda": "bf16"}
@@ -65,13 +65,7 @@ def case_rows(op: str, device: str, shape: dict, fns: dict[str, Callable], iters
     """The dense op and each backend, interleaved; every factored row against the dense one."""
     with torch.inference_mode():
         times = time_interleaved(fns, warmup=5, iters=iters, device=torch.device(device))
-    dense = Timing.of(times.pop("dense"))
-    rows = [Row(op, "dense", DTYPE_NAME[device], shape, dense)]
-    rows += [Row(op, backend, DTYPE_NAME[device], shape, Timing.of(t), {"dense": dense})
-             for backend, t in times.items()]
-    print(f"{op} {device} {shape}: dense {dense.median:.3f} ms, "
-          + ", ".join(f"{r.impl} {r.timing.median:.3f} ms (x{r.speedup('dense'):.2f})" for r in rows[1:]), flush=True)
-    return rows
+    return against_dense(op, DTYPE_NAME[device], shape, times)
 
 
 def main(argv: list[str] | None = None) -> int:

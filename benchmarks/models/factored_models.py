@@ -20,11 +20,11 @@ import timm
 import torch
 from torch import nn
 
-from benchmarks.tools.rows import Row, environment, result_path, write_rows
+from benchmarks.tools.rows import Row, against_dense, environment, result_path, write_rows
 from utilrank_kernels.bench import cut_to_ratio
 from utilrank_kernels.models import BUILTIN_MODELS, build_builtin
 from utilrank_kernels.nn import set_backend
-from utilrank_kernels.timing import Timing, time_interleaved
+from utilrank_kernels.timing import time_interleaved
 
 DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 DTYPE_NAME = {"cpu": "fp32", "cuda": "bf16"}
@@ -49,14 +49,8 @@ def model_rows(name: str, device: str, iters: int) -> list[Row]:
     fns |= {f"factored-{b}": lambda b=b: set_backend(compressed, b)(x) for b in BACKENDS[device]}
     with torch.inference_mode():
         times = time_interleaved(fns, warmup=3, iters=iters, device=torch.device(device))
-    base = Timing.of(times.pop("dense"))
-    row_shape = {"batch_size": batch, "input": list(shape)}
-    rows = [Row(name, "dense", DTYPE_NAME[device], row_shape, base)]
-    rows += [Row(name, impl, DTYPE_NAME[device], row_shape, Timing.of(t), {"dense": base}, {"param_ratio": 0.5})
-             for impl, t in times.items()]
-    print(f"{name} batch {batch} on {device}: dense {base.median:.2f} ms, "
-          + ", ".join(f"{r.impl} {r.timing.median:.2f} ms (x{r.speedup('dense'):.2f})" for r in rows[1:]), flush=True)
-    return rows
+    return against_dense(name, DTYPE_NAME[device], {"batch_size": batch, "input": list(shape)}, times,
+                         {"param_ratio": 0.5}, digits=2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,9 +24,10 @@ representative launches (``BEFORE_AFTER_LAUNCHES``) and keeps its before side in
 ``--keep-before`` (what ``make kernel-resources`` passes) carries that section over from the report it replaces.
 
 ``--check`` fails (exit 1, one line per problem) where, on any target and dtype: a row the launcher can
-select does not fit the target's shared memory; a first row (what ``UTILRANK_TRITON_CONFIG=first`` runs)
-does not compile, does not fit, or moves local memory inside a loop; a 16-bit compile has no tensor-core
-instruction; the CUDA extension's cubins spill.
+select does not fit the target's shared memory or moves local memory inside a loop; a first row (what
+``UTILRANK_TRITON_CONFIG=first`` runs) does not compile, does not fit, or moves local memory inside a loop; a
+16-bit compile has no tensor-core instruction; the CUDA extension's cubins spill. (Under ``--rows first`` only
+the first rows are compiled, so the selectable rows' checks need the full run, ``make kernel-resources``.)
 """
 
 from __future__ import annotations
@@ -613,18 +614,28 @@ def _call_helper(fdef: ast.FunctionDef, call: ast.Call, env: dict, grid, helpers
     local.update(zip(local, map(arg, call.args), strict=False))
     local.update({k.arg: arg(k.value) for k in call.keywords if k.arg})
     for st in fdef.body:
-        if isinstance(st, ast.Assign):
-            try:
-                value = _eval(st.value, local, grid, helpers)
-            except (_Unknown, TypeError, IndexError):
-                value = None
-            for target in st.targets:
-                _bind(target, value, local)
-        elif isinstance(st, ast.AnnAssign | ast.AugAssign):
-            _bind(st.target, None, local)
-        elif isinstance(st, ast.Return) and st.value is not None:
+        if _assign(st, local, grid, helpers):
+            continue
+        if isinstance(st, ast.Return) and st.value is not None:
             return _eval(st.value, local, grid, helpers)
     raise _Unknown
+
+
+def _assign(st: ast.stmt, env: dict, grid, helpers) -> bool:
+    """Follow an assignment into ``env`` (an unknown value, or an augmented one, binds None); False if ``st``
+    assigns nothing."""
+    if isinstance(st, ast.Assign):
+        try:
+            value = _eval(st.value, env, grid, helpers)
+        except (_Unknown, TypeError, IndexError):
+            value = None
+        for target in st.targets:
+            _bind(target, value, env)
+    elif isinstance(st, ast.AnnAssign | ast.AugAssign):
+        _bind(st.target, None, env)
+    else:
+        return False
+    return True
 
 
 def _bind(target, value, env: dict) -> None:
@@ -648,16 +659,9 @@ def source_loops(fdef: ast.FunctionDef, env: dict, grid=None, helpers: dict | No
 
     def walk(stmts, parent):
         for st in stmts:
-            if isinstance(st, ast.Assign):
-                try:
-                    value = _eval(st.value, env, grid, helpers)
-                except (_Unknown, TypeError, IndexError):
-                    value = None
-                for target in st.targets:
-                    _bind(target, value, env)
-            elif isinstance(st, ast.AugAssign | ast.AnnAssign):
-                _bind(st.target, None, env)
-            elif isinstance(st, ast.For) and _call_name(st.iter) in _RANGES:
+            if _assign(st, env, grid, helpers):
+                continue
+            if isinstance(st, ast.For) and _call_name(st.iter) in _RANGES:
                 try:
                     r = range(*(_eval(a, env, grid, helpers) for a in st.iter.args[:3]))
                     trips, first = len(r), (r.start if len(r) else None)
@@ -887,8 +891,9 @@ def problems(rows: list[dict], ext_rows: list[dict]) -> list[str]:
             kind = "first row" if r["row"] == 0 else "selectable row"
             out.append(f"{where}: {kind} needs {r['smem'] / 1024:.1f} KiB of shared memory, over the "
                        f"{r['smem_limit'] // 1024} KiB limit{shapes}")
-        if r["row"] == 0 and r["local_in_loop"]:
-            out.append(f"{where}: first row moves local memory inside a loop ({r['local_in_loop']} LDL/STL, "
+        if (r["row"] == 0 or r["selectable"]) and r["local_in_loop"]:
+            kind = "first row" if r["row"] == 0 else "selectable row"
+            out.append(f"{where}: {kind} moves local memory inside a loop ({r['local_in_loop']} LDL/STL, "
                        f"stack {r['stack']} B){shapes}")
         if r["dtype"] in ("fp16", "bf16") and r["hmma"] + r["hgmma"] == 0:
             out.append(f"{where}: 16-bit compile without tensor-core instructions (no HMMA/HGMMA){shapes}")

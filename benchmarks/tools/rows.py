@@ -57,6 +57,19 @@ class Row:
         return out | dict(env)
 
 
+def against_dense(op: str, dtype: str, shape: Mapping[str, object], times: Mapping[str, list[float]],
+                  extra: Mapping[str, object] = (), digits: int = 3) -> list[Row]:
+    """The dense row, then every other implementation's row with the dense timing as its baseline (``times``:
+    seconds per step by implementation, ``"dense"`` among them, measured interleaved); prints one line."""
+    dense = Timing.of(times["dense"])
+    rows = [Row(op, "dense", dtype, shape, dense)]
+    rows += [Row(op, impl, dtype, shape, Timing.of(t), {"dense": dense}, dict(extra))
+             for impl, t in times.items() if impl != "dense"]
+    print(f"{op} {dtype} {dict(shape)}: dense {dense.median:.{digits}f} ms, " + ", ".join(
+        f"{r.impl} {r.timing.median:.{digits}f} ms (x{r.speedup('dense'):.2f})" for r in rows[1:]), flush=True)
+    return rows
+
+
 def environment(device: str | torch.device = "cpu") -> dict:
     """The device's name, the torch/triton (and CUDA) versions, torch's threads and the date."""
     device = torch.device(device)

@@ -223,19 +223,23 @@ def _row(**kw):
 
 
 def test_check_fails_on_each_problem_and_only_those():
-    assert kr.problems([_row(), _row(row=3, local_in_loop=9, stack=64), _row(row=2, selectable=False, fits=False,
-                                                                              smem=200 << 10)], []) == []
+    # rows the launcher never selects on that target may spill or overflow: they never run there
+    assert kr.problems([_row(), _row(row=3, selectable=False, local_in_loop=9, stack=64),
+                        _row(row=2, selectable=False, fits=False, smem=200 << 10)], []) == []
     found = kr.problems([
         _row(fits=False, smem=170 << 10),  # a first row over the limit
         _row(row=2, fits=False, smem=200 << 10),  # a selectable row over the limit
         _row(local_in_loop=3, stack=24),  # a first row spilling in its loop
+        _row(row=3, local_in_loop=2, stack=16),  # a selectable row spilling in its loop
         _row(dtype="bf16", hmma=0),  # a 16-bit compile without tensor cores
         _row(status="error", error="CompilationError: x"),  # a first row that does not compile
     ], [{"function": "k", "arch": "sm_90", "stack": 8, "ldl": 1, "stl": 1}])
-    assert len(found) == 6
+    assert len(found) == 7
     assert "first row needs 170.0 KiB" in found[0] and "selectable row needs 200.0 KiB" in found[1]
-    assert "inside a loop (3 LDL/STL" in found[2] and "without tensor-core" in found[3]
-    assert "does not compile" in found[4] and "CUDA extension k sm_90" in found[5]
+    assert "first row moves local memory inside a loop (3 LDL/STL" in found[2]
+    assert "selectable row moves local memory inside a loop (2 LDL/STL" in found[3]
+    assert "without tensor-core" in found[4]
+    assert "does not compile" in found[5] and "CUDA extension k sm_90" in found[6]
     assert kr.problems([_row(dtype="fp32", hmma=0)], []) == []  # fp32 IEEE dots run on the FMA units
 
 

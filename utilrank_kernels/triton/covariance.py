@@ -78,12 +78,13 @@ _SYRK_ROWS = {
     "fp32": [(64, 32, 4, 3), (128, 16, 8, 3), (64, 32, 8, 3), (32, 64, 4, 3)],
 }
 # the conv kernel also forms its patch addresses in the loop: 128-wide tiles spill there with BLOCK_K = 64,
-# and so does 64 x 64 on 4 warps (26-111 LDL/STL in the loop on sm_80 and sm_90, Triton 3.6 and 3.8)
+# and so does 64 x 64 on 4 warps (26-111 LDL/STL in the loop on sm_80 and sm_90, Triton 3.6 and 3.8); under
+# Triton 3.6 on sm_80, 64 x 32 on 4 warps (16-bit, 112 B of stack) and fp32 32 x 64 on 8 warps (16 B) did too
 _CONV_ROWS = {
-    "16-bit": [(128, 32, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3)],
-    # fp32 (tf32x3) on 8 warps: 120-255 registers, no local memory; on 4 warps (FMA loop): 255 and 48-192 B
-    # of stack, in the loop, on sm_80
-    "fp32": [(64, 32, 8, 3), (32, 64, 8, 3), (32, 32, 4, 3)],
+    "16-bit": [(128, 32, 8, 3), (32, 64, 4, 3)],
+    # fp32 (tf32x3) on 8 warps: 120-255 registers; on 4 warps (FMA loop): 255 and 48-192 B of stack, in the
+    # loop, on sm_80
+    "fp32": [(64, 32, 8, 3), (32, 32, 4, 3)],
 }
 _KEYS = ("BLOCK_D", "BLOCK_K", "num_warps", "num_stages")
 

@@ -313,16 +313,16 @@ def _linear_epilogue_kernel(
 # 9 KiB: at or above what Triton 3.8 allocated for every row at r = 24, 48, 96 and 192 on sm_80 and sm_90
 # (up to 9 KiB above the two loops' operands); rows over a device's limit are pruned at launch (on A100,
 # the 128 x 128 x 32 and 64 x 128 x 32 rows of W = 256 at r = 192, which use 128 KiB there). Rows kept:
-# no local memory on sm_80 or sm_90 at ViT-B/16 shapes (Triton 3.8; W = 256: 64 x 64 x 64 on 4 warps moved
-# 24 B in its K loop on sm_80; benchmarks/run.py kernel-resources). W = 256 starts with 128 x 64 tiles: 152 / 178
+# no local memory in any loop on sm_80 or sm_90 at ViT-B/16 shapes, Triton 3.6 and 3.8 (W = 256: 64 x 64 x 64
+# on 4 warps moved 24 B in its K loop on sm_80, 128 x 128 x 64 on 8 warps at 2 stages 16 B; benchmarks/run.py
+# kernel-resources). W = 256 starts with 128 x 64 tiles: 152 / 178
 # registers on sm_90 / sm_80 (128 x 128: 198 / 245); its 64 x 64 x 32 row fits twice per SM (81 KiB, 152
 # registers on sm_90), 197 programs at M 12608 instead of 99.
 _FUSED_KEYS = ("BM", "BN", "BK", "num_warps", "num_stages")
 _FUSED_ROWS = {
     ("16-bit", 64): [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (64, 64, 64, 4, 4)],
     ("16-bit", 128): [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
-    ("16-bit", 256): [(128, 64, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (128, 128, 64, 8, 2),
-                      (64, 64, 32, 4, 3)],
+    ("16-bit", 256): [(128, 64, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3)],
     ("fp32", 32): [(64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (32, 64, 32, 4, 3)],
     ("fp32", 64): [(64, 64, 32, 8, 3), (64, 64, 16, 4, 3), (32, 64, 32, 4, 3)],
 }
@@ -332,12 +332,14 @@ _FUSED_ROWS = {
 # compiled kernels use at most that, plus 1 KiB on sm_90). Rows kept: no local memory in any loop on sm_80
 # or sm_90 (BN = 256 spilled 160 B in the loop on sm_80; fp32 on 4 warps with BR = 32, 8 B),
 # benchmarks/results/sm80-sm90_kernel-resources-*.md. fp32: 64 x 64 tiles; on sm_90 the 64 x 128 and 128 x 64
-# ones moved 16-32 B in the loop (Triton 3.6 and 3.8) and 64 x 64 on 4 warps with BK = 32 8 B (3.6).
+# ones moved 16-32 B in the loop (Triton 3.6 and 3.8) and 64 x 64 on 4 warps with BK = 32 8 B (3.6). Triton 3.6
+# also moved local memory in the loop for 128 x 64 x 64 / BR 64 on 4 warps (16-bit, sm_80) and fp32 BR = 32 on
+# 8 warps (sm_90): dropped.
 _CHUNKED_KEYS = ("BM", "BN", "BK", "BR", "num_warps", "num_stages")
 _CHUNKED_ROWS = {
-    "16-bit": [(128, 128, 64, 64, 8, 3), (128, 64, 64, 64, 4, 3), (64, 128, 64, 64, 4, 3), (128, 128, 64, 32, 8, 4),
-               (64, 64, 64, 32, 4, 3), (64, 128, 64, 16, 4, 4)],
-    "fp32": [(64, 64, 32, 16, 8, 3), (64, 64, 32, 32, 8, 3), (64, 64, 16, 16, 4, 3)],
+    "16-bit": [(128, 128, 64, 64, 8, 3), (64, 128, 64, 64, 4, 3), (128, 128, 64, 32, 8, 4), (64, 64, 64, 32, 4, 3),
+               (64, 128, 64, 16, 4, 4)],
+    "fp32": [(64, 64, 32, 16, 8, 3), (64, 64, 16, 16, 4, 3)],
 }
 _SHRINK_KEYS = ("BM", "BR", "BK", "SPLIT_K", "num_warps", "num_stages")
 # split-K is the point: with M <= 64 rows the parallelism has to come from K and r. fp32 keeps the rows
