@@ -70,3 +70,45 @@ def make_text(path, lines: int = 60, seed: int = 0, labels: bool = False):
         rows.append(f"{int('cat' in words)}\t{text}" if labels else text)
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def _byte_to_unicode() -> list[str]:
+    """GPT-2's byte-level alphabet: the 256 printable stand-ins of the bytes, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def make_byte_tokenizer(directory):
+    """A byte-level BPE tokenizer (``GPT2Tokenizer``) with no merges: every byte a token, then ``<|endoftext|>``;
+    like GPT-2's, it has no pad token."""
+    from transformers import GPT2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_byte_to_unicode())}
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=[])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def make_gpt2(directory, seed: int = 0):
+    """A random 2-layer, 32-wide ``GPT2LMHeadModel`` (transformers' ``Conv1D`` layers) with a byte-level
+    tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=4, bos_token_id=256,
+                        eos_token_id=256)
+    model = GPT2LMHeadModel(config)
+    model.save_pretrained(directory)
+    make_byte_tokenizer(directory)
+    return model.eval()
+
+
+def make_t5_config(directory):
+    """A T5 encoder-decoder's ``config.json`` alone (refused before any weight is read)."""
+    from transformers import T5Config
+
+    T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+             architectures=["T5ForConditionalGeneration"]).save_pretrained(directory)

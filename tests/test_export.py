@@ -120,3 +120,54 @@ class _Shifted:
     def module(self):
         module = self.program.module()
         return lambda x: module(x) + 1e-2
+
+
+def test_a_text_model_exports_with_named_inputs_and_dynamic_batch_and_sequence(tmp_path):
+    """A transformers text model (called with input_ids and attention_mask, returning a ModelOutput) exports with
+    those two inputs, both axes dynamic, and its outputs named after the ModelOutput's fields; onnxruntime runs it at
+    another batch and length, padded, as PyTorch does."""
+    pytest.importorskip("transformers")
+    import onnxruntime as ort
+    from _hf import bert_config
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(bert_config()).eval()
+    ids = torch.randint(0, 90, (2, 12))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    result = export_onnx(model, example, tmp_path / "t.onnx")
+    assert result.input_names == ("input_ids", "attention_mask")
+    assert result.output_names == ("last_hidden_state", "pooler_output") and result.max_abs_error < 1e-4
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.type, len(i.shape)) for i in session.get_inputs()] == [
+        ("input_ids", "tensor(int64)", 2), ("attention_mask", "tensor(int64)", 2)]
+    assert all(isinstance(d, str) for i in session.get_inputs() for d in i.shape)  # batch and sequence: symbolic
+    ids = torch.randint(0, 90, (5, 7))
+    mask = torch.ones_like(ids)
+    mask[3, 4:] = 0
+    hidden, pooled = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.inference_mode():
+        want = model(input_ids=ids, attention_mask=mask)
+    assert float((torch.from_numpy(hidden) - want.last_hidden_state).abs().max()) < 1e-4
+    assert float((torch.from_numpy(pooled) - want.pooler_output).abs().max()) < 1e-4
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path, monkeypatch):
+    """Outside 18 to the version converter's newest: refused before tracing; inside it, a file that holds another
+    opset than asked for (the converter can give up and keep its own) is refused, nothing written."""
+    import utilrank_kernels.export as export
+
+    compressed, _ = cut_to_ratio(TokenMLP().eval(), 0.5, multiple=1)
+    x = torch.randn(2, 6, 12)
+    low, high = export.opset_range()
+    assert low == 18 and high >= 20
+    for opset in (7, low - 1, high + 1):
+        with pytest.raises(ExportError, match=f"opset {opset}: the exporter writes opset {low} to {high}"):
+            export_onnx(compressed, x, tmp_path / "m.onnx", opset=opset)
+    assert export_onnx(compressed, x, tmp_path / "m.onnx", opset=high).opset == high
+    (tmp_path / "m.onnx").unlink()
+    real = export._onnx_operators
+    monkeypatch.setattr(export, "_onnx_operators", lambda path: (*real(path)[:2], 18))
+    with pytest.raises(ExportError, match="opset 19: the exporter wrote opset 18 instead"):
+        export_onnx(compressed, x, tmp_path / "m.onnx", opset=19)
+    assert list(tmp_path.iterdir()) == []

@@ -168,3 +168,19 @@ def test_the_graph_reads_relative_imports(tmp_path):
     knot = [p, f"{p}.a", f"{p}.b", f"{p}.sub.c"]
     assert strongly_connected(graph) == [knot]
     assert a_cycle(graph, knot) == [p, f"{p}.a", f"{p}.b", p]
+
+
+def test_the_package_and_its_kernels_import_without_pydantic():
+    """The GPU machines' image has no pydantic: the package, its ops and the factored modules import and run there;
+    only reading a file back through its schema needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['pydantic'] = None\n"
+            "import torch, utilrank_kernels\n"
+            "from utilrank_kernels.ops import lowrank_linear\n"
+            "x, a, b = torch.randn(3, 8), torch.randn(2, 8), torch.randn(5, 2)\n"
+            "assert torch.allclose(lowrank_linear(x, a, b), x @ a.T @ b.T, atol=1e-5)\n"
+            "assert 'pydantic' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -1,13 +1,16 @@
 """File primitives every stage that writes or reads files shares: the cache folder, atomic writes with the
-mode any new file gets, SHA-256 of a file, JSON, and safetensors reads whose failures are one line."""
+mode any new file gets, SHA-256 of a file, JSON read through a schema, and safetensors reads whose failures are
+one line."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +18,11 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 
 from . import env
+
+
+class SchemaError(ValueError):
+    """A file that is not what its reader expects (not JSON, a field of the wrong type or out of range): one line
+    naming the file and the field, ``PATH: field a.b: expected ..., got ...``."""
 
 
 def cache_dir() -> Path:
@@ -42,14 +50,61 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, file_mode())  # mkstemp made it 0600: give it the mode any new file gets
         os.replace(tmp, path)
+    except SafetensorError as exc:  # safetensors reports a full disk as its own error: give it the errno and path
+        code = _io_errno(str(exc))
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from exc
+    except OSError as exc:  # a write that failed (a full disk): name the file, not its temporary name
+        if exc.filename not in (None, tmp) or exc.errno is None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def _io_errno(message: str) -> int | None:
+    """The errno of an I/O failure that a Rust library (safetensors) reports as text: ``... (os error 28)``."""
+    match = re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", message)
+    if match:
+        return int(match.group(1) or match.group(2))
+    return errno.ENOSPC if "No space left on device" in message else None
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike, kind: str, what: str = "") -> dict:
+    """The JSON file at ``path`` checked against the schema of its ``kind`` (``_schemas.SCHEMAS``: "plan",
+    "config", "manifest", "report", "summary", "statistics"): the document as written (the fields it holds, none
+    added), or ``SchemaError`` naming the file (after ``what``, e.g. "plan") and the first field that is wrong. A
+    missing file is ``FileNotFoundError``."""
+    path = Path(path)
+    source = f"{what} {path}" if what else str(path)
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as exc:
+        raise SchemaError(f"{source}: not JSON (not UTF-8 text: {exc.reason} at byte {exc.start})") from exc
+    return parse_json(text, kind, source)
+
+
+def parse_json(text: str, kind: str, source: str) -> dict:
+    """``read_json`` for JSON text held elsewhere (a safetensors header); ``source`` names it in the error."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SchemaError(f"{source}: not JSON ({exc.msg}: line {exc.lineno} column {exc.colno})") from exc
+    # pydantic is imported only where a file is validated: the kernels and the GPU machines' image (which has no
+    # pydantic) import the package without it
+    from . import _schemas
+
+    try:
+        return _schemas.validate(doc, kind)
+    except _schemas.Invalid as exc:
+        raise SchemaError(f"{source}: {exc}") from None
 
 
 def sha256(path: str | os.PathLike) -> str:

@@ -29,6 +29,7 @@ VARIABLES: dict[str, str] = {
                             "start-up; recorded in benchmark rows)",
     "WORLD_SIZE": "set by torchrun: the number of processes of a distributed statistics pass",
     "LOCAL_RANK": "set by torchrun: this process's GPU on its node",
+    "RANK": "set by torchrun: this process's rank; rank 0 locks and prepares the output folder, the others share it",
 }
 
 

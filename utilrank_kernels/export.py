@@ -24,8 +24,9 @@ import contextlib
 import copy
 import importlib.util
 import logging
+import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from ._files import atomic_path
+from .models.hf import KeywordInputs
 from .nn import FACTORED_MODULES
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class ExportResult:
     operators: dict[str, int] = field(default_factory=dict)
     custom_ops: tuple[str, ...] = ()
     opset: int | None = None
+    input_names: tuple[str, ...] = ("input",)
+    output_names: tuple[str, ...] = ("output",)
 
 
 def missing_packages(names: tuple[str, ...] = DEPLOY_PACKAGES) -> list[str]:
@@ -95,39 +99,164 @@ def torch_backend(model: nn.Module) -> Iterator[nn.Module]:
             m.backend = backend
 
 
-def _batch_dim(dynamic_batch: bool) -> tuple[dict, ...] | None:
-    return ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+Example = torch.Tensor | Mapping[str, torch.Tensor]
 
 
-def _check_input(example: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
-    """The check batch: the example itself for a static batch; for a dynamic one, one more row than the
-    traced example (seeded), so that the symbolic batch axis is what gets checked."""
-    if not dynamic_batch:
-        return example
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(example.shape[0] + 1, *example.shape[1:], generator=generator)
-    return x.to(device=example.device, dtype=example.dtype)
+def opset_range() -> tuple[int, int]:
+    """The ONNX opsets ``export_onnx`` writes as asked: from torchlib's opset (18: asked for less, torch's dynamo
+    exporter writes 18 and tries a conversion that may keep 18) to the newest onnxscript's version converter knows
+    (25 with onnxscript 0.7; asked for more, the exporter falls back to 18). Its default is torch's (20)."""
+    try:  # private constants of the two exporters; the documented range where they move
+        from onnxscript.version_converter import _version_converter as converter  # optional: the deploy extra
+        from torch.onnx._internal.exporter import _constants
+    except ImportError:
+        return 18, 20
+    return _constants.TORCHLIB_OPSET, getattr(converter, "SUPPORTED_MAX_ONNX_OPSET", 20)
 
 
-def tolerance(reference: torch.Tensor, model: nn.Module | None = None, x: torch.Tensor | None = None) -> float:
-    """The largest accepted |exported - PyTorch| for ``reference`` (the PyTorch model's output on ``x``).
+def _tensors(output) -> list[tuple[str, torch.Tensor]]:
+    """A model's output as named tensors: a tensor (``output``), a mapping such as a transformers ``ModelOutput``
+    (its tensor fields: ``logits``, ``last_hidden_state``, ``pooler_output``), or a tuple (``output_i``)."""
+    if isinstance(output, torch.Tensor):
+        return [("output", output)]
+    if isinstance(output, Mapping):
+        return [(str(k), v) for k, v in output.items() if isinstance(v, torch.Tensor)]
+    if isinstance(output, (tuple, list)):
+        return [(f"output_{i}", v) for i, v in enumerate(output) if isinstance(v, torch.Tensor)]
+    raise ExportError(f"the model returns {type(output).__name__}, not tensors")
+
+
+class _Graph(nn.Module):
+    """The model as the exporters see it: positional tensors in (passed by name, ``names``, where the model takes
+    keyword inputs: a transformers model), a tuple of tensors out (a ``ModelOutput``'s tensor fields)."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...] | None):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: torch.Tensor):
+        output = self.model(**dict(zip(self.names, inputs, strict=True))) if self.names else self.model(*inputs)
+        return tuple(t for _, t in _tensors(output))
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What both exporters trace: the module, its positional inputs, their names, the dynamic axes, the output
+    names, and the check batch with the model's outputs on it."""
+
+    module: nn.Module
+    args: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    dynamic_shapes: tuple | None
+    output_names: list[str]
+    check_args: tuple[torch.Tensor, ...]
+    reference: torch.Tensor | tuple[torch.Tensor, ...]
+
+    @property
+    def batch(self) -> int:
+        return self.args[0].shape[0]
+
+    @property
+    def check_batch(self) -> int:
+        return self.check_args[0].shape[0]
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside ``models.hf.KeywordInputs`` (the wrapper that feeds a dict as keywords)."""
+    return model.model if isinstance(model, KeywordInputs) else model
+
+
+def _prepare(model: nn.Module, example: Example, dynamic_batch: bool, *, torch_path: bool,
+             input_name: str = "input") -> _Prepared:
+    """The traced module and its inputs. A tensor example into a model that returns a tensor is traced as the
+    model is (input ``input_name``, output ``output``); a dict example (a text model's ``input_ids``,
+    ``attention_mask``) or a model that returns a ``ModelOutput`` is traced through ``_Graph``, inputs and outputs
+    named after their fields. Dynamic axes: the batch (``dynamic_batch``) and, for a dict example, the sequence
+    (axis 1 of every input). The reference outputs on the check batch come from the torch path (``torch_path``:
+    what ONNX holds) or the model's own backends."""
+    model.eval()
+    keyword = isinstance(example, Mapping)
+    names = tuple(example) if keyword else None
+    args = tuple(example.values()) if keyword else (example,)
+    check_args = _check_inputs(args, names, dynamic_batch)
+    backends = torch_backend(model) if torch_path else contextlib.nullcontext()
+    with backends, torch.inference_mode():
+        output = model(**dict(zip(names, check_args, strict=True))) if keyword else model(*check_args)
+    plain = not keyword and isinstance(output, torch.Tensor)
+    named = _tensors(output)
+    if not named:
+        raise ExportError(f"the model returns {type(output).__name__} without tensors: nothing to export")
+    axes = ({0: torch.export.Dim("batch", min=1)} if dynamic_batch else {}) | (
+        {1: torch.export.Dim("sequence", min=1)} if keyword else {})
+    # a plain module's one input, or _Graph's one *inputs argument: a tuple of the inputs' axes
+    dynamic = None if not axes else (axes,) if plain else (tuple(dict(axes) for _ in args),)
+    module = model if plain else _Graph(model, names).eval()
+    reference = named[0][1] if plain else tuple(t for _, t in named)
+    return _Prepared(module, args, list(names or [input_name]), dynamic, [n for n, _ in named], check_args, reference)
+
+
+def _check_inputs(args: tuple[torch.Tensor, ...], names: tuple[str, ...] | None,
+                  dynamic_batch: bool) -> tuple[torch.Tensor, ...]:
+    """The check batch: the example itself for a static batch; for a dynamic one, one more row than the traced
+    example (random, seeded), so that the symbolic batch axis is what gets checked. A dict example (token ids and
+    masks) is made from its own values instead: its first row repeated (a dynamic batch), one token shorter (the
+    sequence axis; the traced length may be the model's last position), and the last row's final two positions
+    masked, so that padding is checked too."""
+    if names is None:
+        (example,) = args
+        if not dynamic_batch:
+            return args
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(example.shape[0] + 1, *example.shape[1:], generator=generator)
+        return (x.to(device=example.device, dtype=example.dtype),)
+    grown = []
+    for name, t in zip(names, args, strict=True):
+        t = t[:, :-1] if t.shape[1] > 2 else torch.cat([t, t[:, -1:]], dim=1)  # shorter: within the positions
+        t = torch.cat([t, t[:1]], dim=0) if dynamic_batch else t.clone()
+        if name == "attention_mask" and t.shape[1] > 2:
+            t[-1, -2:] = 0
+        grown.append(t)
+    return tuple(grown)
+
+
+def _float_dtype(model: nn.Module, args: tuple[torch.Tensor, ...]) -> torch.dtype:
+    """The dtype the export runs in: the example's where it is floating point, else the model's weights'."""
+    floating = [a.dtype for a in args if a.is_floating_point()]
+    if floating:
+        return floating[0]
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def tolerance(reference, model: nn.Module | None = None, x=None) -> float:
+    """The largest accepted |exported - PyTorch| for ``reference`` (the PyTorch model's output on ``x``: a tensor or
+    a tuple of them; ``x`` a tensor or a tuple of the model's positional inputs).
 
     fp32: ``FP32_TOLERANCE * max(1, max |reference|)``. Half precision: flash-attention's rule, an exported
     model may be at most 2x as far from the fp32 model as PyTorch's own half-precision run is; the two
     half-precision runs then differ by at most 3x that distance (``model`` and ``x`` give the fp32 run)."""
-    scale = max(1.0, float(reference.abs().max()))
-    if reference.dtype == torch.float32 or model is None or x is None:
+    outputs = reference if isinstance(reference, tuple) else (reference,)
+    scale = max(1.0, *(float(r.abs().max()) for r in outputs))
+    if outputs[0].dtype == torch.float32 or model is None or x is None:
         return FP32_TOLERANCE * scale
+    args = x if isinstance(x, tuple) else (x,)
     fp32 = copy.deepcopy(model).float()
     with torch.inference_mode():
-        own_error = float((fp32(x.float()) - reference.float()).abs().max())
+        full = fp32(*(a.float() if a.is_floating_point() else a for a in args))
+    full = full if isinstance(full, tuple) else (full,)
+    own_error = max(float((f - r.float()).abs().max()) for f, r in zip(full, outputs, strict=True))
     return 3 * own_error + FP32_TOLERANCE * scale
 
 
-def _max_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    if got.shape != want.shape:
-        raise ExportError(f"the exported model returns shape {tuple(got.shape)}, the model {tuple(want.shape)}")
-    return float((got.float() - want.float()).abs().max())
+def _max_error(got, want) -> float:
+    got, want = (got if isinstance(got, tuple) else (got,)), (want if isinstance(want, tuple) else (want,))
+    if len(got) != len(want):
+        raise ExportError(f"the exported model returns {len(got)} outputs, the model {len(want)}")
+    error = 0.0
+    for g, w in zip(got, want, strict=True):
+        if g.shape != w.shape:
+            raise ExportError(f"the exported model returns shape {tuple(g.shape)}, the model {tuple(w.shape)}")
+        error = max(error, float((g.float() - w.float()).abs().max()))
+    return error
 
 
 def _refuse_if(error: float, limit: float, runtime: str, batch: int) -> None:
@@ -171,10 +300,14 @@ def onnxruntime_provider(session) -> str:
     return session.get_providers()[0]
 
 
-def run_onnxruntime(session, x: torch.Tensor) -> torch.Tensor:
-    """One run of ``session`` on ``x`` (host copies in and out): the check's path, not the timed one."""
-    (output,) = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
-    return torch.from_numpy(output).to(x.device)
+def run_onnxruntime(session, x: Example):
+    """One run of ``session`` on ``x`` (a tensor, or a dict of tensors by input name; host copies in and out): the
+    check's path, not the timed one. The output tensor, or a tuple of them where the graph has several."""
+    named = x if isinstance(x, Mapping) else {session.get_inputs()[0].name: x}
+    device = next(iter(named.values())).device
+    outputs = session.run(None, {name: t.detach().cpu().numpy() for name, t in named.items()})
+    tensors = tuple(torch.from_numpy(o).to(device) for o in outputs)
+    return tensors[0] if len(tensors) == 1 else tensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,30 +324,46 @@ def _onnx_operators(path: Path) -> tuple[dict[str, int], list[str], int | None]:
     return dict(sorted(Counter(n.op_type for n in proto.graph.node).items())), foreign, opset
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, dynamic_batch: bool = True,
-                opset: int | None = None, check: bool = True) -> ExportResult:
+def _check_opset(opset: int | None) -> None:
+    low, high = opset_range()
+    if opset is not None and not low <= opset <= high:
+        raise ExportError(f"opset {opset}: the exporter writes opset {low} to {high} (below {low} torch.onnx's "
+                          f"dynamo exporter would write {low}; above {high} its version converter has no rules)")
+
+
+def export_onnx(model: nn.Module, example: Example, path: str | Path, *, dynamic_batch: bool = True,
+                opset: int | None = None, check: bool = True, input_name: str = "input") -> ExportResult:
     """Write ``model`` (in its dtype and on its device; eval mode) as ONNX at ``path``, traced on ``example``
     (a batch: with ``dynamic_batch`` the batch axis stays symbolic, so trace with a batch > 1), and check it
-    in onnxruntime on a batch against the PyTorch model. ``opset``: the exporter's default where None."""
+    in onnxruntime on a batch against the PyTorch model. ``example``: a tensor (input ``input_name``: an HF
+    image model's is ``pixel_values``), or a dict of
+    named tensors (a transformers text model's ``input_ids`` and ``attention_mask``: inputs of those names, the
+    sequence axis dynamic too); a model returning a ``ModelOutput`` gets outputs named after its tensor fields.
+    ``opset``: the exporter's default where None, else one of ``opset_range()``; the file is refused if it holds
+    another opset than asked for."""
     _require(DEPLOY_PACKAGES, "ONNX export")
+    _check_opset(opset)
     path = Path(path)
-    if example.dtype not in ONNX_DTYPES:
-        raise ExportError(f"ONNX export in {example.dtype}: onnxruntime's CPU provider has no "
-                          f"{str(example.dtype).removeprefix('torch.')} kernels for MatMul/Conv, so the file could "
+    model = _unwrapped(model)
+    args = tuple(example.values()) if isinstance(example, Mapping) else (example,)
+    dtype = _float_dtype(model, args)
+    if dtype not in ONNX_DTYPES:
+        raise ExportError(f"ONNX export in {dtype}: onnxruntime's CPU provider has no "
+                          f"{str(dtype).removeprefix('torch.')} kernels for MatMul/Conv, so the file could "
                           "not be checked; export float32 or float16 (or an ExportedProgram)")
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if weight_bytes >= 2**31 - (64 << 20):
         raise ExportError(f"ONNX export: {weight_bytes / 2**30:.2f} GiB of weights do not fit one ONNX file "
                           "(2 GiB protobuf limit); export float16")
-    model.eval()
-    x_check = _check_input(example, dynamic_batch)
-    with torch_backend(model), torch.inference_mode():
-        reference = model(x_check)
-    with torch_backend(model):
+    prepared = _prepare(model, example, dynamic_batch, torch_path=True, input_name=input_name)
+    with torch_backend(model), warnings.catch_warnings():
+        # the exporter warns that two inputs' sequence axes share one name: they are one axis, as meant
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
         try:
-            program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=_batch_dim(dynamic_batch),
-                                        input_names=["input"], output_names=["output"], opset_version=opset,
-                                        optimize=True, verbose=False, external_data=False)
+            program = torch.onnx.export(prepared.module, prepared.args, dynamo=True,
+                                        dynamic_shapes=prepared.dynamic_shapes, input_names=prepared.input_names,
+                                        output_names=prepared.output_names, opset_version=opset, optimize=True,
+                                        verbose=False, external_data=False)
         except Exception as exc:  # the exporter's errors are many kinds; one line, the cause chained
             raise ExportError(f"torch.onnx.export (dynamo) failed: {_first_line(exc)}") from exc
     with atomic_path(path) as tmp:
@@ -222,17 +371,24 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, dy
         operators, foreign, written_opset = _onnx_operators(tmp)
         if foreign:  # every factored module ran its torch path: nothing else may reach the file
             raise ExportError(f"the ONNX graph holds non-standard ops {', '.join(foreign)}; nothing written")
+        if opset is not None and written_opset != opset:  # the converter can fail and keep 18 without raising
+            raise ExportError(f"opset {opset}: the exporter wrote opset {written_opset} instead (its version "
+                              "converter could not convert this graph); nothing written")
         error, limit, runtime = float("nan"), float("nan"), "not checked"
         if check:
-            session = onnxruntime_session(tmp, example.device)
+            session = onnxruntime_session(tmp, prepared.args[0].device)
             runtime = f"onnxruntime ({onnxruntime_provider(session)})"
-            got = run_onnxruntime(session, x_check)
-            error, limit = _max_error(got, reference), tolerance(reference, model, x_check)
-            _refuse_if(error, limit, runtime, x_check.shape[0])
+            check_input = (dict(zip(prepared.input_names, prepared.check_args, strict=True))
+                           if isinstance(example, Mapping) else prepared.check_args[0])
+            got = run_onnxruntime(session, check_input)
+            error = _max_error(got, prepared.reference)
+            limit = tolerance(prepared.reference, prepared.module, prepared.check_args)
+            _refuse_if(error, limit, runtime, prepared.check_batch)
     logger.debug(f"wrote {path}: ONNX opset {written_opset}, {sum(operators.values())} nodes; {runtime}: max abs error "
-                f"{error:.3g} on a batch of {x_check.shape[0]}")
-    return ExportResult(path, "onnx", example.dtype, None if dynamic_batch else example.shape[0], error, limit,
-                        x_check.shape[0], runtime, operators, (), written_opset)
+                 f"{error:.3g} on a batch of {prepared.check_batch}")
+    return ExportResult(path, "onnx", dtype, None if dynamic_batch else prepared.batch, error, limit,
+                        prepared.check_batch, runtime, operators, (), written_opset, tuple(prepared.input_names),
+                        tuple(prepared.output_names))
 
 
 def _program_operators(program) -> tuple[dict[str, int], tuple[str, ...]]:
@@ -241,21 +397,23 @@ def _program_operators(program) -> tuple[dict[str, int], tuple[str, ...]]:
     return dict(sorted(calls.items())), custom
 
 
-def export_program(model: nn.Module, example: torch.Tensor, path: str | Path, *, dynamic_batch: bool = True,
+def export_program(model: nn.Module, example: Example, path: str | Path, *, dynamic_batch: bool = True,
                    check: bool = True) -> ExportResult:
     """Write ``torch.export.export(model, (example,))`` (non-strict) with ``torch.export.save`` at ``path``;
     factored modules keep their backends (a kernel backend stays as a ``utilrank::`` custom op). Checked by
-    reloading the file (``torch.export.load``) and running it on a batch against the model."""
+    reloading the file (``torch.export.load``) and running it on a batch against the model. ``example`` as for
+    ``export_onnx``: a dict example or a ``ModelOutput`` is traced through a module that takes the inputs
+    positionally (in the dict's order) and returns a tuple of tensors."""
     path = Path(path)
-    model.eval()
-    x_check = _check_input(example, dynamic_batch)
-    with torch.inference_mode():
-        reference = model(x_check)
+    model = _unwrapped(model)
+    args = tuple(example.values()) if isinstance(example, Mapping) else (example,)
+    prepared = _prepare(model, example, dynamic_batch, torch_path=False)
     try:
         # traced without autograd: the kernel backends are inference paths, a traced gradient would send every
         # factored module to the torch path ("auto") or refuse ("triton", "cuda")
         with torch.no_grad():
-            program = torch.export.export(model, (example,), dynamic_shapes=_batch_dim(dynamic_batch), strict=False)
+            program = torch.export.export(prepared.module, prepared.args, dynamic_shapes=prepared.dynamic_shapes,
+                                          strict=False)
     except Exception as exc:  # the exporter's errors are many kinds; one line, the cause chained
         raise ExportError(f"torch.export failed: {_first_line(exc)}") from exc
     operators, custom = _program_operators(program)
@@ -266,10 +424,12 @@ def export_program(model: nn.Module, example: torch.Tensor, path: str | Path, *,
         if check:
             runtime = "torch.export.load"
             with open(tmp, "rb") as f, torch.inference_mode():
-                got = torch.export.load(f).module()(x_check)
-            error, limit = _max_error(got, reference), tolerance(reference, model, x_check)
-            _refuse_if(error, limit, runtime, x_check.shape[0])
+                got = torch.export.load(f).module()(*prepared.check_args)
+            error = _max_error(got, prepared.reference)
+            limit = tolerance(prepared.reference, prepared.module, prepared.check_args)
+            _refuse_if(error, limit, runtime, prepared.check_batch)
     logger.debug(f"wrote {path}: ExportedProgram, custom ops {', '.join(custom) or 'none'}; {runtime}: max abs "
-                f"error {error:.3g} on a batch of {x_check.shape[0]}")
-    return ExportResult(path, "exported-program", example.dtype, None if dynamic_batch else example.shape[0], error,
-                        limit, x_check.shape[0], runtime, operators, custom)
+                 f"error {error:.3g} on a batch of {prepared.check_batch}")
+    return ExportResult(path, "exported-program", _float_dtype(model, args), None if dynamic_batch else prepared.batch,
+                        error, limit, prepared.check_batch, runtime, operators, custom, None,
+                        tuple(prepared.input_names), tuple(prepared.output_names))

@@ -69,8 +69,18 @@ def plot_utilization(report: dict, path: str | Path) -> None:
     _save(fig, path, dpi=130)
 
 
+def speedup_range(row: dict) -> tuple[float, float] | None:
+    """A compressed bench row's speedup at the ends of the p20-p80 ranges (dense p20 / compressed p80, dense p80 /
+    compressed p20); None for rows without the dense timing."""
+    if "dense_step_time_p20" not in row:
+        return None
+    return row["dense_step_time_p20"] / row["step_time_p80"], row["dense_step_time_p80"] / row["step_time_p20"]
+
+
 def plot_speedup(rows: list[dict], path: str | Path) -> None:
-    """Speedup against batch size per backend and dtype: measured (solid) beside the FLOP ratio (dashed)."""
+    """Speedup against batch size per backend and dtype: measured (solid, with the p20-p80 range as error bars;
+    hollow where the ranges of dense and compressed overlap: no measurable difference) beside the FLOP ratio
+    (dashed)."""
     comp = [r for r in rows if r["variant"] == "compressed" and "error" not in r]
     fig, ax = _figure(figsize=(6.4, 4.2))
     # one file may hold several cuts (benchmarks/models/vit_b_engines.py: 50% and 35% params): a series per cut too
@@ -79,10 +89,9 @@ def plot_speedup(rows: list[dict], path: str | Path) -> None:
     series = sorted({(r["backend"], r["dtype"]) for r in comp})
     for k, cut in enumerate(cuts):
         for i, (backend, dtype) in enumerate(series):
-            pts = sorted((r["batch_size"], r["speedup"]) for r in comp
-                         if (r["backend"], r["dtype"], r.get("param_ratio")) == (backend, dtype, cut))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], ("-o", "-s", "-^")[k % 3], color=f"C{i}",
-                    label=f"measured {backend} {dtype}{cut_label(cut)}")
+            pts = sorted((r for r in comp if (r["backend"], r["dtype"], r.get("param_ratio")) == (backend, dtype, cut)),
+                         key=lambda r: r["batch_size"])
+            _speedup_series(ax, pts, ("o", "s", "^")[k % 3], f"C{i}", f"measured {backend} {dtype}{cut_label(cut)}")
         # the FLOP ratio depends on the model, the cut and the batch size only: one dashed line per dtype
         dtypes = sorted({r["dtype"] for r in comp})
         for j, dtype in enumerate(dtypes):
@@ -98,10 +107,27 @@ def plot_speedup(rows: list[dict], path: str | Path) -> None:
     ax.set_ylabel("speedup over dense")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
+    if any(speedup_range(r) for r in comp):  # a key to the bars and the hollow markers, as a legend entry
+        ax.plot([], [], "o", color="gray", mfc="white", label="hollow: no measurable difference")
+        ax.errorbar([], [], yerr=[], fmt="none", ecolor="gray", capsize=3, label="bars: p20-p80 of the ratio")
     ax.legend(fontsize=8)
     if comp:
         ax.set_title(f"{comp[0]['model']} on {comp[0]['device']}", fontsize=9)
     _save(fig, path, dpi=130)
+
+
+def _speedup_series(ax, rows: list[dict], marker: str, color: str, label: str) -> None:
+    """One measured series: a line through the median speedups, p20-p80 error bars, and filled markers where the
+    speedup is measurable, hollow where it is not."""
+    xs, ys = [r["batch_size"] for r in rows], [r["speedup"] for r in rows]
+    ax.plot(xs, ys, "-" + marker, color=color, label=label)
+    for r, x, y in zip(rows, xs, ys, strict=True):
+        bounds = speedup_range(r)
+        if bounds is not None:
+            ax.errorbar([x], [y], yerr=[[max(0.0, y - bounds[0])], [max(0.0, bounds[1] - y)]], fmt="none",
+                        ecolor=color, elinewidth=1, capsize=3)
+        if not r.get("speedup_measurable", True):
+            ax.plot([x], [y], marker, color=color, mfc="white", zorder=3)
 
 
 # -- spectra ----------------------------------------------------------------------------------------

@@ -36,6 +36,15 @@ class Timing:
     def overlaps(self, other: Timing) -> bool:
         return self.p20 <= other.p80 and other.p20 <= self.p80
 
+    def compared_to(self, baseline: Timing) -> str:
+        """How this timing reads against ``baseline`` (both of one run, interleaved): ``speedup 1.38x`` or
+        ``slower (0.80x)`` only where the p20-p80 ranges do not overlap, else ``no measurable difference``: the one
+        wording of the compress summary and ``utilrank bench``."""
+        if self.overlaps(baseline):
+            return "no measurable difference"
+        ratio = baseline.median / self.median
+        return f"speedup {ratio:.2f}x" if ratio > 1 else f"slower ({ratio:.2f}x)"
+
     def as_dict(self) -> dict[str, float]:
         return {"median": self.median, "p20": self.p20, "p80": self.p80}
 

@@ -10,8 +10,10 @@ from utilrank_kernels.analysis import (
     collect_stats,
     compute_subspaces,
     energy_rank,
+    format_table,
     symmetric_eigh,
 )
+from utilrank_kernels.analysis.report import select_layers
 
 
 def low_rank_tokens(n, d, k, generator=None):
@@ -67,3 +69,27 @@ def test_analyze_tiny_model_reports_utilized_rank():
     err = (x @ w_proj.T - x @ sub.weight.T).norm() / (x @ sub.weight.T).norm()
     assert err < 1e-5  # the tokens were rounded to fp32 off their subspace by ~1e-7
     assert torch.linalg.matrix_rank(w_proj).item() == 3
+
+
+def test_table_shows_full_layer_names_and_a_selection_of_layers():
+    """Layer names in full (they were cut to their last 28 characters), and ``select_layers``: a report of some
+    layers from the same statistics, the others listed as skipped."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    batches = list(low_rank_tokens(160, 12, 3, g).reshape(4, 5, 8, 12))
+    wrapped = torch.nn.Sequential()
+    wrapped.add_module("encoder_layer_0_intermediate_dense_block", TokenMLP(d=12, hidden=20))  # names over 28 chars
+    stats = collect_stats(wrapped, batches, progress=False)
+    report = build_report(wrapped, stats, compute_subspaces(wrapped, stats, progress=False), energy=1.0)
+    table = format_table(report)
+    for name in ("encoder_layer_0_intermediate_dense_block.fc1", "encoder_layer_0_intermediate_dense_block.unused"):
+        assert any(line.startswith(name + " ") for line in table.splitlines()), table
+    header, rule = table.splitlines()[:2]
+    longest = "encoder_layer_0_intermediate_dense_block.unused"  # a skipped layer's name sets the width too
+    assert len(header) == len(rule) and header.index("kind") == len(longest) + 1
+    chosen = select_layers(stats, lambda name: name.endswith(".fc1"))
+    assert list(chosen.layers) == ["encoder_layer_0_intermediate_dense_block.fc1"]
+    assert {"name": "encoder_layer_0_intermediate_dense_block.head", "reason": "excluded by filter"} in chosen.skipped
+    part = build_report(wrapped, chosen, compute_subspaces(wrapped, chosen, progress=False), energy=1.0)
+    assert [r.name for r in part.layers] == list(chosen.layers) and part.layer(list(chosen.layers)[0]) == \
+        report.layer(list(chosen.layers)[0])

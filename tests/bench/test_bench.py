@@ -120,3 +120,65 @@ def test_an_engine_that_cannot_run_is_a_row_with_its_error(monkeypatch):
         bench(dense, compressed, model_name="m", input_shape=(1, 16, 16), engines=("tvm",))
     with pytest.raises(ValueError, match="engine 'tvm'"):
         make_step(dense, torch.randn(1, 1, 16, 16), engine="tvm")
+
+
+def _compressed_row(dense: tuple[float, float, float], compressed: tuple[float, float, float]) -> dict:
+    """A compressed bench row with the given (median, p20, p80) of dense and compressed."""
+    return {"model": "m", "device": "cpu", "variant": "compressed", "backend": "torch", "engine": "eager",
+            "dtype": "fp32", "batch_size": 8, "infer_step_time": compressed[0], "step_time_p20": compressed[1],
+            "step_time_p80": compressed[2], "infer_samples_per_sec": 1.0, "param_count": 0.1, "infer_gmacs": 0.1,
+            "speedup": dense[0] / compressed[0], "theoretical_speedup": 2.0,
+            "realized_fraction": dense[0] / compressed[0] / 2, "dense_step_time": dense[0],
+            "dense_step_time_p20": dense[1], "dense_step_time_p80": dense[2],
+            "speedup_measurable": not (dense[1] <= compressed[2] and compressed[1] <= dense[2])}
+
+
+def test_a_speedup_is_claimed_only_where_the_ranges_do_not_overlap(tmp_path):
+    """The issue's case: "speedup 1.38x" printed where the p20-p80 ranges overlapped completely."""
+    from utilrank_kernels.bench.output import format_row
+    from utilrank_kernels.plots import speedup_range
+    from utilrank_kernels.timing import Timing
+
+    wide = Timing(2.0, 0.64, 2.77)
+    assert Timing(1.45, 0.7, 2.5).compared_to(wide) == "no measurable difference"
+    overlapping = _compressed_row((2.0, 0.64, 2.77), (1.45, 0.7, 2.5))
+    line = format_row(overlapping)
+    assert "no measurable difference (medians 1.38x" in line and "speedup 1.38x" not in line
+    assert "realized" not in line
+    apart = _compressed_row((2.0, 1.9, 2.1), (1.0, 0.95, 1.05))
+    assert "speedup 2.00x; FLOP ratio 2.00x (realized 1.00)" in format_row(apart)
+    slower = _compressed_row((1.0, 0.95, 1.05), (2.0, 1.9, 2.1))
+    assert "slower (0.50x); FLOP ratio" in format_row(slower)
+    assert speedup_range(apart) == pytest.approx((1.9 / 1.05, 2.1 / 0.95))
+    written = write_rows([overlapping, apart], tmp_path / "b.json")
+    assert (tmp_path / "b.png").stat().st_size > 10_000 and written[-1].name == "b.png"
+
+
+def test_rows_carry_the_dense_timing_and_a_wide_spread_is_warned(monkeypatch):
+    import utilrank_kernels.bench.run as run
+
+    dense, compressed, _ = _vit_digits_cut(depth=1)
+    # a busy machine, as timed: dense steps spread 1-10 ms, compressed 1.0-1.1 ms
+    fake = {"dense": [0.001, 0.002, 0.01, 0.001, 0.01], "torch": [0.001, 0.0011, 0.001, 0.0011, 0.001]}
+    monkeypatch.setattr(run, "time_interleaved", lambda steps, **kw: {k: fake[k] for k in steps})
+    lines = []
+    d, c = bench(dense, compressed, model_name="vit-digits", input_shape=(1, 16, 16), batch_sizes=(2,),
+                 backends=("torch",), warmup=0, iters=1, log=lines.append)
+    assert (c["dense_step_time"], c["dense_step_time_p20"], c["dense_step_time_p80"]) == (
+        d["infer_step_time"], d["step_time_p20"], d["step_time_p80"])
+    assert c["speedup_measurable"] is False and "no measurable difference" in lines[-2]
+    assert lines[-1].startswith("warning: eager fp32 batch 2: dense p80/p20 ") and "busy" in lines[-1]
+
+
+def test_out_is_checked_before_any_timing(tmp_path):
+    from utilrank_kernels.bench.output import check_out
+
+    check_out(tmp_path / "new" / "deeper" / "rows.json")  # folders to be made: fine, and none made yet
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+    (tmp_path / "file").write_text("")
+    (tmp_path / "rows.png").mkdir()
+    for out, words in ((tmp_path / "file" / "rows.json", "is not a folder"), (tmp_path / "rows.txt", ".json"),
+                       (tmp_path / "rows.json", "rows.png is a folder"), ("/proc/rows.json", "cannot write")):
+        with pytest.raises(ValueError, match=words):
+            check_out(out)
+    check_out(tmp_path / "rows.json", plot=False)

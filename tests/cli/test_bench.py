@@ -65,6 +65,24 @@ def test_cli_bench_usage_errors(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--dtype", "fp8"])
+    # --input-size: positive numbers, as many as the model takes, its channels, a size it runs on
+    with pytest.raises(SystemExit):
+        main(["bench", *cut, "--input-size", "3,0,0"])
+    assert "--input-size: expected a whole number >= 1, got '0'" in capsys.readouterr().err
+    for size, message in (("16,16", "an image model takes C,H,W"),
+                          ("3,16,16", "the model takes 1 input channel, not 3"),
+                          ("1,24,24", "the model does not run on it")):
+        assert main(["bench", *cut, "--input-size", size, "--out", out]) == 2
+        assert f"--input-size {size}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_bench_refuses_an_engine_that_is_not_installed_before_timing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("utilrank_kernels.cli.bench.missing_packages", lambda names=(): list(names))
+    assert main(["bench", "--engine", "eager,onnxruntime", "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--engine eager,onnxruntime: needs onnx, onnxruntime, onnxscript" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def _readme_table():

@@ -1,14 +1,20 @@
-"""``utilrank compress`` on the built-in default: the headline claim and outputs that agree with each other."""
+"""``utilrank compress``: the headline claim and outputs that agree with each other on the built-in default; every
+method end to end on a tiny timm model; a summary that claims only what it measured."""
 
 import json
 
 import pytest
+import torch
+from _data import make_imagefolder
+from _hf import make_bert, make_text
 
 from utilrank_kernels import load_compressed
+from utilrank_kernels.cli import compress as compress_cli
 from utilrank_kernels.cli import main
-from utilrank_kernels.compress.summary import CompressSummary, EngineTiming, Target, Variant
+from utilrank_kernels.compress.summary import CompressSummary, EngineTiming, Target, Variant, latency_notes
 from utilrank_kernels.data import load_data
 from utilrank_kernels.measure import count_params
+from utilrank_kernels.models import load_model_and_data
 from utilrank_kernels.timing import Timing
 from utilrank_kernels.train import evaluate
 
@@ -63,15 +69,20 @@ def test_default_summary_times_eager_and_compile(default_run):
     assert all(t["compressed_ms"] > 0 and t["speedup"] == t["dense_ms"] / t["compressed_ms"] for t in engines.values())
 
 
-def test_summary_json_and_table():
-    """The summary's ``summary.json`` keys (format ``utilrank.summary/1``) and the table the command prints."""
-    summary = CompressSummary(
+def _summary(**changes) -> CompressSummary:
+    fields = dict(
         model="vit-digits", dataset="digits", method="optimal", metric="accuracy",
         engines={"eager": EngineTiming(Timing(2.0, 1.5, 2.5), Timing(1.0, 0.9, 1.1))},
         dense=Variant(0.95, 1000, 8000, Timing(2.0, 1.5, 2.5)), projected=Variant(0.9, 500, 4000),
         compressed=Variant(0.94, 500, 4000, Timing(1.0, 0.9, 1.1)), mlu=0.2, finetune_epochs=3, test_split="val",
         notes=("a note",), warnings=("a warning",), dense_finetuned=Variant(0.96),
         target=Target("params", 0.5, 0.5))
+    return CompressSummary(**{**fields, **changes})
+
+
+def test_summary_json_and_table():
+    """The summary's ``summary.json`` keys (format ``utilrank.summary/1``) and the table the command prints."""
+    summary = _summary()
     doc = summary.to_json()
     assert list(doc) == ["format", "model", "dataset", "method", "metric", "engines", "dense", "projected",
                          "compressed", "mlu", "finetune_epochs", "test_split", "latency_batch", "notes", "warnings",
@@ -86,11 +97,53 @@ def test_summary_json_and_table():
     assert doc["target"] == {"measure": "params", "fraction": 0.5, "achieved": 0.5}
     json.dumps(doc)
     table = summary.format_table().splitlines()
-    assert table[3] == f"{'CPU ms b32 eager':<20}{2.0:>14.2f}{1.0:>14.2f}{0.5:>9.3f}  (speedup 2.00x)"
-    assert table[4] == f"{'  p20-p80':<20}{'[1.50-2.50]':>14}{'[0.90-1.10]':>14}"
-    assert table[5].startswith("test (= val!) accuracy") and table[5].endswith("-1.00pp")
+    assert table[2].startswith("FLOPs / image ")
+    assert table[3] == f"{'CPU ms b32 eager':<24}{2.0:>14.2f}{1.0:>14.2f}{0.5:>10.3f}  (speedup 2.00x)"
+    assert table[4] == f"{'  p20-p80':<24}{'[1.50-2.50]':>14}{'[0.90-1.10]':>14}"
+    assert table[5] == f"{'test (= val!) accuracy':<24}{'95.00%':>14}{'94.00%':>14}  (-1.00 pp)"
+    assert table[6] == "projected (optimal, before fine-tuning): 90.00%; fine-tuned 3 epochs: 94.00%; MLU 0.200"
     assert table[-3].startswith("control: the dense model fine-tuned the same 3 epochs: 96.00%")
     assert table[-2:] == ["note: a note", "warning: a warning"]
+
+
+def test_summary_claims_only_what_it_measured():
+    """A speedup only where the p20-p80 ranges do not overlap; a metric in its own unit (cosine is no percentage);
+    no fine-tuning said as such; FLOPs per sequence for text."""
+    overlapping = {"eager": EngineTiming(Timing(2.0, 1.0, 3.0), Timing(1.4, 1.2, 2.9)),
+                   "compile": EngineTiming(Timing(1.0, 0.95, 1.05), Timing(1.5, 1.4, 1.6))}
+    table = _summary(engines=overlapping, metric="cosine", dense=Variant(1.0, 1000, 8000), finetune_epochs=0,
+                     projected=Variant(0.9, 500, 4000), compressed=Variant(0.9, 500, 4000), test_split="test",
+                     dense_finetuned=None, example="sequence", notes=(), warnings=()).format_table().splitlines()
+    assert table[2].startswith("FLOPs / sequence ")
+    assert table[3].endswith("(no measurable difference)") and "speedup" not in table[3]  # 1.43x within the spread
+    assert table[5].endswith("(slower (0.67x))")
+    assert table[7] == f"{'test cosine':<24}{'1.0000':>14}{'0.9000':>14}  (-0.1000)"
+    assert "%" not in table[7] and "pp" not in table[7]
+    assert table[8] == "projected (optimal, no fine-tuning): 0.9000, the compressed model as saved; MLU 0.200"
+    assert "fine-tuned 0" not in "\n".join(table)
+
+
+def test_latency_notes_speak_of_the_spread():
+    wide = {"eager": EngineTiming(Timing(2.0, 1.0, 3.0), Timing(1.4, 1.2, 2.9))}
+    notes = latency_notes(wide, 32)
+    assert "p80/p20 up to 3.00" in notes[0]
+    assert "not measurably faster" in notes[1] and "within the p20-p80 spread" in notes[1]
+    slower = {"eager": EngineTiming(Timing(1.0, 0.99, 1.01), Timing(1.2, 1.19, 1.21))}
+    (note,) = latency_notes(slower, 32)  # measurably slower: the model, not the machine
+    assert "not measurably faster" in note and "per-call overhead" in note
+    assert latency_notes({"eager": EngineTiming(Timing(2.0, 1.9, 2.1), Timing(1.0, 0.9, 1.1))}, 32) == []
+
+
+def test_text_latency_gets_the_spread_warning(monkeypatch):
+    """Text models are timed in eager only, and get the same spread note as images (dense ranged 638-2,768 ms)."""
+    wide = {"dense": {"median": 900.0, "p20": 638.0, "p80": 2768.0}, "compressed": {"median": 800.0, "p20": 600.0,
+                                                                                  "p80": 2000.0}}
+    monkeypatch.setattr(compress_cli, "latency_ms", lambda models, inputs, progress: wide)
+    notes: list[str] = []
+    model = torch.nn.Linear(2, 2)
+    engines = compress_cli._time_engines(["eager"], model, model, {"input_ids": torch.zeros(4, 3)}, notes)
+    assert list(engines) == ["eager"]
+    assert any("p80/p20 up to 4.34" in n for n in notes) and any("not measurably faster" in n for n in notes)
 
 
 @pytest.mark.slow
@@ -115,3 +168,88 @@ def test_compress_accepts_the_latency_options():
     args = build_parser().parse_args(["compress", "--target-device", "cpu", "--target-batch", "8"])
     assert (args.target_device, args.target_batch) == ("cpu", 8)
     assert build_parser().parse_args(["compress"]).target_device is None
+
+
+# ---------------------------------------------------------------------------------------------
+# every method end to end on a tiny timm model, and what a run re-entered from a plan does
+# ---------------------------------------------------------------------------------------------
+TINY = ["--model", "test_vit", "--energy", "0.9", "--batch-size", "8", "--engines", "eager"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("images"), per_class=4, size=16)
+
+
+def _closing_files(printed: str) -> set[str]:
+    line = next(line for line in printed.splitlines() if line.startswith("wrote "))
+    return set(line.split("(", 1)[1].split(")", 1)[0].split(", "))
+
+
+@pytest.mark.parametrize("method, epochs", [("optimal", 1), ("data", 0), ("svd", 0)])
+def test_every_method_end_to_end(method, epochs, images, tmp_path, capsys, one_thread):
+    """``utilrank compress --method M`` runs, saves a folder ``load_compressed`` reads back to the summary's score,
+    and the closing line lists exactly the files written. ``svd`` (which crashed for every model) factors each layer
+    to the truncated SVD of its own weight, at the data's ranks."""
+    out = tmp_path / method
+    assert main(["compress", *TINY, "--data", str(images), "--no-search", "--method", method, "--finetune-epochs",
+                 str(epochs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary, plan = (json.loads((out / f"{n}.json").read_text()) for n in ("summary", "plan"))
+    assert summary["method"] == plan["method"] == method and summary["finetune_epochs"] == epochs
+    assert summary["compressed"]["params"] < summary["dense"]["params"] and plan["layers"]
+    assert _closing_files(printed) == {p.name for p in out.iterdir()}
+    assert ("fine-tuned 1 epoch:" in printed) == bool(epochs) and ("no fine-tuning" in printed) == (not epochs)
+    loaded = load_model_and_data("test_vit", str(images))
+    model = load_compressed(out)
+    assert evaluate(model, loaded.data.test) == pytest.approx(summary["compressed"]["accuracy"])
+    if method == "svd":
+        for name, entry in plan["layers"].items():
+            weight = loaded.model.get_submodule(name).weight.detach().double()
+            factored = model.get_submodule(name)
+            product = (factored.weight_b.double().flatten(1) @ factored.weight_a.double().flatten(1))
+            u, s, vh = torch.linalg.svd(weight.flatten(1), full_matrices=False)
+            r = entry["rank"]
+            assert torch.allclose(product, (u[:, :r] * s[:r]) @ vh[:r], atol=1e-5), name
+
+
+def test_a_plan_is_factored_by_its_own_method(images, tmp_path, capsys, one_thread):
+    """``--plan`` re-enters at the factors with the method the plan was made with (a ``data`` plan was silently
+    re-factored as ``optimal``); another ``--method`` is refused; with ``--stats`` no pass runs and the folder (and
+    its closing line) has no stats.safetensors."""
+    first = tmp_path / "first"
+    assert main(["compress", *TINY, "--data", str(images), "--no-search", "--method", "data", "--finetune-epochs", "0",
+                 "--out", str(first)]) == 0
+    capsys.readouterr()
+    again = ["compress", *TINY, "--data", str(images), "--plan", str(first / "plan.json"), "--stats",
+             str(first / "stats.safetensors"), "--finetune-epochs", "0"]
+    assert main([*again, "--method", "optimal", "--out", str(tmp_path / "refused")]) == 2
+    assert "made with --method data" in capsys.readouterr().err and not (tmp_path / "refused.partial").exists()
+    second = tmp_path / "second"
+    assert main([*again, "--out", str(second)]) == 0
+    captured = capsys.readouterr()
+    assert "factored by its method, data" in captured.out and "statistics:" not in captured.err
+    summary, plan = (json.loads((second / f"{n}.json").read_text()) for n in ("summary", "plan"))
+    assert summary["method"] == plan["method"] == "data"
+    before = json.loads((first / "plan.json").read_text())
+    assert {n: e["rank"] for n, e in plan["layers"].items()} == {n: e["rank"] for n, e in before["layers"].items()}
+    assert not (second / "stats.safetensors").exists() and "stats.safetensors" not in _closing_files(captured.out)
+    assert _closing_files(captured.out) == {p.name for p in second.iterdir()}
+
+
+def test_an_unreachable_target_names_the_embeddings_before_any_pass(tmp_path, capsys, one_thread):
+    """The embeddings of a text encoder cannot be factored: a target below what they hold is refused from the
+    architecture alone, naming them and the smallest reachable target, before the statistics pass (which took
+    2 min 20 s on all-MiniLM-L6-v2 before the refusal)."""
+    make_bert(tmp_path / "bert")
+    make_text(tmp_path / "lines.txt", lines=20)
+    out = tmp_path / "o"
+    assert main(["compress", "--model", f"hf:{tmp_path / 'bert'}", "--data", f"text:{tmp_path / 'lines.txt'}",
+                 "--metric", "cosine", "--finetune-epochs", "0", "--target-params", "0.25", "--engines", "eager",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    for word in ("--target-params 0.25", "embeddings.word_embeddings (Embedding", "embeddings.position_embeddings",
+                 "smallest reachable target is 0.2959"):
+        assert word in line, line
+    assert "statistics:" not in err and not out.exists() and not (tmp_path / "o.partial").exists()

@@ -43,7 +43,7 @@ def test_files_that_need_unpickling_are_refused_in_one_line(tmp_path, capsys, co
     else:
         torch.save({"weight": _Exploit()}, path)
     one_line_error(capsys, ["analyze", "--checkpoint", str(path), "--out", str(tmp_path / "o")],
-                   str(path), "weights_only=True", "refused")
+                   str(path), "would run code from the file", "refused", "convert it to .safetensors")
 
 
 def test_a_timm_checkpoint_on_a_builtin(tmp_path, capsys):
@@ -154,3 +154,127 @@ def test_nan_in_a_compressed_model_and_a_wrong_arch_are_refused(tmp_path):
     (tmp_path / "c" / "manifest.json").unlink()
     with pytest.raises(ValueError, match="config.json: cannot build arch 'resnet18'"):
         load_compressed(tmp_path / "c")
+
+
+# ---------------------------------------------------------------------------------------------
+# The top-level handler: every known input or environment failure is one line; --debug and bugs show the trace
+# ---------------------------------------------------------------------------------------------
+def test_debug_shows_the_traceback_of_a_known_failure(tmp_path, capsys):
+    (tmp_path / "plan.json").write_text(json.dumps({"format": "utilrank.plan/1", "layers": [], "dense": {}}))
+    argv = ["compress", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "o")]
+    one_line_error(capsys, argv, "--plan", "field layers: expected an object, got an array []")
+    from utilrank_kernels.cli._options import UsageError
+
+    with pytest.raises(UsageError, match="field layers"):
+        main(["--debug", *argv])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]  # the folder given up all the same
+
+
+def test_a_bug_shows_its_traceback_and_leaves_no_trace(tmp_path, monkeypatch):
+    from utilrank_kernels.cli import analyze
+
+    def buggy(args):
+        from utilrank_kernels.cli._output import output_folder
+
+        output_folder(args, "analyze")
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(analyze, "run", buggy)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["analyze", "--out", str(tmp_path / "o")])
+    assert list(tmp_path.iterdir()) == []  # no OUT.partial, no OUT.lock
+
+
+@pytest.mark.parametrize(("error", "line"), [
+    (ImportError("No module named 'onnxruntime'", name="onnxruntime"),
+     "needs the optional package onnxruntime: pip install -e '.[deploy]' (or pip install onnxruntime)"),
+    (ModuleNotFoundError("No module named 'transformers.models'", name="transformers.models"),
+     "needs the optional package transformers: pip install -e '.[hf]' (or pip install transformers)"),
+    (ImportError("No module named 'torchvision'", name="torchvision"), None),  # a dependency: broken install, a trace
+    (PermissionError(13, "Permission denied", "/srv/x.json"), "/srv/x.json: permission denied"),
+    (OSError(30, "Read-only file system", "/mnt/ro/out.json"), "/mnt/ro/out.json: read-only file system"),
+    (OSError(28, "No space left on device"), "no space left on the device"),
+    (FileNotFoundError(2, "No such file or directory"), None),  # no path: not a file the user named
+    (KeyError("x"), None),
+])
+def test_which_failures_are_one_line(error, line):
+    from utilrank_kernels.cli import failure_line
+
+    assert failure_line(error) == line
+
+
+def _previous_analyze_folder(out):
+    out.mkdir()
+    (out / "report.json").write_text('{"marker": "previous"}')
+    (out / "manifest.json").write_text(json.dumps({"format": "utilrank.manifest/1", "command": "analyze",
+                                                   "files": {}}))
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def _stats_write_fails(monkeypatch, only="stats.safetensors"):
+    """The statistics file's write fails as safetensors fails on a full disk."""
+    from safetensors import SafetensorError
+
+    from utilrank_kernels.analysis import stats as stats_module
+
+    save = stats_module.save_file
+
+    def full(tensors, path, metadata=None):
+        if f".{only}." in path:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(stats_module, "save_file", full)
+
+
+def test_disk_full_during_a_run_is_one_line_and_the_previous_folder_survives(tmp_path, capsys, monkeypatch):
+    data = make_imagefolder(tmp_path / "data", per_class=3)
+    out = tmp_path / "o"
+    previous = _previous_analyze_folder(out)
+    _stats_write_fails(monkeypatch)
+    code = main(["analyze", "--model", "test_vit", "--data", str(data), "--force", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"utilrank analyze: error: --out {out}: no space left on the device writing "
+                           f"{out}.partial/stats.safetensors; {out} is as it was before this run"), last
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "o"]  # no o.partial, no o.lock
+
+
+def test_disk_full_after_a_checkpoint_keeps_it_for_resume(tmp_path, capsys, monkeypatch):
+    data = make_imagefolder(tmp_path / "data", per_class=3)
+    out = tmp_path / "o"
+    argv = ["analyze", "--model", "test_vit", "--data", str(data), "--batch-size", "2", "--checkpoint-every", "1",
+            "--out", str(out)]
+    _stats_write_fails(monkeypatch)  # the checkpoints are written, the final file is not
+    assert main(argv) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no space left on the device" in last and f"{out}.partial is kept: --resume continues" in last, last
+    assert (tmp_path / "o.partial" / "stats.ckpt.safetensors").is_file() and not out.exists()
+    monkeypatch.undo()
+    assert main([*argv, "--resume"]) == 0
+    assert "resuming after 3 batches" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "o"]
+
+
+def test_disk_full_on_a_small_tmpfs(tmp_path, capsys, monkeypatch):
+    """The same on a real full disk: a 2 MiB tmpfs (needs the permission to mount one; skipped elsewhere)."""
+    import subprocess
+
+    from utilrank_kernels import _folder
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        data = make_imagefolder(tmp_path / "data", per_class=3)
+        monkeypatch.setattr(_folder.OutputFolder, "require_space", lambda self, needed: None)  # past the refusal
+        code = main(["analyze", "--model", "test_vit", "--data", str(data), "--out", str(disk / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err
+        assert "no space left on the device writing" in err.strip().splitlines()[-1]
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

@@ -79,6 +79,9 @@ def test_export_usage_errors(tmp_path, capsys, monkeypatch):
         ([str(missing), "--backend", "triton"], "--backend triton: an ONNX file holds the torch path"),
         ([str(missing), "--backend", "fast"], "--backend fast: choose one of"),
         ([str(missing), "--out", str(tmp_path)], f"--out {tmp_path}: is a folder"),
+        # what the exporter cannot write: below 18 it would write 18, past its converter's newest too
+        ([str(missing), "--opset", "7"], "--opset 7: the exporter writes opset 18 to"),
+        ([str(missing), "--opset", "99"], "--opset 99: the exporter writes opset 18 to"),
     ]
     for argv, message in cases:
         assert main(["export", *argv]) == 2, argv

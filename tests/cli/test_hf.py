@@ -1,8 +1,11 @@
 """``utilrank analyze`` / ``compress`` with ``--model hf:DIR``: a tiny random BERT on ``--data text:FILE`` (cosine to
 the dense model) and a tiny random ViT on an ImageFolder (accuracy), end to end; ``load_compressed`` gives the model
-the command saved. Nothing is downloaded (``HF_HUB_OFFLINE=1``)."""
+the command saved; the folders record their input and preprocessing, and ``utilrank export`` and ``utilrank bench
+--compressed`` take them as they are. Nothing is downloaded (``HF_HUB_OFFLINE=1``)."""
 
+import io
 import json
+import os
 
 import pytest
 import torch
@@ -15,6 +18,7 @@ from _hf import make_bert, make_text, make_vit  # noqa: E402
 from utilrank_kernels import load_compressed  # noqa: E402
 from utilrank_kernels.cli import main  # noqa: E402
 from utilrank_kernels.data import load_text_splits  # noqa: E402
+from utilrank_kernels.export import missing_packages  # noqa: E402
 from utilrank_kernels.metrics import embeddings  # noqa: E402
 from utilrank_kernels.models import hf  # noqa: E402
 
@@ -103,3 +107,139 @@ def test_compress_vit_on_imagefolder(tmp_path, capsys, one_thread):
     assert main(["analyze", "--model", f"hf:{tmp_path / 'vit5'}", "--data", str(images), "--out",
                  str(tmp_path / "a")]) == 2
     assert "--num-classes 3" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """A tiny BERT on text and a tiny 32-px ViT on images, each compressed by the command (energy cut, no
+    fine-tuning): the folders a deployer is handed."""
+    root = tmp_path_factory.mktemp("hf-deploy")
+    make_bert(root / "bert")
+    make_text(root / "lines.txt", 40)
+    make_vit(root / "vit", num_labels=3)
+    images = make_imagefolder(root / "images", per_class=6)
+    common = ["--no-search", "--energy", "0.9", "--finetune-epochs", "0", "--engines", "eager"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        assert main(["compress", "--model", f"hf:{root / 'bert'}", "--data", f"text:{root / 'lines.txt'}",
+                     "--metric", "cosine", "--max-length", "24", *common, "--out", str(root / "c-bert")]) == 0
+        assert main(["compress", "--model", f"hf:{root / 'vit'}", "--data", str(images), *common, "--out",
+                     str(root / "c-vit")]) == 0
+    return root
+
+
+def test_hf_folders_record_their_input_and_preprocessing(hf_folders):
+    """config.json says what the model takes and how the data was prepared; the tokenizer and image processor
+    files are in the folder's preprocessing/, and load from there as from the model folder."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    text = json.loads((hf_folders / "c-bert" / "config.json").read_text())["input"]
+    assert text["kind"] == "text" and text["names"] == ["input_ids", "attention_mask"]
+    assert text["max_length"] == 24 and text["vocab_size"] == 94 and text["pad_token_id"] == 0
+    assert sorted(text["files"]) == ["preprocessing/tokenizer.json", "preprocessing/tokenizer_config.json",
+                                     "preprocessing/vocab.txt"]
+    ours = AutoTokenizer.from_pretrained(hf_folders / "c-bert" / "preprocessing", local_files_only=True)
+    theirs = hf.tokenizer(f"hf:{hf_folders / 'bert'}")
+    assert ours("the cat sat on a mat")["input_ids"] == theirs("the cat sat on a mat")["input_ids"]
+    manifest = json.loads((hf_folders / "c-bert" / "manifest.json").read_text())
+    assert "preprocessing/vocab.txt" in manifest["files"]  # verified with the rest by load_compressed
+
+    image = json.loads((hf_folders / "c-vit" / "config.json").read_text())["input"]
+    assert image["kind"] == "image" and image["names"] == ["pixel_values"] and image["size"] == [3, 32, 32]
+    assert image["mean"] == [0.5] * 3 and image["std"] == [0.5] * 3 and image["interpolation"] == "bilinear"
+    processor = AutoImageProcessor.from_pretrained(hf_folders / "c-vit" / "preprocessing", local_files_only=True)
+    assert processor.size == {"height": 32, "width": 32}
+
+
+@pytest.mark.skipif(bool(missing_packages()), reason="the deploy extra (onnx, onnxscript, onnxruntime)")
+def test_hf_text_folder_exports_and_benches(hf_folders, tmp_path, capsys, one_thread):
+    """`utilrank export` of an HF text folder: input_ids and attention_mask with dynamic batch and sequence, which
+    onnxruntime runs at another batch and length, padded, as the folder's model computes; `bench --compressed`
+    times it on token batches of the recorded length."""
+    import onnxruntime as ort
+
+    folder, onnx_file = hf_folders / "c-bert", tmp_path / "bert.onnx"
+    assert main(["export", str(folder), "--out", str(onnx_file)]) == 0
+    printed = capsys.readouterr().out
+    assert "input 24 tokens (input_ids, attention_mask), dynamic length" in printed
+    assert "inputs input_ids, attention_mask, outputs last_hidden_state, pooler_output" in printed
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 94, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    got = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    with torch.inference_mode():
+        want = load_compressed(folder)(input_ids=ids, attention_mask=mask)
+    assert float((torch.from_numpy(got[0]) - want.last_hidden_state).abs().max()) < 1e-4
+    assert float((torch.from_numpy(got[1]) - want.pooler_output).abs().max()) < 1e-4
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--compressed", str(folder), "--device", "cpu", "--batch-sizes", "2", "--warmup", "1",
+                 "--iters", "2", "--no-plot", "--out", str(out)]) == 0
+    assert "input 24 tokens (input_ids, attention_mask)" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["dense", "compressed"] and not any("error" in r for r in rows)
+    assert rows[1]["params"] < rows[0]["params"] and rows[1]["theoretical_speedup"] > 1
+
+
+@pytest.mark.skipif(bool(missing_packages()), reason="the deploy extra (onnx, onnxscript, onnxruntime)")
+def test_hf_vit_folder_exports_and_benches_at_its_own_size(hf_folders, tmp_path, capsys, one_thread):
+    """The 32-px HF ViT exports at 32 px (its pixel_values input, its logits output) and benches there; another
+    --input-size is checked against the model before any timing."""
+    import onnxruntime as ort
+
+    folder, onnx_file = hf_folders / "c-vit", tmp_path / "vit.onnx"
+    assert main(["export", str(folder), "--out", str(onnx_file)]) == 0
+    assert "input (3, 32, 32)" in capsys.readouterr().out
+    session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"] and session.get_inputs()[0].shape[1:] == [3, 32,
+                                                                                                                 32]
+    x = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        want = load_compressed(folder)(x).logits
+    (got,) = session.run(None, {"pixel_values": x.numpy()})
+    assert float((torch.from_numpy(got) - want).abs().max()) < 1e-4
+
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--compressed", str(folder), "--device", "cpu", "--batch-sizes", "2", "--warmup", "1", "--iters",
+            "2", "--no-plot", "--out", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["img_size"] for r in rows] == [32, 32] and not any("error" in r for r in rows)
+    assert main([*argv, "--input-size", "3,64,64"]) == 2
+    assert "--input-size 3,64,64: the model does not run on it" in capsys.readouterr().err
+
+
+def test_a_folder_naming_custom_code_is_refused_and_its_code_never_runs(tmp_path, monkeypatch, capsys):
+    """A folder whose config.json maps the Auto classes to a .py file beside it (an unknown model_type: transformers
+    would ask whether to run it) is refused in one line, with "y" on standard input; the file's code, which would
+    write a marker, never runs. The control: trusted, transformers does run it (in a child process, its module cache
+    in the test's folder)."""
+    import subprocess
+    import sys
+
+    from _bad.hf_and_deploy import EVIL, custom_model_code
+
+    folder = tmp_path / "bert"
+    make_bert(folder)
+    make_text(tmp_path / "lines.txt", 20)
+    custom_model_code(folder)
+    assert (folder / "evil.py").read_text() == EVIL.format(marker=str(folder / "MARKER"))
+    marker = folder / "MARKER"
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\ny\n"))
+    capsys.readouterr()
+    for command in ("analyze", "compress"):
+        assert main([command, "--model", f"hf:{folder}", "--data", f"text:{tmp_path / 'lines.txt'}", "--out",
+                     str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "names custom code (auto_map" in err and "Traceback" not in err
+        assert not marker.exists() and not (tmp_path / command).exists()
+    with pytest.raises(ValueError, match="custom code"):
+        hf.load_hf_model(f"hf:{folder}")
+    assert not marker.exists()
+
+    trusted = (f"from transformers import AutoConfig; AutoConfig.from_pretrained({str(folder)!r}, "
+               "trust_remote_code=True, local_files_only=True)")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", trusted], env=env, check=True, capture_output=True, timeout=300)
+    assert marker.read_text() == "custom code ran"

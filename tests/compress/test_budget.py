@@ -1,5 +1,7 @@
 """Plans sized to a parameter budget."""
 
+import math
+
 import pytest
 
 from utilrank_kernels.compress import uniform_plan
@@ -109,3 +111,45 @@ def test_budget_hits_the_whole_model_target_within_one_percent(name, measure):
     assert abs(achieved - 0.5) <= 0.005 and achieved <= 0.5, achieved
     with pytest.raises(ValueError, match="out of reach|already"):
         budget_plan(model, subspaces, 0.01, measure=measure, example=batches[0][:1])
+
+
+@pytest.mark.parametrize("measure", ["params", "flops"])
+def test_the_floor_is_every_layer_at_rank_one(measure):
+    """``budget_floor``: what the architecture keeps whatever the ranks, from the model alone; exactly the fraction of
+    the plan with every factorable layer at rank 1, and the target just above it is reachable."""
+    import torch
+
+    from utilrank_kernels.compress import LayerPlan, Plan
+    from utilrank_kernels.compress.budget import budget_floor, check_reachable, plan_fraction
+    from utilrank_kernels.layers import find_layers
+
+    model = build_builtin("vit-digits").eval()
+    example = torch.randn(1, 1, 16, 16)
+    floor = budget_floor(model, measure, example)
+    layers = {n: LayerPlan(layer_shape(m).kind, 1) for n, m in find_layers(model)[0].items()
+              if layer_shape(m).in_features * layer_shape(m).out_features > layer_shape(m).in_features
+              + layer_shape(m).out_features}
+    assert floor.fraction == pytest.approx(plan_fraction(model, Plan("vit", layers), measure, example), rel=1e-9)
+    check_reachable(model, floor.fraction + 1e-3, measure, example)
+    smallest = math.ceil(floor.fraction * 1e4) / 1e4  # rounded up: the target it names is reachable
+    with pytest.raises(ValueError, match=f"--target-{measure} 0.001: out of reach.*smallest reachable target is "
+                                         f"{smallest:g}$"):
+        check_reachable(model, 0.001, measure, example)
+
+
+def test_the_floor_names_what_cannot_be_cut():
+    """A text encoder's embeddings, a layer left out, and the rest by kind."""
+    from _hf import bert_config
+    from transformers import BertModel
+
+    from utilrank_kernels.compress.budget import budget_floor
+    from utilrank_kernels.layers import name_filter
+
+    model = BertModel(bert_config())
+    floor = budget_floor(model, filter_fn=name_filter(exclude=("pooler.*",)))
+    parts = {name: what for name, what, _ in floor.fixed}
+    assert parts["embeddings.word_embeddings"] == "Embedding" and parts["pooler.dense"] == "excluded by filter"
+    assert floor.describe().startswith("embeddings.word_embeddings (Embedding, ")
+    assert "LayerNorm x5" in floor.describe()
+    total = sum(p.numel() for p in model.parameters())
+    assert floor.total == total and sum(cost for _, _, cost in floor.fixed) < floor.floor < total

@@ -48,7 +48,7 @@ def test_bad_plan_files_are_one_line_errors(tmp_path):
     (tmp_path / "a.json").write_text("{not json")
     (tmp_path / "b.json").write_text(json.dumps({"format": "other"}))
     (tmp_path / "c.json").write_text(json.dumps({"format": PLAN_FORMAT, "arch": "x", "layers": {"fc1": {"rank": 2}}}))
-    for name, words in (("a", "not JSON"), ("b", f"not a {PLAN_FORMAT} file"), ("c", "needs 'kind' and 'rank'")):
+    for name, words in (("a", "not JSON"), ("b", f"not a {PLAN_FORMAT} file"), ("c", "field layers.fc1.kind: missing")):
         with pytest.raises(ValueError, match=words) as info:
             Plan.load(tmp_path / f"{name}.json")
         assert "\n" not in str(info.value) and str(tmp_path / f"{name}.json") in str(info.value)

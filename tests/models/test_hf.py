@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from _hf import make_bert, make_text, make_vit  # noqa: E402
+from _hf import make_bert, make_gpt2, make_text, make_vit  # noqa: E402
 
 from utilrank_kernels import CompressConfig, TrainRecipe, compress_model, load_compressed, save_compressed  # noqa: E402
 from utilrank_kernels.data import load_text_splits  # noqa: E402
@@ -43,6 +43,84 @@ def test_load_hf_model_class_and_names(tmp_path, head, auto_class, task):
 def test_hf_directory_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         hf.load_hf_model(f"hf:{tmp_path}")
+
+
+def test_every_transformers_load_refuses_remote_code(tmp_path, monkeypatch):
+    """``trust_remote_code=False`` reaches every ``from_pretrained`` (config, model, tokenizer, image processor), and
+    a folder naming custom code is refused before transformers sees it."""
+    import transformers
+
+    seen = []
+    for cls in ("AutoConfig", "AutoModel", "AutoTokenizer", "AutoImageProcessor", "AutoModelForImageClassification"):
+        real = getattr(transformers, cls).from_pretrained
+
+        def recording(*args, _real=real, _cls=cls, **kwargs):
+            seen.append((_cls, kwargs.get("trust_remote_code")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(getattr(transformers, cls), "from_pretrained", recording)
+    make_bert(tmp_path / "bert")
+    make_vit(tmp_path / "vit")
+    hf.load_hf_model(f"hf:{tmp_path / 'bert'}")
+    hf.tokenizer(f"hf:{tmp_path / 'bert'}")
+    hf.load_hf_model(f"hf:{tmp_path / 'vit'}")
+    hf.image_transform(f"hf:{tmp_path / 'vit'}")
+    assert {c for c, _ in seen} == {"AutoConfig", "AutoModel", "AutoTokenizer", "AutoImageProcessor",
+                                    "AutoModelForImageClassification"}
+    assert all(trust is False for _, trust in seen), seen
+
+    config = json.loads((tmp_path / "bert" / "config.json").read_text())
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "m.M"}}))
+    (tmp_path / "bert" / "m.py").write_text("raise SystemExit('ran')\n")
+    seen.clear()
+    with pytest.raises(ValueError, match=r"config.json names custom code \(auto_map"):
+        hf.load_hf_model(f"hf:{tmp_path / 'bert'}")
+    assert seen == []  # refused before any transformers load
+
+
+def test_tokenizer_without_vocabulary_or_of_another_model_is_refused(tmp_path):
+    """No vocabulary file: refused (transformers would build a tokenizer of the special tokens, every word [UNK]);
+    more tokens than the embedding has rows: refused naming both."""
+    bert = tmp_path / "bert"
+    make_bert(bert)
+    config = json.loads((bert / "config.json").read_text())
+    hf.check_vocabulary("hf:bert", hf.tokenizer(f"hf:{bert}"), config)  # its own: fits
+    with pytest.raises(ValueError, match=r"has 94 tokens, the model's embedding 50 rows"):
+        hf.check_vocabulary("hf:bert", hf.tokenizer(f"hf:{bert}"), {**config, "vocab_size": 50})
+    for name in ("tokenizer.json", "vocab.txt"):
+        (bert / name).unlink()
+    with pytest.raises(ValueError, match="no tokenizer in"):
+        hf.tokenizer(f"hf:{bert}")
+
+
+def test_gpt2_conv1d_layers_run_as_linear_and_round_trip(tmp_path, one_thread):
+    """GPT-2's transformers Conv1D layers (weight stored (in, out)) become the nn.Linear they compute: same names,
+    same outputs; they are analyzed and factored like any linear layer, and the folder rebuilds them so."""
+    from transformers import AutoModel
+    from transformers.pytorch_utils import Conv1D
+
+    make_gpt2(tmp_path / "gpt2")
+    model, config = hf.load_hf_model(f"hf:{tmp_path / 'gpt2'}")
+    original = AutoModel.from_pretrained(tmp_path / "gpt2", local_files_only=True).eval()
+    conv1d = [n for n, m in original.named_modules() if isinstance(m, Conv1D)]
+    assert len(conv1d) == 8 and config["conv1d_as_linear"] == conv1d
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in conv1d)
+    ids = torch.randint(0, 257, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    with torch.no_grad():
+        want = original(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.allclose(model(input_ids=ids, attention_mask=mask).last_hidden_state, want, atol=1e-6)
+
+    data = load_text_splits(make_text(tmp_path / "lines.txt", 30), hf.tokenizer(f"hf:{tmp_path / 'gpt2'}"), 32)
+    result = compress_model(model, data, CompressConfig(tolerance=None, energy=0.9, finetune=NO_FINETUNE),
+                            score=False, progress=False)
+    assert set(result.plan.layers) == set(conv1d)  # every Conv1D analyzed and factored
+    save_compressed(result.model, result.plan, config, tmp_path / "out")
+    loaded = load_compressed(tmp_path / "out")
+    with torch.no_grad():
+        expected = result.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).last_hidden_state, expected)
 
 
 def _text_data(tmp_path, bert_dir):

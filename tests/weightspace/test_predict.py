@@ -84,6 +84,28 @@ def test_model_metrics_of_a_small_model():
     assert set(model_metrics(model)) == set(METRICS) - {"mlu"}
 
 
+def test_weights_or_statistics_with_nan_are_refused_naming_the_layer():
+    """A NaN weight was a LinAlgError traceback from the SVD (``utilrank predict`` with a NaN file)."""
+    from utilrank_kernels.analysis import LayerStats, Statistics
+    from utilrank_kernels.analysis.esd import matrix_esd
+    from utilrank_kernels.analysis.spectrum import spectrum
+    from utilrank_kernels.models import build_builtin
+
+    torch.manual_seed(0)
+    model = build_builtin("vit-digits").eval()
+    cov = torch.eye(64, dtype=torch.float64)
+    cov[3, 3] = float("inf")
+    stats = Statistics({"head": LayerStats("head", "linear", 64, 10, cov, 5)})
+    with pytest.raises(ValueError, match="the statistics: layer head: its input covariance holds NaN or Inf"):
+        spectrum(model, stats, progress=False)
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"layer blocks\.1\.mlp\.fc2: its weight holds NaN or Inf"):
+        model_metrics(model)
+    with pytest.raises(ValueError, match="the 64x256 weight holds NaN or Inf"):
+        matrix_esd(model.blocks[1].mlp.fc2.weight)
+
+
 def test_weights_digest_covers_every_tensor_including_batchnorm_counters():
     state = torch.nn.BatchNorm1d(3).state_dict()  # num_batches_tracked: a 0-d int64 tensor
     digest = weights_digest(state)

@@ -167,6 +167,65 @@ def test_mismatched_keys_and_shapes_name_the_tensors(tmp_path):
         greedy_soup([a, a, a], lambda sd: 0.0, scores=[1.0, 2.0], progress=False)
 
 
+def test_nan_or_inf_ingredients_are_named_with_the_tensor(tmp_path):
+    a = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    bad = {k: v.clone() for k, v in a.state_dict().items()}
+    bad["2.weight"][1, 3] = float("nan")
+    bad["0.bias"][0] = float("inf")
+    with pytest.raises(ValueError, match=r"ingredient 1: tensor 0\.bias holds 1 Inf of 5 values"):
+        uniform_soup([a, bad])  # tensors in name order: 0.bias before 2.weight
+    bad["0.bias"][0] = 0.0
+    path = tmp_path / "nan.safetensors"
+    save_file(bad, str(path))
+    with pytest.raises(ValueError, match=rf"{path.name}: tensor 2\.weight holds 1 NaN of 10 values"):
+        greedy_soup([a, path], lambda sd: 0.0, progress=False)
+
+
+def test_screened_files_name_the_file_the_tensor_and_the_copies(tmp_path, caplog):
+    from utilrank_kernels.weightspace.inputs import WeightFileError, require_distinct, screen_files
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
+    paths = {}
+    for name, seed in (("a", 1), ("b", 2), ("c", 3)):
+        torch.manual_seed(seed)
+        state = {k: v.contiguous() for k, v in nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5),
+                                                             nn.Linear(5, 2)).state_dict().items()}
+        paths[name] = tmp_path / f"{name}.safetensors"
+        save_file(state, str(paths[name]))
+    # a copy whose BatchNorm counter and wrapper prefix differ is the same model
+    copy_state = {f"module.{k}": (v + 7 if k.endswith("num_batches_tracked") else v)
+                  for k, v in state_dict_of(paths["a"]).items()}
+    paths["a2"] = tmp_path / "a2.safetensors"
+    save_file(copy_state, str(paths["a2"]))
+    files = screen_files([paths[n] for n in ("a", "b", "a2")], "--from", model=model, model_name="mlp")
+    assert files[0].digest == files[2].digest != files[1].digest
+    with pytest.raises(WeightFileError, match=r"--from: the 3 files hold only 2 different models \(.*a\.safetensors = "
+                                              r".*a2\.safetensors: the same weights\): a map needs at least 3"):
+        require_distinct(files, 3, "--from", "a map")
+    with caplog.at_level("WARNING", logger="utilrank_kernels"):
+        require_distinct(files, 2, "--from", "a map")
+    assert "a2.safetensors: the same weights, so that model counts 2 times" in caplog.text
+    with pytest.raises(WeightFileError, match=r"--from: 1 file \(.*a\.safetensors\): a soup needs at least 2"):
+        require_distinct(files[:1], 2, "--from", "a soup")
+
+    nan = state_dict_of(paths["c"])
+    nan["2.weight"][0, :] = float("nan")
+    save_file(nan, str(paths["c"]))
+    with pytest.raises(WeightFileError, match=r"--from .*c\.safetensors: tensor 2\.weight holds 5 NaN of 10 values"):
+        screen_files([paths["a"], paths["c"]], "--from")
+    wide = tmp_path / "wide.safetensors"
+    save_file({k: v.contiguous() for k, v in nn.Sequential(nn.Linear(4, 6)).state_dict().items()}, str(wide))
+    with pytest.raises(WeightFileError, match=r"wide\.safetensors: not weights of mlp \(the file lacks .*shapes "
+                                              r"differ: 0\.bias \(6,\) vs model \(5,\)"):
+        screen_files([wide], "--from", model=model, model_name="mlp")
+    with pytest.raises(WeightFileError, match="is a folder"):
+        screen_files([tmp_path], "--from")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(WeightFileError, match=r"^--checkpoint .*junk\.safetensors: not a readable safetensors"):
+        screen_files([tmp_path / "junk.safetensors"], "--checkpoint")
+
+
 # -- SWA ----------------------------------------------------------------------------------------------
 
 

@@ -397,6 +397,8 @@ def eigenvalues(
     together (scaled by ``CONV_NORM`` first with ``conv_norm``), computed batched on the weight's device."""
     check_dtype(dtype)
     w = weight.detach().to(dtype)
+    if not bool(torch.isfinite(w).all()):  # the SVD would fail to converge, or fit garbage
+        raise ValueError(f"the {'x'.join(map(str, w.shape))} weight holds NaN or Inf")
     if w.dim() == 4:
         mats = w.permute(2, 3, 0, 1).reshape(-1, w.shape[0], w.shape[1])  # [kh*kw, out, C]
         scale = CONV_NORM if conv_norm else 1.0

@@ -4,14 +4,13 @@ is ``plots.plot_utilization``'s, drawn by the commands."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
-from .._files import write_json
+from .._files import SchemaError, read_json, write_json
 from ..layers import factored_pays
 from .stats import Statistics
 from .subspace import Subspaces, numerical_rank
@@ -100,9 +99,21 @@ class Report:
     def load(cls, path: str | Path) -> Report:
         path = Path(path)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
+            return cls.from_dict(read_json(path, "report", "report"))
+        except SchemaError:
+            raise  # names the file and the field already
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"report {path}: {exc}") from exc
+
+
+def select_layers(stats: Statistics, keep: Callable[[str], bool]) -> Statistics:
+    """The statistics of the layers whose name ``keep`` accepts (the commands' ``--include`` / ``--exclude``), the
+    others listed as skipped: a report of a subset of the layers from the same pass (or saved file), without
+    eigendecomposing the layers left out."""
+    left_out = [n for n in stats.layers if not keep(n)]
+    return Statistics({n: s for n, s in stats.layers.items() if keep(n)},
+                      [*stats.skipped, *({"name": n, "reason": "excluded by filter"} for n in left_out)],
+                      stats.batches, stats.meta)
 
 
 def build_report(model: nn.Module, stats: Statistics, subspaces: Subspaces, energy: float = 0.99) -> Report:
@@ -132,18 +143,20 @@ def build_report(model: nn.Module, stats: Statistics, subspaces: Subspaces, ener
 
 
 def format_table(report: Report) -> str:
+    """The terminal table: one row per analyzed layer under its full name, then the skipped layers and the MLU."""
     saved = report.saved is not None
-    head = (f"{'layer':<28} {'kind':<6} {'in':>6} {'out':>6} {'k_in':>5} {'k_out':>5} {'rank':>5} {'W rank':>6} "
+    width = max([len("layer"), *(len(r.name) for r in report.layers), *(len(n) for n in report.skipped)])
+    head = (f"{'layer':<{width}} {'kind':<6} {'in':>6} {'out':>6} {'k_in':>5} {'k_out':>5} {'rank':>5} {'W rank':>6} "
             f"{'util':>6}" + (f" {'saved':>6}" if saved else ""))
     lines = [head, "-" * len(head)]
     for r in report.layers:
-        line = (f"{r.name[-28:]:<28} {r.kind[:6]:<6} {r.in_features:>6} {r.out_features:>6} {r.k_in:>5} "
+        line = (f"{r.name:<{width}} {r.kind[:6]:<6} {r.in_features:>6} {r.out_features:>6} {r.k_in:>5} "
                 f"{r.k_out:>5} {r.rank:>5} {r.weight_rank:>6} {r.utilization:>6.1%}")
         if saved:
             line += f" {r.saved_rank if r.saved_rank is not None else 'dense':>6}"
         lines.append(line)
     for name, reason in report.skipped.items():
-        lines.append(f"{name[-28:]:<28} skipped: {reason}")
+        lines.append(f"{name:<{width}} skipped: {reason}")
     lines.append(
         f"MLU {report.mlu:.3f} at energy {report.energy} over {len(report.layers)} layers, {report.tokens:,} tokens; "
         f"analyzed weights {report.params_dense:,} -> {report.params_factored:,} at the utilized ranks"

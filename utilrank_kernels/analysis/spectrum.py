@@ -61,6 +61,22 @@ def spectral_layers(
     return layers, skipped
 
 
+def check_finite(modules: dict[str, nn.Module], stats: Statistics | None = None) -> None:
+    """``ValueError`` naming the first layer whose weight, or whose statistics, hold NaN or Inf: a spectrum of
+    them is a failed SVD or a meaningless fit, never a result."""
+    for name, module in modules.items():
+        if not bool(torch.isfinite(module.weight).all()):
+            raise ValueError(f"layer {name}: its weight holds NaN or Inf")
+    check_finite_statistics(stats)
+
+
+def check_finite_statistics(stats: Statistics | None, source: str = "the statistics") -> None:
+    """``ValueError`` naming ``source`` and the first layer whose input covariance holds NaN or Inf."""
+    for name, s in (stats.layers.items() if stats is not None else ()):
+        if not bool(torch.isfinite(s.cov).all()):
+            raise ValueError(f"{source}: layer {name}: its input covariance holds NaN or Inf")
+
+
 def _kind(module: nn.Module) -> str:
     if isinstance(module, nn.Embedding):
         return "embedding"
@@ -89,6 +105,7 @@ def spectrum(
     check_dtype(dtype)
     options = options or ESDOptions()
     modules, skipped = spectral_layers(model, filter_fn, options)
+    check_finite(modules, stats)
     projections = _restricted_weights(model, stats, energy) if stats is not None else {}
     rows, esds = [], {}
     for name, module in tqdm(modules.items(), desc="spectra", unit="layer", disable=not progress):

@@ -13,9 +13,25 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
-from .._files import atomic_path, open_safetensors
+from .._files import SchemaError, atomic_path, open_safetensors, parse_json
 
 STATS_FORMAT = "utilrank.stats/1"
+
+
+def _layer_tensors(f, keys: set[str], name: str, width: int, source: str) -> tuple[torch.Tensor, int]:
+    """Layer ``name``'s accumulator (``width x width``, finite) and token count from an open statistics file."""
+    for key in (f"{name}::cov", f"{name}::tokens"):
+        if key not in keys:
+            raise SchemaError(f"{source}: the header lists layer {name}, the file has no tensor {key}")
+    cov, tokens = f.get_tensor(f"{name}::cov"), f.get_tensor(f"{name}::tokens")
+    if tuple(cov.shape) != (width, width) or not cov.is_floating_point():
+        raise SchemaError(f"{source}: tensor {name}::cov: expected {width} x {width} floats (in_features {width}), "
+                          f"got {' x '.join(map(str, cov.shape))} {str(cov.dtype).removeprefix('torch.')}")
+    if tokens.numel() != 1 or tokens.is_floating_point() or int(tokens.reshape(-1)[0]) < 0:
+        raise SchemaError(f"{source}: tensor {name}::tokens: expected one integer >= 0, got {tokens.tolist()}")
+    if not bool(torch.isfinite(cov).all()):
+        raise SchemaError(f"{source}: tensor {name}::cov holds NaN or Inf")
+    return cov, int(tokens.reshape(-1)[0])
 
 
 @dataclass
@@ -64,18 +80,22 @@ class Statistics:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Statistics:
+        """Read a statistics file; its header (types and ranges, ``_schemas.StatsHeader``) and every layer's
+        tensors (present, of the header's shape, finite) are checked first: ``ValueError`` naming the file and the
+        field or the layer."""
         path = Path(path)
         with open_safetensors(path, "statistics", str(device)) as f:
-            header = json.loads((f.metadata() or {}).get("utilrank", "{}"))
-            if header.get("format") != STATS_FORMAT:
-                raise ValueError(f"statistics {path}: not a {STATS_FORMAT} file")
+            text = (f.metadata() or {}).get("utilrank")
+            if text is None:
+                raise SchemaError(f"statistics {path}: not a {STATS_FORMAT} file (no utilrank header)")
+            header = parse_json(text, "statistics", f"statistics {path}")  # "field ..." of its header
+            keys = set(f.keys())  # noqa: SIM118 (safe_open is not a dict)
             layers = {}
             for name, m in header["layers"].items():
-                layers[name] = LayerStats(
-                    name, m["kind"], m["in_features"], m["out_features"], f.get_tensor(f"{name}::cov"),
-                    int(f.get_tensor(f"{name}::tokens")[0]), m["conv"],
-                )
-        return cls(layers, header["skipped"], header["batches"], header["meta"])
+                cov, tokens = _layer_tensors(f, keys, name, m["in_features"], f"statistics {path}")
+                layers[name] = LayerStats(name, m["kind"], m["in_features"], m["out_features"], cov, tokens,
+                                          m.get("conv"))
+        return cls(layers, header.get("skipped", []), header["batches"], header.get("meta", {}))
 
     def check_model(self, model: nn.Module) -> None:
         """Raise ``ValueError`` naming the first layer the statistics have and ``model`` has not, or has in

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,46 +33,103 @@ def dtype_name(text: str) -> str:
 
 BACKEND_CHOICES = ("torch", "triton", "cuda", "auto")
 ENGINES = ("eager", "compile", "onnxruntime")
+ENGINE_PACKAGES = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime")}  # what an engine needs beyond torch
+TEXT_INPUTS = ("input_ids", "attention_mask")
 
 
-def onnxruntime_model(model: nn.Module, example: torch.Tensor, folder: str | Path) -> tuple[object, dict]:
+class TokenInput(tuple):
+    """A text model's input shape, ``(length,)`` tokens per example, with the ``vocab_size`` its random ids are
+    drawn below and the ``names`` of its ``(batch, length)`` int64 tensors (what ``config.json``'s ``input``
+    records for a text model). A tuple, so that it stands where an image's ``(C, H, W)`` does."""
+
+    def __new__(cls, length: int, vocab_size: int, names: Sequence[str] = TEXT_INPUTS):
+        shape = super().__new__(cls, (int(length),))
+        shape.vocab_size, shape.names = int(vocab_size), tuple(names)
+        return shape
+
+    @property
+    def length(self) -> int:
+        return self[0]
+
+    def describe(self) -> str:
+        return f"{self.length} tokens ({', '.join(self.names)})"
+
+
+class TokenBatch(dict):
+    """A text model's batch, a dict of ``(batch, length)`` tensors by input name, with the ``shape`` of its ids (what
+    the timing loop reads off an image batch)."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return next(iter(self.values())).shape
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.values())).device
+
+
+def example_input(shape: Sequence[int], batch: int, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu", memory_format: torch.memory_format = torch.contiguous_format):
+    """A random batch of ``batch`` inputs of ``shape``: images ``torch.randn(batch, *shape)`` in ``dtype``; for a
+    ``TokenInput`` a ``TokenBatch`` of ids below its ``vocab_size`` and an all-ones ``attention_mask`` (int64,
+    whatever the model's dtype)."""
+    if isinstance(shape, TokenInput):
+        ids = torch.randint(0, shape.vocab_size, (batch, shape.length), device=device)
+        made = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return TokenBatch({name: made.get(name, torch.zeros_like(ids)) for name in shape.names})
+    return torch.randn(batch, *shape, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+
+
+def _device(example) -> torch.device:
+    return example.device if isinstance(example, torch.Tensor) else next(iter(example.values())).device
+
+
+def onnxruntime_model(model: nn.Module, example, folder: str | Path) -> tuple[object, dict]:
     """An onnxruntime session of ``model``'s ONNX export (``export.export_onnx``: the torch path, a dynamic
-    batch axis, checked against ``model`` on a batch), and the row fields of that export."""
+    batch axis, checked against ``model`` on a batch), and the row fields of that export. ``example``: a tensor, or
+    a dict of named tensors (a text model's)."""
     path = Path(folder) / f"model-{id(model)}.onnx"
     result = export_onnx(model, example, path)
-    session = onnxruntime_session(path, example.device)
+    session = onnxruntime_session(path, _device(example))
     return session, {"onnxruntime_provider": onnxruntime_provider(session),
                      "export_max_abs_error": float(f"{result.max_abs_error:.3g}")}
 
 
-def _onnxruntime_step(session, x: torch.Tensor) -> Callable[[], object]:
-    """``session`` run on ``x`` in place through an IO binding (no copy of the input per step; on CUDA
-    no host round trip)."""
-    element_types = {torch.float32: np.float32, torch.float16: np.float16}
-    if x.dtype not in element_types:
-        raise ValueError(f"onnxruntime engine: no {x.dtype} input binding")
-    x = x.contiguous()  # NCHW, as the exported graph reads it
+_ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+
+
+def _onnxruntime_step(session, x) -> Callable[[], object]:
+    """``session`` run on ``x`` (a tensor, or a dict of tensors by input name) in place through an IO binding (no
+    copy of the input per step; on CUDA no host round trip); every output bound on the input's device."""
+    named = dict(x) if isinstance(x, Mapping) else {session.get_inputs()[0].name: x}
     binding = session.io_binding()
-    device_id = x.device.index or 0
-    binding.bind_input(session.get_inputs()[0].name, x.device.type, device_id, element_types[x.dtype],
-                       list(x.shape), x.data_ptr())
-    binding.bind_output(session.get_outputs()[0].name, x.device.type, device_id)
+    bound = []
+    for name, tensor in named.items():
+        if tensor.dtype not in _ELEMENT_TYPES:
+            raise ValueError(f"onnxruntime engine: no {tensor.dtype} input binding")
+        tensor = tensor.contiguous()  # NCHW, as the exported graph reads it
+        bound.append(tensor)
+        binding.bind_input(name, tensor.device.type, tensor.device.index or 0, _ELEMENT_TYPES[tensor.dtype],
+                           list(tensor.shape), tensor.data_ptr())
+    device = bound[0].device
+    for output in session.get_outputs():
+        binding.bind_output(output.name, device.type, device.index or 0)
 
     def step():
         session.run_with_iobinding(binding)
-        return x  # keeps the bound input alive as long as the step
+        return bound  # keeps the bound inputs alive as long as the step
 
     return step
 
 
-def make_step(model, x: torch.Tensor, *, engine: str = "eager", cuda_graphs: bool = False) -> Callable[[], object]:
+def make_step(model, x, *, engine: str = "eager", cuda_graphs: bool = False) -> Callable[[], object]:
     """One inference step on ``x`` in ``engine``: ``model`` eager or replayed from a CUDA graph (``eager``),
     ``torch.compile``d with inductor (``compile``: a static-shape full graph, compiled at the first call;
     with ``cuda_graphs``, inductor's ``reduce-overhead`` mode, which captures graphs itself), or, for
     ``onnxruntime``, ``model`` is a session (``onnxruntime_model``) run through an IO binding."""
     if engine not in ENGINES:
         raise ValueError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
-    if cuda_graphs and not x.is_cuda:
+    if cuda_graphs and _device(x).type != "cuda":
         raise ValueError("--cuda-graphs needs a CUDA device")
     if engine == "onnxruntime":
         if cuda_graphs:

@@ -8,9 +8,11 @@ from torch import nn
 from ..compress import CompressConfig, Plan, build_architecture, compress_model, expand
 from ..data import load_data
 from ..data.datasets import DIGITS_SIZE
+from ..data.text import DEFAULT_MAX_LENGTH
 from ..models import BUILTIN_MODELS, build_model
 from ..nn import fuse_lowrank_mlps
 from ..train import TrainRecipe
+from .engines import TokenInput
 
 
 def cut_to_ratio(model: nn.Module, ratio: float, multiple: int = 16, arch: str | None = None) -> tuple[nn.Module, Plan]:
@@ -59,3 +61,48 @@ def input_size(model: nn.Module, name: str, config: dict | None = None) -> tuple
     return kwargs.get("in_chans", channels), height, width
 
 
+
+
+def input_spec(model: nn.Module, config: dict) -> tuple[int, int, int] | TokenInput:
+    """What one input of a compressed folder's model is, from its ``config.json``: ``input`` where recorded
+    (``(C, H, W)`` of an image model; a ``TokenInput`` of ``max_length`` tokens for a text model); for a folder
+    written before ``input`` was recorded, an HF model's ``hf_config`` (``num_channels`` and ``image_size``, or
+    its vocabulary and positions), else ``input_size``'s built-in or timm size."""
+    spec = config.get("input")
+    if isinstance(spec, dict) and spec.get("kind") == "text":
+        return TokenInput(spec["max_length"], spec["vocab_size"], spec.get("names") or ("input_ids", "attention_mask"))
+    if isinstance(spec, dict) and spec.get("kind") == "image":
+        channels, height, width = spec["size"]
+        return channels, height, width
+    if config.get("source") == "hf":
+        hf = config.get("hf_config") or {}
+        if "num_channels" in hf and "image_size" in hf:
+            size = hf["image_size"]
+            height, width = (size, size) if isinstance(size, int) else size
+            return hf["num_channels"], height, width
+        positions = hf.get("max_position_embeddings") or hf.get("n_positions") or DEFAULT_MAX_LENGTH
+        if not hf.get("vocab_size"):
+            raise ValueError(f"config.json of {config.get('arch')}: no input recorded and no hf_config.vocab_size to "
+                             "draw token ids from")
+        return TokenInput(min(positions, DEFAULT_MAX_LENGTH), hf["vocab_size"])
+    return input_size(model, config["arch"], config)
+
+
+def max_positions(config: dict) -> int | None:
+    """The longest token sequence an HF text model takes (``max_position_embeddings`` / ``n_positions``)."""
+    hf = config.get("hf_config") or {}
+    positions = hf.get("max_position_embeddings") or hf.get("n_positions")
+    return positions if isinstance(positions, int) and not isinstance(positions, bool) else None
+
+
+def in_channels(config: dict) -> int | None:
+    """The channels an image model takes, where ``config.json`` says (``input.size``, ``model_kwargs.in_chans``,
+    an HF ``num_channels``)."""
+    spec = config.get("input")
+    if isinstance(spec, dict) and spec.get("kind") == "image":
+        return spec["size"][0]
+    if "in_chans" in config.get("model_kwargs", {}):
+        return config["model_kwargs"]["in_chans"]
+    if config.get("arch") in BUILTIN_MODELS:
+        return BUILTIN_MODELS[config["arch"]][1].get("in_chans")
+    return (config.get("hf_config") or {}).get("num_channels")

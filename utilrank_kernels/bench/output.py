@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import os
+import tempfile
 from pathlib import Path
 
 from .._files import atomic_path, write_json
 from ..nn.tune import summary
 from ..plots import plot_speedup
+from ..timing import Timing
 
 BENCH_FORMAT = "utilrank.bench/1"
 
@@ -19,13 +22,57 @@ def format_row(row: dict) -> str:
         return f"{where} FAILED: {row['error']}"
     ratios = ""
     if row["variant"] == "compressed":
-        ratios = (f"  speedup {row['speedup']:.2f}x of {row['theoretical_speedup']:.2f}x "
-                  f"(realized {row['realized_fraction']:.2f})")
+        ratios = f"  {speedup_words(row)}; FLOP ratio {row['theoretical_speedup']:.2f}x"
+        if row.get("speedup_measurable", True):
+            ratios += f" (realized {row['realized_fraction']:.2f})"
     if row.get("layer_backends"):
         ratios += f"  layers: {summary(row['layer_backends'])}"
     return (f"{where} {row['infer_step_time']:10.3f} ms [{row['step_time_p20']:.3f}, {row['step_time_p80']:.3f}] "
             f"{row['infer_samples_per_sec']:10.1f}/s  {row['param_count']:.4g}M params "
             f"{row['infer_gmacs']:.4g} GMACs{ratios}")
+
+
+def dense_timing(row: dict) -> Timing | None:
+    """The dense timing a compressed row was compared with (None in rows written before it was recorded)."""
+    if "dense_step_time_p20" not in row:
+        return None
+    return Timing(row["dense_step_time"], row["dense_step_time_p20"], row["dense_step_time_p80"])
+
+
+def speedup_words(row: dict) -> str:
+    """A compressed row's speedup as the measurement backs it (``Timing.compared_to``: a speedup only where the
+    p20-p80 ranges of dense and compressed do not overlap), with the ratio of the medians where they do."""
+    dense = dense_timing(row)
+    if dense is None:
+        return f"speedup {row['speedup']:.2f}x"
+    words = Timing(row["infer_step_time"], row["step_time_p20"], row["step_time_p80"]).compared_to(dense)
+    if words == "no measurable difference":
+        words += f" (medians {row['speedup']:.2f}x, the p20-p80 ranges overlap)"
+    return words
+
+
+def check_out(out: str | Path, *, csv_too: bool = False, plot: bool = True) -> None:
+    """Refuse an ``--out`` the rows could not be written to, before any timing: ``ValueError`` naming it. It must
+    be a ``.json`` file name (the CSV and the plot go beside it under their own suffixes) in a folder this process
+    can write, or can create (tested by creating and removing a file there)."""
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out {out}: give a .json file name (the plot and the CSV go beside it as .png and .csv)")
+    beside = [out] + [out.with_suffix(s) for s, on in ((".csv", csv_too), (".png", plot)) if on]
+    for path in beside:
+        if path.is_dir():
+            raise ValueError(f"--out {out}: {path} is a folder")
+    folder = out.parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent  # the folders that do not exist yet are created when the rows are written
+    if not folder.is_dir():
+        raise ValueError(f"--out {out}: {folder} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".utilrank-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc})") from exc
 
 
 def write_rows(rows: list[dict], out: str | Path, *, csv_too: bool = False, plot: bool = True) -> list[Path]:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._progress import ticking
+from ..compress.summary import SPREAD_LIMIT
 from ..measure import count_flops, count_params
 from ..nn import layer_backends, set_backend, tune
 from ..timing import Timing, cpu_thp_alloc, device_label, step_times, time_interleaved, versions
@@ -29,6 +30,7 @@ from .engines import (
     ENGINES,
     backend_problem,
     engine_versions,
+    example_input,
     make_step,
     onnxruntime_model,
     quiet_cpu_compile,
@@ -85,7 +87,7 @@ def bench(
     if unknown:
         raise ValueError(f"engine {unknown[0]!r}: choose from {', '.join(ENGINES)}")
     dense, compressed = dense.float().cpu().eval(), compressed.float().cpu().eval()
-    x1 = torch.randn(1, *input_shape)
+    x1 = example_input(input_shape, 1)  # a TokenInput shape: a dict of token ids and a mask
     flops = {"dense": count_flops(dense, x1), "compressed": count_flops(set_backend(compressed, "torch"), x1)}
     params = {"dense": count_params(dense), "compressed": count_params(compressed)}
     usable = _usable_backends(backends, device, log)
@@ -145,9 +147,8 @@ class _Run:
     tune: bool = False
     tuned: set = field(default_factory=set)  # (backend, dtype, batch size) already tuned in this run
 
-    def _input(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
-        x = torch.randn(batch, *self.input_shape, device=self.device, dtype=dtype)
-        return x.contiguous(memory_format=self.fmt)
+    def _input(self, batch: int, dtype: torch.dtype):
+        return example_input(self.input_shape, batch, dtype, self.device, self.fmt)
 
     def _error_row(self, engine: str, key: str, dtype_name: str, batch: int, error: str) -> dict:
         self.log(f"failed: {engine} {key} at {dtype_name}, batch {batch}: {error}")
@@ -242,26 +243,34 @@ class _Run:
 
     def _timed_rows(self, engine: str, dtype_name: str, bs: int, times: dict[str, list[float]],
                     fields: dict[str, dict], layers: dict[str, list]) -> list[dict]:
-        rows, dense_ms = [], None
-        for key, ts in times.items():
+        """One row per model of the configuration; a compressed row carries the dense timing it is compared with,
+        and whether its speedup is measurable (the p20-p80 ranges apart). A wide p20-p80 is warned about."""
+        timings = {key: Timing.of(ts) for key, ts in times.items()}
+        dense = timings["dense"]
+        rows = []
+        for key, timing in timings.items():
             variant = "dense" if key == "dense" else "compressed"
-            timing = Timing.of(ts)
-            median, p20, p80 = timing.median, timing.p20, timing.p80
             row = {"model": self.model_name, "variant": variant, "backend": "torch" if key == "dense" else key,
                    "engine": engine, "dtype": dtype_name, "batch_size": bs, "img_size": self.input_shape[-1],
-                   "infer_samples_per_sec": round(1e3 * bs / median, 2),
-                   "infer_step_time": round(median, 4),
-                   "step_time_p20": round(p20, 4), "step_time_p80": round(p80, 4),
-                   "warmup": self.warmup, "timed_steps": len(ts),
+                   "infer_samples_per_sec": round(1e3 * bs / timing.median, 2),
+                   "infer_step_time": round(timing.median, 4),
+                   "step_time_p20": round(timing.p20, 4), "step_time_p80": round(timing.p80, 4),
+                   "warmup": self.warmup, "timed_steps": len(times[key]),
                    "param_count": round(self.params[variant] / 1e6, 4), "params": self.params[variant],
                    "infer_gmacs": round(self.flops[variant] / 2e9, 4), **fields.get(key, {}), **self.common}
-            if key == "dense":
-                dense_ms = median
-            else:
-                row.update(realized(dense_ms, median, self.flops["dense"], self.flops["compressed"]))
+            if key != "dense":
+                row.update(realized(dense.median, timing.median, self.flops["dense"], self.flops["compressed"]))
+                row.update(dense_step_time=round(dense.median, 4), dense_step_time_p20=round(dense.p20, 4),
+                           dense_step_time_p80=round(dense.p80, 4), speedup_measurable=not dense.overlaps(timing))
                 row["weight_bytes_ratio"] = round(self.params["dense"] / self.params["compressed"], 4)
                 if key in layers:
                     row["layer_backends"] = layers[key]
             rows.append(row)
             self.log(format_row(row))
+        widest = max(timings, key=lambda k: timings[k].p80 / timings[k].p20)
+        spread = timings[widest].p80 / timings[widest].p20
+        if spread > SPREAD_LIMIT:
+            which = "dense" if widest == "dense" else f"compressed ({widest})"
+            self.log(f"warning: {engine} {dtype_name} batch {bs}: {which} p80/p20 {spread:.2f} (above {SPREAD_LIMIT}): "
+                     "a busy or throttling machine, the medians are rough; more --iters or a quieter machine narrow it")
         return rows

@@ -1,15 +1,25 @@
-"""The command line's input: the error a bad input raises, the argparse types, and the options several commands
-share (the model, data and statistics-pass options; ``--threads``)."""
+"""The command line's input: the error a bad input raises, the argparse types, the options several commands share
+(the model, data and statistics-pass options, the layer globs and ``--stats``; ``--threads``), and the closing
+line's list of the files written."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .._folder import MANIFEST
 
 DEFAULT_MODEL = "vit-digits"
 
 
 class UsageError(Exception):
     """A problem with the command's input: printed as one line, exit status 2."""
+
+
+def files_written(out: Path) -> str:
+    """The files a finished folder holds, as the closing line lists them (the manifest last)."""
+    names = sorted(p.name for p in out.iterdir() if p.is_file() and p.name != MANIFEST)
+    return ", ".join([*names, MANIFEST] if (out / MANIFEST).is_file() else names)
 
 
 def positive_int(text: str) -> int:
@@ -86,6 +96,22 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                    help=f"output folder (default: utilrank-out/{command}-MODEL); written as a unit: files go to "
                         "OUT.partial/ and replace OUT only once all are written")
     p.add_argument("--force", action="store_true", help="replace an --out folder that already holds results")
+
+
+def add_layer_options(p: argparse.ArgumentParser, command: str) -> None:
+    """``--include`` / ``--exclude`` (globs on layer names) and ``--stats`` (a saved statistics file instead of a
+    pass), shared by ``analyze`` and ``compress``."""
+    verb = "analyze" if command == "analyze" else "factor"
+    p.add_argument("--include", action="append", default=[], metavar="GLOB",
+                   help=f"{verb} only layers whose name matches (fnmatch on the whole name, e.g. 'blocks.*.mlp.*'; "
+                        "repeatable); a pattern that matches no layer is refused")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help=f"do not {verb} layers whose name matches (repeatable), e.g. --exclude head --exclude "
+                        "'pooler.*'")
+    p.add_argument("--stats", default=None, metavar="FILE",
+                   help="a stats.safetensors from an earlier analyze or compress of the same --model, --checkpoint "
+                        "and --data, instead of a new statistics pass" + (
+                            " (a new --energy or layer selection costs no pass)" if command == "analyze" else ""))
 
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:

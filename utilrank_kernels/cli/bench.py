@@ -3,28 +3,38 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
+from .._files import read_json
 from ..bench import (
     BACKEND_CHOICES,
     DTYPES,
+    ENGINE_PACKAGES,
     ENGINES,
+    TokenInput,
     bench,
     compress_builtin,
     cut_to_ratio,
     dense_twin,
     dtype_name,
+    example_input,
+    in_channels,
     input_size,
+    input_spec,
+    max_positions,
     write_rows,
 )
+from ..bench.output import check_out
 from ..compress import Plan, load_compressed
+from ..export import missing_packages
 from ..measure import count_params
 from ..models import BUILTIN_MODELS, build_builtin, build_model
+from ..models.hf import KeywordInputs
 from ..timing import THP_HINT, cpu_thp_alloc, device_label, keep_freed_memory
 from ._options import DEFAULT_MODEL, UsageError, positive_int
 from ._runtime import resolve_device
@@ -45,17 +55,59 @@ def _csv_list(text: str, cast=str, choices: Sequence | None = None) -> list:
     return values
 
 
-def _models(args) -> tuple[nn.Module, nn.Module, str, tuple[int, int, int], dict]:
+def _input_shape(args, dense: nn.Module, spec, config: dict | None = None):
+    """``--input-size`` checked against the model (its count of numbers, the channels where known, then one run of
+    the dense model on a batch of one), or the model's own ``spec``."""
+    given = args.input_size
+    if given is None:
+        return spec
+    text = ",".join(map(str, given))
+    if isinstance(spec, TokenInput):
+        positions = max_positions(config or {})
+        if len(given) != 1:
+            raise UsageError(f"--input-size {text}: a text model takes one number, the tokens per example (its "
+                             f"default {spec.length})")
+        if positions is not None and given[0] > positions:
+            raise UsageError(f"--input-size {text}: the model has {positions} positions (max_position_embeddings)")
+        shape = TokenInput(given[0], spec.vocab_size, spec.names)
+    else:
+        if len(given) != 3:
+            raise UsageError(f"--input-size {text}: an image model takes C,H,W (three numbers; its default "
+                             f"{','.join(map(str, spec))})")
+        channels = in_channels(config) if config else spec[0]
+        if channels is not None and given[0] != channels:
+            raise UsageError(f"--input-size {text}: the model takes {channels} input channel"
+                             f"{'s' if channels != 1 else ''}, not {given[0]}")
+        shape = tuple(given)
+    try:
+        with torch.inference_mode():
+            dense.eval()(example_input(shape, 1))
+    except Exception as exc:  # a size the model cannot take: its own error, first line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UsageError(f"--input-size {text}: the model does not run on it ({first})") from exc
+    return shape
+
+
+def _describe(shape) -> str:
+    return shape.describe() if isinstance(shape, TokenInput) else str(tuple(shape))
+
+
+def _models(args) -> tuple[nn.Module, nn.Module, str, tuple[int, int, int] | TokenInput, dict]:
     """``(dense, compressed, model name, input size, extra row fields)`` from the command's options."""
     if args.compressed:
         path = Path(args.compressed)
         try:
             compressed = load_compressed(path, fuse_mlps=args.fuse_mlps)
-            plan, config = Plan.load(path / "plan.json"), json.loads((path / "config.json").read_text())
+            plan, config = Plan.load(path / "plan.json"), read_json(path / "config.json", "config")
+            dense = dense_twin(compressed, plan, config)
+            spec = input_spec(dense, config)
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from exc
-        dense = dense_twin(compressed, plan, config)
-        shape = args.input_size or input_size(dense, config["arch"], config)
+        if isinstance(spec, TokenInput):  # a transformers text model: called with its input tensors by name
+            if args.channels_last:
+                raise UsageError(f"--channels-last: {path} holds a text model (channels_last is an image layout)")
+            dense, compressed = KeywordInputs(dense), KeywordInputs(compressed)
+        shape = _input_shape(args, dense, spec, config)
         extra = {"compressed": str(path), "factored_layers": len(plan.layers), "fused_mlps": args.fuse_mlps}
         target = next((e.latency for e in plan.layers.values() if e.latency), None)
         if target:  # a latency-aware plan (compress --target-device D --target-batch N)
@@ -70,15 +122,22 @@ def _models(args) -> tuple[nn.Module, nn.Module, str, tuple[int, int, int], dict
             compressed, _ = cut_to_ratio(dense, args.param_ratio, args.rank_multiple, args.model)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
-        shape = args.input_size or input_size(dense, args.model)
+        shape = _input_shape(args, dense, input_size(dense, args.model))
         return dense, compressed, args.model, shape, {"param_ratio": args.param_ratio,
                                                       "rank_multiple": args.rank_multiple}
     if args.model not in BUILTIN_MODELS:
         raise UsageError(f"--model {args.model}: give --param-ratio R for a synthetic cut, "
                          "or --compressed DIR")
     dense, compressed, _ = compress_builtin(args.model, args.energy)
-    shape = args.input_size or input_size(dense, args.model)
+    shape = _input_shape(args, dense, input_size(dense, args.model))
     return dense, compressed, args.model, shape, {"energy": args.energy}
+
+
+def _check_out(out: Path, args) -> None:
+    try:
+        check_out(out, csv_too=args.csv, plot=not args.no_plot)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
 
 
 def run(args) -> int:
@@ -94,6 +153,11 @@ def run(args) -> int:
         raise UsageError("--warmup must be >= 0 and --iters >= 1")
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise UsageError(f"--max-seconds {args.max_seconds}: must be > 0")
+    missing = sorted({p for e in args.engine for p in missing_packages(ENGINE_PACKAGES.get(e, ()))})
+    if missing:
+        raise UsageError(f"--engine {','.join(args.engine)}: needs {', '.join(missing)}: pip install -e '.[deploy]'")
+    if args.out:  # before the models are made or timed (the default path is checked once the name is known)
+        _check_out(Path(args.out), args)
     backends = list(BACKEND_CHOICES) if args.backend == ["all"] else args.backend
     dense, compressed, name, shape, extra = _models(args)
     keep_memory = device.type == "cpu" and not args.release_memory and keep_freed_memory()
@@ -102,8 +166,9 @@ def run(args) -> int:
     if device.type == "cpu":
         extra = {**extra, "malloc_keep_freed": keep_memory}
     out = Path(args.out or f"utilrank-out/bench-{name}.json")
+    _check_out(out, args)
     print(f"{name}: {count_params(dense):,} -> {count_params(compressed):,} parameters; "
-          f"input {tuple(shape)}; {device_label(device)}; "
+          f"input {_describe(shape)}; {device_label(device)}; "
           f"{args.warmup} warm-up + {args.iters} timed steps, interleaved; engines {', '.join(args.engine)}")
     try:
         rows = bench(dense, compressed, model_name=name, input_shape=shape, batch_sizes=args.batch_sizes,
@@ -171,8 +236,9 @@ def add_parser(sub) -> None:
     p.add_argument("--max-seconds", type=float, default=None, metavar="S",
                    help="end a configuration's timed rounds after S seconds (at least 5 rounds; default: all "
                         "--iters)")
-    p.add_argument("--input-size", type=lambda s: tuple(_csv_list(s, int)), default=None,
-                   metavar="C,H,W", help="input size (default: the model's)")
+    p.add_argument("--input-size", type=lambda s: tuple(_csv_list(s, positive_int)), default=None,
+                   metavar="C,H,W|L", help="one input: C,H,W for an image model (the channels must be the model's), "
+                   "or L tokens for a text model (default: the model's, from the folder's config.json)")
     p.add_argument("--out", default=None, help="JSON file (default: utilrank-out/bench-MODEL.json); the plot "
                                                "goes beside it as .png")
     p.add_argument("--release-memory", action="store_true",

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
 
 from .._files import write_json
-from ..analysis import Statistics, format_table, statistics_bytes
+from ..analysis import format_table, statistics_bytes
 from ..bench import ENGINES, bench
 from ..compress import CompressConfig, Plan, check_fits, compress_model, write_compressed
+from ..compress.pipeline import check_config
 from ..compress.summary import LATENCY_BATCH, CompressSummary, EngineTiming, latency_notes, summarize
 from ..data.datasets import example_inputs
+from ..data.text import is_text_data
 from ..metrics import accuracy_problem, select_metric
 from ..models.hf import KeywordInputs
 from ..plots import plot_utilization
 from ..timing import Timing, latency_ms
 from ..train import TrainRecipe
 from ._model import model_and_data
-from ._options import UsageError, add_common_options, positive_int
+from ._options import UsageError, add_common_options, add_layer_options, files_written, positive_int
 from ._output import commit, output_folder
 from ._runtime import init_distributed, resolve_device
-from ._statistics import collect_statistics
+from ._statistics import check_statistics, collect_statistics, read_statistics, same_model
 
 
 def engine_list(text: str) -> list[str]:
@@ -32,46 +35,120 @@ def engine_list(text: str) -> list[str]:
     return engines
 
 
-def compress_config(args) -> CompressConfig:
-    """The ``CompressConfig`` of the command's options (its errors name the option)."""
+DEFAULT_TOLERANCE = 0.5  # --tolerance when neither a target nor --no-search nor --plan is given
+DEFAULT_METHOD = "optimal"
+FINETUNE_DEFAULTS = {"lr": 1e-3, "weight_decay": 0.01, "finetune_batch_size": 64}
+TARGET_BATCH = 32
+
+
+def _target(args) -> str | None:
+    """``--target-params 0.5`` (as the option reads), or None."""
+    for measure in ("params", "flops"):
+        value = getattr(args, f"target_{measure}")
+        if value is not None:
+            return f"--target-{measure} {value:g}"
+    return None
+
+
+def check_options(args) -> None:
+    """Options that contradict each other or would be ignored, refused in one line before any file is read: each
+    is a run that would otherwise do something else than the command line says."""
+    target, plan, stats = _target(args), args.plan and f"--plan {args.plan}", args.stats and f"--stats {args.stats}"
+    search = [f"--{o.replace('_', '-')} {getattr(args, o):g}" for o in ("tolerance", "total_tolerance")
+              if getattr(args, o) is not None]
+    pass_options = [o for o in ("--resume" if args.resume else "",
+                                f"--checkpoint-every {args.checkpoint_every}" if args.checkpoint_every else "",
+                                f"--max-batches {args.max_batches}" if args.max_batches else "") if o]
+    finetune = [f"--{k.replace('_', '-')} {getattr(args, k):g}" for k in FINETUNE_DEFAULTS
+                if getattr(args, k) is not None]
+    conflicts = [
+        (target and plan, f"{target} with {plan}: the plan fixes every rank, a target would size them again; drop one"),
+        *((target and s, f"{s} with {target}: a target sizes the model instead of the rank search, which is what "
+                         "the tolerances bound; drop one") for s in search),
+        (target and args.no_search, f"--no-search with {target}: a target never searches; drop --no-search"),
+        *((args.no_search and s, f"{s} with --no-search: no rank search runs to use it; drop one") for s in search),
+        *((plan and s, f"{s} with {plan}: the plan fixes every rank, no search runs; drop one") for s in search),
+        (plan and args.no_search, f"--no-search with {plan}: the plan fixes every rank; drop --no-search"),
+        (plan and (args.include or args.exclude), f"--include/--exclude with {plan}: the plan names the layers it "
+                                                  "factors; drop them, or drop --plan to plan again"),
+        (plan and args.target_device, f"--target-device with {plan}: the latency-aware pass makes a plan, and "
+                                      "this one is fixed; drop one"),
+        (args.no_refine and not target, "--no-refine: only a --target-params / --target-flops allocation is refined "
+                                        "on validation; give a target or drop --no-refine"),
+        (args.target_batch is not None and not args.target_device,
+         f"--target-batch {args.target_batch}: the batch --target-device times layers at; give --target-device or "
+         "drop it"),
+        *((stats and o, f"{o} with {stats}: no statistics pass runs; drop {o.split()[0]}") for o in pass_options),
+        *((args.finetune_epochs == 0 and f, f"{f} with --finetune-epochs 0: no fine-tuning runs to use it; drop it")
+          for f in finetune),
+        (args.finetune_dense and not args.finetune_epochs, "--finetune-dense needs --finetune-epochs >= 1"),
+        *((is_text_data(args.data) and value is not None,
+           f"{option} with --data {args.data}: FLOPs and layer timings are measured on tensor inputs, and text "
+           "batches are dicts of tensors; use --target-params, without a latency pass")
+          for option, value in (("--target-flops", args.target_flops), ("--target-device", args.target_device))),
+    ]
+    problem = next((message for conflict, message in conflicts if conflict), None)
+    if problem:
+        raise UsageError(problem)
+
+
+def _check_values(args) -> None:
+    """Numbers in their ranges (NaN and infinity refused: they compare false with every bound)."""
     if args.finetune_epochs < 0:
         raise UsageError(f"--finetune-epochs {args.finetune_epochs}: must be >= 0")
-    if args.lr <= 0:
-        raise UsageError(f"--lr {args.lr}: must be > 0")
     for option, value in (("--tolerance", args.tolerance), ("--total-tolerance", args.total_tolerance)):
-        if value is not None and value < 0:
-            raise UsageError(f"{option} {value}: must be >= 0 percentage points")
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"{option} {value}: must be a number >= 0 (percentage points)")
+    for option, value in (("--target-params", args.target_params), ("--target-flops", args.target_flops)):
+        if value is not None and not 0 < value < 1:
+            raise UsageError(f"{option} {value}: must be a fraction of the dense model in (0, 1), e.g. 0.5")
+    for option, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay)):
+        if value is not None and not (math.isfinite(value) and value >= (0 if option == "--weight-decay" else 1e-300)):
+            raise UsageError(f"{option} {value}: must be a finite number " + (">= 0" if option == "--weight-decay"
+                                                                               else "> 0"))
+
+
+def compress_config(args, plan: Plan | None = None) -> CompressConfig:
+    """The ``CompressConfig`` of the command's options (its errors name the option); with ``--plan`` its method
+    (``check_plan`` refused a ``--method`` that differs)."""
+    _check_values(args)
+    tolerance = None if (args.no_search or plan is not None or _target(args)) else (
+        DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance)
+    finetune = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in FINETUNE_DEFAULTS.items()}
     try:
-        recipe = TrainRecipe(epochs=args.finetune_epochs, lr=args.lr, weight_decay=args.weight_decay,
-                             batch_size=args.finetune_batch_size, augment=args.data in (None, "digits"))
-        if args.finetune_dense and not args.finetune_epochs:
-            raise ValueError("--finetune-dense needs --finetune-epochs >= 1")
-        return CompressConfig(method=args.method, energy=args.energy, tolerance=args.tolerance,
-                              total_tolerance=args.total_tolerance, target_params=args.target_params,
-                              target_flops=args.target_flops, refine=not args.no_refine, include=tuple(args.include),
-                              exclude=tuple(args.exclude), finetune=recipe, finetune_dense=args.finetune_dense,
-                              target_device=args.target_device, target_batch=args.target_batch)
+        recipe = TrainRecipe(epochs=args.finetune_epochs, lr=finetune["lr"], weight_decay=finetune["weight_decay"],
+                             batch_size=finetune["finetune_batch_size"], augment=args.data in (None, "digits"))
+        return CompressConfig(method=plan.method if plan is not None else args.method or DEFAULT_METHOD,
+                              energy=args.energy, tolerance=tolerance, total_tolerance=args.total_tolerance,
+                              target_params=args.target_params, target_flops=args.target_flops,
+                              refine=not args.no_refine, include=tuple(args.include), exclude=tuple(args.exclude),
+                              finetune=recipe, finetune_dense=args.finetune_dense, target_device=args.target_device,
+                              target_batch=args.target_batch or TARGET_BATCH)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
 
 def run(args) -> int:
-    config = compress_config(args)
+    started = time.perf_counter()
+    check_options(args)  # before any file is read
+    device = resolve_device(args.device)
+    plan, stats = read_plan(args), read_statistics(args, device)
+    config = compress_config(args, plan)
     folder = output_folder(args, "compress")
     rank, world = init_distributed()
-    device = resolve_device(args.device)
-    started = time.perf_counter()
-    plan, stats = _read_plan_and_stats(args, device)
     loaded = model_and_data(args, device)
     model, data = loaded.model, loaded.data
     metric_name, metric = _metric(args, config, model, data, device)
-    _check_plan_and_stats(args, model, plan, stats)
+    check_statistics(args, model, data, stats)
+    _check_against_model(args, config, model, data, plan)  # an unreachable target: before the statistics pass
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     folder.require_space((0 if stats else 2 * statistics_bytes(model)) + model_bytes)
     if stats is None:
         stats = collect_statistics(args, model, data, device, folder, rank, world)
     if rank != 0:
         return 0
+    if plan is not None:
+        print(f"--plan {args.plan}: {len(plan.layers)} layers factored by its method, {plan.method}", flush=True)
     try:  # accuracy: compress_model's own, whose search warnings speak of examples and classes
         result = compress_model(model, data, config, statistics=stats, plan=plan, arch=args.model, device=device,
                                 metric=None if metric_name == "accuracy" else metric)
@@ -79,46 +156,47 @@ def run(args) -> int:
         raise UsageError(str(exc)) from exc
     summary = _summarize(args, config, model, data, result, metric_name, device)
     _save(folder, result, loaded.config, summary)
-    print(format_table(result.report))
+    if result.report is not None:
+        print(format_table(result.report))
     print(f"factored {len(result.plan.layers)} layers; kept dense: "
           + (", ".join(f"{n} ({r})" for n, r in result.plan.dense.items()) or "none"))
     print(summary.format_table())
     out = commit(folder)
-    print(f"wrote {out}/ (model.safetensors, plan.json, config.json, report.json, summary.json, utilization.png, "
-          f"stats.safetensors, manifest.json) in {time.perf_counter() - started:.1f}s")
+    print(f"wrote {out}/ ({files_written(out)}) in {time.perf_counter() - started:.1f}s")
     return 0
 
 
-def _read_plan_and_stats(args, device) -> tuple[Plan | None, Statistics | None]:
-    """``--plan`` and ``--stats``, read first: a bad file fails before the model (maybe trained) and data load."""
-    plan = stats = None
-    if args.plan:  # re-enter at the factors: the plan is the one saved, not planned again
-        try:
-            plan = Plan.load(args.plan)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(f"--plan {args.plan}: {exc}") from exc
-    if args.stats:
-        try:
-            stats = Statistics.load(args.stats, device=device)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(f"--stats {args.stats}: {exc}") from exc
-        if stats.meta.get("model") not in (None, args.model):
-            raise UsageError(f"--stats {args.stats}: collected on --model {stats.meta['model']}, not {args.model}")
-    return plan, stats
+def read_plan(args) -> Plan | None:
+    """``--plan``, read first (a bad file fails before the model, maybe trained, and the data load), and checked
+    against ``--method``: a plan is factored by the method it was made with."""
+    if not args.plan:
+        return None
+    try:  # re-enter at the factors: the plan is the one saved, not planned again
+        plan = Plan.load(args.plan)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--plan {args.plan}: {str(exc).removeprefix(f'plan {args.plan}: ')}") from exc
+    if args.method is not None and args.method != plan.method:
+        raise UsageError(f"--method {args.method} with --plan {args.plan}: the plan was made with --method "
+                         f"{plan.method}; drop --method to factor by the plan's, or drop --plan to plan again")
+    return plan
 
 
-def _check_plan_and_stats(args, model, plan: Plan | None, stats: Statistics | None) -> None:
-    """The plan and the statistics given fit the model's layers."""
-    try:
-        if plan is not None:
+def _check_against_model(args, config: CompressConfig, model, data, plan: Plan | None) -> None:
+    """The plan was made for this model and fits its layers; ``--include`` / ``--exclude`` match layers; the target
+    is reachable from the architecture alone (naming what cannot be cut); FLOPs and latency need tensor inputs."""
+    if plan is not None:
+        # the arch a command recorded (--model's value), or the class name a plan made in Python records
+        if plan.arch and not same_model(plan.arch, args.model) and plan.arch != type(model).__name__:
+            raise UsageError(f"--plan {args.plan}: made for --model {plan.arch}, this run has --model {args.model}; a "
+                             "plan fits the model it was made for")
+        try:
             check_fits(model, plan)
-    except ValueError as exc:
-        raise UsageError(f"--plan {args.plan}: {exc}") from exc
+        except ValueError as exc:
+            raise UsageError(f"--plan {args.plan}: {exc}") from exc
     try:
-        if stats is not None:
-            stats.check_model(model)
+        check_config(model, data, config, plan=plan)
     except ValueError as exc:
-        raise UsageError(f"--stats {args.stats}: {exc}") from exc
+        raise UsageError(str(exc)) from exc
 
 
 def _summarize(args, config, model, data, result, metric_name: str, device) -> CompressSummary:
@@ -136,8 +214,9 @@ def _summarize(args, config, model, data, result, metric_name: str, device) -> C
 def _save(folder, result, config: dict, summary: CompressSummary) -> None:
     """The compressed model (model.safetensors, plan.json, config.json), report.json, its plot and summary.json."""
     write_compressed(result.model, result.plan, config, folder.partial)
-    result.report.save(folder.path("report.json"))
-    plot_utilization(result.report.to_dict(), folder.path("utilization.png"))
+    if result.report is not None:
+        result.report.save(folder.path("report.json"))
+        plot_utilization(result.report.to_dict(), folder.path("utilization.png"))
     write_json(folder.path("summary.json"), summary.to_json())
 
 
@@ -164,7 +243,9 @@ def _time_engines(requested: list[str], model, compressed, inputs, notes: list[s
                             "compressed": KeywordInputs(copy.deepcopy(compressed).cpu())}, inputs, progress=True)
         if [e for e in requested if e != "eager"]:
             notes.append("engines other than eager are timed on tensor inputs only; text models: eager")
-        return {"eager": EngineTiming(Timing(**times["dense"]), Timing(**times["compressed"]))}
+        engines = {"eager": EngineTiming(Timing(**times["dense"]), Timing(**times["compressed"]))}
+        notes += latency_notes(engines, next(iter(inputs.values())).shape[0])  # the spread warning for text too
+        return engines
     engines_timed = list(dict.fromkeys(["eager", *requested]))
     print(f"latency: dense and compressed at batch {inputs.shape[0]} on the CPU in {', '.join(engines_timed)} "
           "(interleaved; compile first compiles both)", flush=True)
@@ -189,43 +270,48 @@ def _time_engines(requested: list[str], model, compressed, inputs, notes: list[s
 def add_parser(sub) -> None:
     p = sub.add_parser("compress", help="factor every layer to its utilized rank, fine-tune, save",
                        description="Factor every Linear/Conv2d to its utilized rank (or the deepest cut the rank "
-                                   "search keeps within --tolerance), fine-tune, and save a folder that "
-                                   "load_compressed() rebuilds: model.safetensors, plan.json, config.json, "
-                                   "report.json, summary.json, utilization.png, stats.safetensors, manifest.json.")
+                                   "search keeps within --tolerance, or a whole-model --target-params), fine-tune, "
+                                   "and save a folder that load_compressed() rebuilds: model.safetensors, plan.json, "
+                                   "config.json, report.json, summary.json, utilization.png, stats.safetensors "
+                                   "(unless --stats), manifest.json. Options that contradict each other are refused.")
     add_common_options(p, "compress")
-    p.add_argument("--tolerance", type=float, default=0.5,
-                   help="rank search: per layer, the deepest cut whose projection alone costs at most PP "
-                        "percentage points of validation accuracy (default: %(default)s); --tolerance -1 is "
-                        "refused, use --no-search for the fixed --energy cut")
+    add_layer_options(p, "compress")
+    p.add_argument("--tolerance", type=float, default=None, metavar="PP",
+                   help=f"rank search: per layer, the deepest cut whose factors alone cost at most PP percentage "
+                        f"points of validation accuracy (default: {DEFAULT_TOLERANCE}); refused with a target, "
+                        "--no-search or --plan, which do not search")
     p.add_argument("--total-tolerance", type=float, default=None, metavar="PP",
                    help="rank search: all cuts together may cost at most PP percentage points of validation "
                         "accuracy, else every layer backs off one candidate at a time (default: --tolerance "
                         "times the number of searched layers)")
-    p.add_argument("--no-search", dest="tolerance", action="store_const", const=None,
-                   help="no rank search: cut every layer at --energy")
+    p.add_argument("--no-search", action="store_true", help="no rank search: cut every layer at --energy")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--target-params", type=float, default=None, metavar="R",
                         help="size the whole model to R (a fraction, e.g. 0.5) of the dense parameters: ranks go "
                              "where they cost the least output energy per parameter saved (from the "
-                             "eigendecompositions), refined on the validation split (replaces the rank search)")
+                             "eigendecompositions), refined on the validation split (replaces the rank search). A "
+                             "target the architecture cannot reach (embeddings, norms) is refused before the "
+                             "statistics pass, with the smallest reachable one")
     budget.add_argument("--target-flops", type=float, default=None, metavar="R",
                         help="as --target-params, for FLOPs per example (FlopCounterMode's, attention counted)")
     p.add_argument("--no-refine", action="store_true",
                    help="with a target: allocate by output energy alone, no validation refinement")
     p.add_argument("--finetune-epochs", type=int, default=20,
                    help="epochs of fine-tuning the factored model on the train split (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (default: %(default)s)")
-    p.add_argument("--weight-decay", type=float, default=0.01,
-                   help="fine-tuning AdamW weight decay (default: %(default)s)")
-    p.add_argument("--finetune-batch-size", type=positive_int, default=64,
-                   help="fine-tuning batch size (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"fine-tuning learning rate (default: {FINETUNE_DEFAULTS['lr']:g})")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help=f"fine-tuning AdamW weight decay (default: {FINETUNE_DEFAULTS['weight_decay']:g})")
+    p.add_argument("--finetune-batch-size", type=positive_int, default=None,
+                   help=f"fine-tuning batch size (default: {FINETUNE_DEFAULTS['finetune_batch_size']})")
     p.add_argument("--finetune-dense", action="store_true",
                    help="also fine-tune a copy of the dense model with the same recipe and report it: the "
                         "like-for-like control (the compressed model's fine-tuning is otherwise extra training "
                         "the dense model never got)")
     p.add_argument("--plan", default=None, metavar="FILE",
-                   help="factor to this plan.json (from an earlier compress) instead of planning: re-runs only the "
-                        "factors and fine-tuning; with --stats FILE no statistics pass either")
+                   help="factor to this plan.json (from an earlier compress) instead of planning, by the method it "
+                        "was made with: re-runs only the factors and fine-tuning; with --stats FILE no statistics "
+                        "pass either")
     p.add_argument("--metric", choices=("accuracy", "cosine"), default=None,
                    help="what the rank search and the summary score (default: accuracy where the model has a "
                         "classification head and the data labels, else cosine): cosine is the mean cosine "
@@ -233,24 +319,20 @@ def add_parser(sub) -> None:
                         "else pooler_output, else the logits) to the dense model's on the same split; --tolerance "
                         "PP then allows a drop of PP/100 in it. Fine-tuning needs labels and a head: without them pass "
                         "--finetune-epochs 0")
-    p.add_argument("--method", choices=("optimal", "data", "svd"), default="optimal",
-                   help="optimal (default): the rank-r map closest to W on the data (U_r U_r^T W, U_r the top "
-                        "eigenvectors of C_out); data: the paper's projection on the data subspaces (P_out W P_in); "
-                        "svd: truncated SVD of W at the same ranks (the baseline). At equal ranks optimal was as "
-                        "good or better on every model measured (docs/results.md, 'Factoring methods')")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="factor only layers whose name matches (repeatable)")
-    p.add_argument("--exclude", action="append", default=[], metavar="GLOB",
-                   help="keep layers whose name matches dense (repeatable), e.g. --exclude head")
-    p.add_argument("--stats", default=None,
-                   help="reuse a stats.safetensors from an earlier analyze instead of a new pass")
+    p.add_argument("--method", choices=("optimal", "data", "svd"), default=None,
+                   help=f"{DEFAULT_METHOD} (default): the rank-r map closest to W on the data (U_r U_r^T W, U_r the "
+                        "top eigenvectors of C_out); data: the paper's projection on the data subspaces (P_out W "
+                        "P_in); svd: truncated SVD of W at the same ranks (the baseline). At equal ranks optimal was "
+                        "as good or better on every model measured (docs/results.md, 'Factoring methods'). With "
+                        "--plan: the plan's method (another --method is refused)")
     p.add_argument("--target-device", choices=("cpu", "cuda"), default=None,
                    help="keep a layer dense where factoring is not faster on this device, and round ranks up "
                         "to tile multiples where that costs no time (measured; timings cached per device)")
     p.add_argument("--engines", type=engine_list, default=["eager", "compile"],
                    help="where the summary times dense and compressed at batch 32 on the CPU, as `utilrank bench` "
                         "does: comma-separated eager,compile,onnxruntime (default: eager,compile; onnxruntime needs "
-                        "pip install -e '.[deploy]'); the table shows each, and the speedup of the best")
-    p.add_argument("--target-batch", type=positive_int, default=32,
-                   help="with --target-device: the batch size to be fast at (default: %(default)s)")
+                        "pip install -e '.[deploy]'); the table shows each, and a speedup only where the p20-p80 "
+                        "ranges do not overlap")
+    p.add_argument("--target-batch", type=positive_int, default=None,
+                   help=f"with --target-device: the batch size to be fast at (default: {TARGET_BATCH})")
     p.set_defaults(func=run)

@@ -4,14 +4,21 @@ against the PyTorch model before it is written."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import torch
-
-from ..bench import DTYPES, dtype_name, input_size
+from .._files import read_json
+from ..bench import DTYPES, TokenInput, dtype_name, example_input, input_spec
 from ..compress import load_compressed
-from ..export import DEPLOY_PACKAGES, FORMATS, SUFFIXES, ExportError, export_onnx, export_program, missing_packages
+from ..export import (
+    DEPLOY_PACKAGES,
+    FORMATS,
+    SUFFIXES,
+    ExportError,
+    export_onnx,
+    export_program,
+    missing_packages,
+    opset_range,
+)
 from ..ops._dispatch import BACKENDS
 from ._options import UsageError, positive_int
 from ._runtime import resolve_device
@@ -41,8 +48,6 @@ def _check_options(args) -> None:
     """Every problem with the options before the model is loaded."""
     if args.opset is not None and args.format != "onnx":
         raise UsageError(f"--opset applies to --format onnx, not {args.format}")
-    if args.opset is not None and args.opset < 1:
-        raise UsageError(f"--opset {args.opset}: must be >= 1 (the exporter writes 18 or more and converts down)")
     if args.backend not in BACKENDS:
         raise UsageError(f"--backend {args.backend}: choose one of {', '.join(BACKENDS)}")
     if args.format == "onnx":
@@ -56,6 +61,11 @@ def _check_options(args) -> None:
         missing = missing_packages(DEPLOY_PACKAGES)
         if missing:
             raise UsageError(f"--format onnx needs {', '.join(missing)}: pip install -e '.[deploy]'")
+        low, high = opset_range()
+        if args.opset is not None and not low <= args.opset <= high:
+            raise UsageError(f"--opset {args.opset}: the exporter writes opset {low} to {high}: asked for less, "
+                             f"torch.onnx's dynamo exporter would write {low}; for more, its version converter has no "
+                             "rules")
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise UsageError(f"--out {out}: is a folder; give a file name")
@@ -71,27 +81,34 @@ def run(args) -> int:
     try:
         model = load_compressed(folder, device, backend="torch" if args.format == "onnx" else args.backend,
                                 fuse_mlps=True)
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json", "config")
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc)) from exc
     dtype = DTYPES[args.dtype]
     model = model.to(dtype)
-    shape = input_size(model, config["arch"], config)
+    try:
+        shape = input_spec(model, config)  # config.json's input: an image size, or a text model's tokens
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"{folder}/config.json: {exc}") from exc
     # a dynamic batch axis is traced at batch 2: torch.export specializes a size-1 axis to the constant 1
-    example = torch.randn(args.batch or 2, *shape, device=device, dtype=dtype)
+    example = example_input(shape, args.batch or 2, dtype, device)
     out = Path(args.out) if args.out else default_out(folder, args.format, args.dtype, args.batch)
-    print(f"{folder}: {config['arch']}, input {tuple(example.shape[1:])}, {args.dtype}, batch "
-          f"{args.batch or 'dynamic'}, on {device.type}; exporting {args.format} ...")
+    what = (f"{shape.describe()}, dynamic length" if isinstance(shape, TokenInput) else str(tuple(shape)))
+    print(f"{folder}: {config['arch']}, input {what}, {args.dtype}, batch {args.batch or 'dynamic'}, on "
+          f"{device.type}; exporting {args.format} ...")
     try:
         if args.format == "onnx":
-            result = export_onnx(model, example, out, dynamic_batch=args.batch is None, opset=args.opset)
+            name = (config.get("input") or {}).get("names", ["input"])[0]  # an HF image model's: pixel_values
+            result = export_onnx(model, example, out, dynamic_batch=args.batch is None, opset=args.opset,
+                                 input_name=name)
         else:
             result = export_program(model, example, out, dynamic_batch=args.batch is None)
     except (ExportError, ImportError, OSError) as exc:
         raise UsageError(f"{folder}: {str(exc).splitlines()[0]}") from exc
     if args.format == "onnx":
         top = ", ".join(f"{op} {n}" for op, n in sorted(result.operators.items(), key=lambda kv: -kv[1])[:6])
-        print(f"graph: opset {result.opset}, {sum(result.operators.values())} nodes ({top}, ...), no custom ops")
+        print(f"graph: opset {result.opset}, inputs {', '.join(result.input_names)}, outputs "
+              f"{', '.join(result.output_names)}; {sum(result.operators.values())} nodes ({top}, ...), no custom ops")
     elif result.custom_ops:
         print(f"graph: custom ops {', '.join(result.custom_ops)}: reload with `import utilrank_kernels` and "
               f"torch.export.load({str(out)!r}).module()")
@@ -121,7 +138,9 @@ def add_parser(sub) -> None:
                    help="weights and input: fp32, fp16 or bf16 (torch's names too; default: %(default)s)")
     p.add_argument("--batch", type=_batch, default=None, metavar="N|dynamic",
                    help="a fixed batch size, or dynamic (default: dynamic)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset, 18 to the exporter's newest (25 with onnxscript 0.7; default: torch's, 20); "
+                        "an export that holds another opset than asked for is refused")
     p.add_argument("--device", default="cpu",
                    help="cpu | cuda | auto: where the model is traced and checked (default: %(default)s)")
     p.add_argument("--backend", default="auto",

@@ -7,11 +7,11 @@ import time
 
 from .._files import write_json
 from ..plots import plot_predict
-from ..weightspace.predict import METRICS, predict_experiment
+from ..weightspace.predict import METRICS, MIN_MODELS, predict_experiment
 from ._options import UsageError
 from ._output import commit, output_folder
 from ._runtime import limit_threads, resolve_device
-from .regions import add_population_options, load_population
+from .regions import add_population_options, check_population, load_population
 from .spectrum import add_esd_options, esd_options
 
 
@@ -26,14 +26,19 @@ def _predict(args) -> int:
     if unknown:
         raise UsageError(f"--metrics {unknown[0]}: choose from {', '.join(METRICS)}")
     options = esd_options(args)
-    folder = output_folder(args, "predict")
     device = resolve_device(args.device)
+    checked = check_population(args, device, least=MIN_MODELS, purpose="leave-one-out regression")
+    folder = output_folder(args, "predict")
     started = time.perf_counter()
-    population, data = load_population(args, device)
-    if len(population.members) < 4:
-        raise UsageError(f"leave-one-out regression needs at least 4 models, got {len(population.members)}")
-    doc = predict_experiment(population, data, target=args.target, energy=args.energy, options=options,
-                             metrics=metrics, device=device)
+    population, data = load_population(args, device, checked)
+    if len(population.members) < MIN_MODELS:
+        raise UsageError(f"leave-one-out regression needs at least {MIN_MODELS} models, got "
+                         f"{len(population.members)}")
+    try:
+        doc = predict_experiment(population, data, target=args.target, energy=args.energy, options=options,
+                                 metrics=metrics, device=device)
+    except ValueError as exc:  # a member's weights the spectra cannot take
+        raise UsageError(str(exc)) from exc
     write_json(folder.path("predict.json"), doc)
     plot_predict(doc, folder.path("predict.png"))
     print(format_predict(doc))

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from .._files import write_json
 from ..data import load_data
 from ..models import BUILTIN_MODELS, build_builtin
 from ..plots import plot_barriers, plot_distances, plot_regions
+from ..weightspace.inputs import WeightFileError, require_distinct, screen_files
 from ..weightspace.population import population_from_files, train_population
-from ..weightspace.regions import barrier_table, regions_experiment
+from ..weightspace.regions import barrier_table, check_layer, regions_experiment
 from ._model import model_and_data
 from ._options import UsageError
 from ._output import commit, output_folder
@@ -45,27 +45,38 @@ def add_population_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(checkpoint=None)
 
 
-def load_population(args, device):
-    """The population the options name, with the data its accuracies are measured on."""
+def check_population(args, device, *, least: int, purpose: str):
+    """The population's options and ``--from`` files checked before any work (each file readable, finite, of the
+    model's architecture; at least ``least`` different models): ``(template, data)`` of the files, or None for
+    the trained population."""
     if not args.from_files:
         if args.model not in BUILTIN_MODELS:
             raise UsageError(f"--model {args.model}: a trained population needs a built-in model "
                              f"({', '.join(BUILTIN_MODELS)}); pass --from FILE... for others")
         if args.groups or args.data not in (None, "digits"):
             raise UsageError("--groups and --data apply to --from files only")
-        return train_population(args.model, device=device), load_data("digits")
-    missing = [f for f in args.from_files if not Path(f).is_file()]
-    if missing:
-        raise UsageError(f"--from {missing[0]}: no such file")
+        return None
     if args.groups is not None and len(args.groups) != len(args.from_files):
         raise UsageError(f"--groups: {len(args.groups)} labels for {len(args.from_files)} files")
-    if args.model in BUILTIN_MODELS:
-        if args.data not in (None, "digits"):
-            raise UsageError(f"--model {args.model} is built for the digits data; use a timm model name")
-        template, data = build_builtin(args.model), load_data("digits")
-    else:
-        loaded = model_and_data(args, device)
-        template, data = loaded.model, loaded.data
+    if args.model in BUILTIN_MODELS and args.data not in (None, "digits"):
+        raise UsageError(f"--model {args.model} is built for the digits data; use a timm model name")
+    # the built-in's architecture is built in a moment; another model is loaded with its data (no training)
+    loaded = None if args.model in BUILTIN_MODELS else model_and_data(args, device)
+    template = build_builtin(args.model) if loaded is None else loaded.model
+    try:
+        files = screen_files(args.from_files, "--from", model=template, model_name=args.model)
+        require_distinct(files, least, "--from", purpose)
+    except WeightFileError as exc:
+        raise UsageError(str(exc)) from exc
+    return template, (load_data("digits") if loaded is None else loaded.data)
+
+
+def load_population(args, device, checked):
+    """The population the options name (``checked``: ``check_population``'s result), with the data its accuracies
+    are measured on."""
+    if checked is None:
+        return train_population(args.model, device=device), load_data("digits")
+    template, data = checked
     try:
         return population_from_files(template, args.from_files, data, model_name=args.model, groups=args.groups,
                                      device=device), data
@@ -76,16 +87,22 @@ def load_population(args, device):
 def _regions(args) -> int:
     if args.points < 2:
         raise UsageError(f"--points {args.points}: a path needs at least 2 points")
-    folder = output_folder(args, "regions")
     device = resolve_device(args.device)
+    checked = check_population(args, device, least=2, purpose="a map of weight space")
+    if args.layer is not None:
+        try:
+            check_layer(checked[0] if checked is not None else build_builtin(args.model), args.layer)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    folder = output_folder(args, "regions")
     started = time.perf_counter()
-    population, data = load_population(args, device)
+    population, data = load_population(args, device, checked)
     if len(population.members) < 2:
         raise UsageError("a map of weight space needs at least 2 models")
     try:
         doc = regions_experiment(population, data, layer=args.layer, project=args.project, energy=args.energy,
                                  pairs=args.pairs, points=args.points, seed=args.seed, device=device)
-    except ValueError as exc:  # --layer that the model lacks
+    except ValueError as exc:  # --layer without data subspaces (--project)
         raise UsageError(str(exc)) from exc
     write_json(folder.path("regions.json"), doc)
     plot_regions(doc, folder.path("regions.png"))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from .._files import write_json
+from ..models import BUILTIN_MODELS, ModelAndData, build_builtin
 from ..weightspace.experiment import format_soup_table, soup_experiment
+from ..weightspace.inputs import WeightFileError, require_distinct, screen_files
 from ._model import model_and_data
 from ._options import UsageError, add_threads_option, positive_floats
 from ._output import commit, output_folder
@@ -19,17 +20,24 @@ def run(args) -> int:
 
 
 def _soup(args) -> int:
-    if args.ingredients < 1 or args.epochs < 0 or args.compressed_epochs < 0 or args.swa_cycles < 0:
-        raise UsageError("--ingredients must be >= 1; --epochs, --compressed-epochs, --swa-cycles >= 0")
+    for option in ("epochs", "compressed_epochs", "swa_cycles"):
+        if getattr(args, option) < 0:
+            raise UsageError(f"--{option.replace('_', '-')} {getattr(args, option)}: must be >= 0")
     if not 0 < args.energy <= 1:
         raise UsageError(f"--energy {args.energy}: must be in (0, 1]")
-    for f in args.from_files or []:
-        if not Path(f).is_file():
-            raise UsageError(f"--from {f}: no such file")
-    folder = output_folder(args, "soup")
+    if args.compressed_lr <= 0:
+        raise UsageError(f"--compressed-lr {args.compressed_lr}: must be > 0")
+    if not args.from_files:
+        if args.ingredients < 2:
+            raise UsageError(f"--ingredients {args.ingredients}: a soup needs at least 2 ingredients")
+        if args.epochs == 0:
+            raise UsageError(f"--epochs 0: the {args.ingredients} ingredients would all be the base model, a soup "
+                             "of one; give --epochs >= 1 or --from FILE...")
     device = resolve_device(args.device)
+    loaded = _check_ingredients(args, device)
+    folder = output_folder(args, "soup")
     started = time.perf_counter()
-    loaded = model_and_data(args, device)
+    loaded = loaded or model_and_data(args, device)
     model, data = loaded.model, loaded.data
     try:
         doc = soup_experiment(
@@ -45,6 +53,25 @@ def _soup(args) -> int:
     out = commit(folder)
     print(f"wrote {out}/soup.json in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def _check_ingredients(args, device) -> ModelAndData | None:
+    """The weight files checked before any work: ``--checkpoint`` and each ``--from`` file readable, finite and of
+    the model's architecture, and at least 2 different ingredients. Returns the model and data where they had to
+    be loaded for that (a model that is not built in), else None."""
+    if not args.checkpoint and not args.from_files:
+        return None
+    loaded = None if args.model in BUILTIN_MODELS else model_and_data(args, device)
+    template = build_builtin(args.model) if loaded is None else loaded.model
+    try:
+        if args.checkpoint:
+            screen_files([args.checkpoint], "--checkpoint", model=template, model_name=args.model)
+        if args.from_files:
+            files = screen_files(args.from_files, "--from", model=template, model_name=args.model)
+            require_distinct(files, 2, "--from", "a soup")
+    except WeightFileError as exc:
+        raise UsageError(str(exc)) from exc
+    return loaded
 
 
 def add_parser(sub) -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 from .._files import write_json
 from ..analysis import Statistics, statistics_bytes
 from ..analysis.esd import WELL_TRAINED, ESDOptions
-from ..analysis.spectrum import spectrum
+from ..analysis.spectrum import check_finite_statistics, spectrum
+from ..models import BUILTIN_MODELS, build_builtin
 from ..plots import plot_alpha, plot_esds
+from ..weightspace.inputs import WeightFileError, screen_files
 from ._model import model_and_data
 from ._options import UsageError, add_common_options, add_threads_option
 from ._output import commit, output_folder
@@ -28,28 +31,57 @@ def esd_options(args):
     """The ``ESDOptions`` of the command line: the ``--definitions`` preset, then each option given."""
     given = {k: getattr(args, k) for k in ("ks", "small_sample", "fit_floor", "conv_norm", "mp", "min_evals",
                                            "max_evals", "count", "grouped_convs") if getattr(args, k) is not None}
+    least = given.get("min_evals", ESDOptions.min_evals)
+    if least < 2:
+        raise UsageError(f"--min-evals {least}: must be >= 2 (a power law is not fitted to fewer eigenvalues)")
+    if given.get("max_evals", ESDOptions.max_evals) < least:
+        raise UsageError(f"--max-evals {given['max_evals']}: must be >= --min-evals ({least})")
     try:
         return ESDOptions.utilrank(**given) if args.definitions == "utilrank" else ESDOptions(**given)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
 
+def _screen_inputs(args) -> Statistics | None:
+    """What the command reads, checked before any work: ``--stats`` (readable, finite) and the files that hold the
+    model's weights (``--checkpoint``, an ``hf:DIR`` folder's safetensors): every tensor finite, NaN or Inf named
+    by file and tensor."""
+    if args.stats and args.weights_only:
+        raise UsageError(f"--stats {args.stats} and --weights-only: the statistics give the projected spectra, "
+                         "--weights-only has none; give one")
+    stats = None
+    if args.stats:
+        try:
+            stats = Statistics.load(args.stats, device="cpu")
+            check_finite_statistics(stats, f"--stats {args.stats}")
+        except (FileNotFoundError, ValueError) as exc:
+            reason = str(exc).removeprefix(f"statistics {args.stats}: ").removeprefix(f"--stats {args.stats}: ")
+            raise UsageError(f"--stats {args.stats}: {reason}") from exc
+    files = [("--checkpoint", args.checkpoint)] if args.checkpoint else []
+    if args.model.startswith("hf:") and Path(args.model[3:]).is_dir():
+        files += [(f"--model {args.model}:", p) for p in sorted(Path(args.model[3:]).glob("*.safetensors"))]
+    try:
+        for option, path in files:
+            screen_files([path], option)
+    except WeightFileError as exc:
+        raise UsageError(str(exc)) from exc
+    return stats
+
+
 def _spectrum(args) -> int:
     options = esd_options(args)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
+    stats = _screen_inputs(args)
+    if stats is not None and args.model in BUILTIN_MODELS:  # statistics of another model, before any work
+        _check_stats(args, stats, build_builtin(args.model))
     folder = output_folder(args, "spectrum")
     rank, world = init_distributed()
     device = resolve_device(args.device)
     started = time.perf_counter()
     loaded = model_and_data(args, device)
     model, data = loaded.model, loaded.data
-    stats = None
-    if args.stats:
-        try:
-            stats = Statistics.load(args.stats, device="cpu")
-            stats.check_model(model)
-        except (FileNotFoundError, ValueError) as exc:
-            raise UsageError(f"--stats {args.stats}: {exc}") from exc
+    if stats is not None:
+        _check_stats(args, stats, model)
     elif not args.weights_only:
         folder.require_space(2 * statistics_bytes(model))
         stats = collect_statistics(args, model, data, device, folder, rank, world)
@@ -57,7 +89,7 @@ def _spectrum(args) -> int:
         return 0
     try:
         report, esds = spectrum(model, stats, args.energy, options=options, dtype=dtype, model_name=args.model)
-    except ValueError as exc:  # statistics of another model
+    except ValueError as exc:  # weights or statistics with NaN or Inf (a pass over data that makes them)
         raise UsageError(str(exc)) from exc
     write_json(folder.path("spectrum.json"), report)
     plot_alpha(report, folder.path("alpha.png"))
@@ -68,6 +100,13 @@ def _spectrum(args) -> int:
     print(f"wrote {out}/spectrum.json, alpha.png, esd/ ({len(report['layers'])} plots){kept} "
           f"in {time.perf_counter() - started:.1f}s")
     return 0
+
+
+def _check_stats(args, stats: Statistics, model) -> None:
+    try:
+        stats.check_model(model)
+    except ValueError as exc:
+        raise UsageError(f"--stats {args.stats}: {exc}") from exc
 
 
 def format_spectrum_table(report: dict) -> str:

@@ -4,6 +4,9 @@
   cut ``utilrank bench --param-ratio`` times).
 - ``budget_plan``: the whole model keeps a fraction of its dense parameters or FLOPs, rank allocated where
   it costs the least output energy (``utilrank compress --target-params / --target-flops``).
+- ``budget_floor`` / ``check_reachable``: the smallest fraction any ranks can reach, from the architecture
+  alone (every factorable layer at rank 1; embeddings, norms, biases and layers left out stay as they are),
+  so that an unreachable target is refused before any data is read.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .._kernel_args import conv_output_size
 from ..analysis.subspace import Subspaces
-from ..layers import FilterFn, LayerShape, find_layers
+from ..layers import FilterFn, LayerShape, factored_pays, find_layers
 from ..measure import count_flops, count_params
 from ..nn.lowrank import layer_shape
 from .factor import factor_model
@@ -80,6 +83,121 @@ class _Layer:
         """The largest rank that still saves anything."""
         return max(0, (self.shape.in_features * self.shape.out_features - 1) // (self.shape.in_features
                                                                                  + self.shape.out_features))
+
+
+@dataclass(frozen=True)
+class BudgetFloor:
+    """What no choice of ranks can cut: ``floor`` of the model's ``total`` parameters (or FLOPs per example) remain
+    with every factorable layer at rank 1; ``fixed`` names each part that stays whole (a module's own parameters,
+    a layer left out and why, the factorable layers' biases) with its cost, largest first."""
+
+    measure: str
+    total: int
+    floor: int
+    fixed: tuple[tuple[str, str, int], ...]  # (name, what it is, cost)
+
+    @property
+    def fraction(self) -> float:
+        return self.floor / self.total if self.total else 1.0
+
+    @property
+    def what(self) -> str:
+        return "parameters" if self.measure == "params" else "FLOPs"
+
+    @property
+    def fixed_fraction(self) -> float:
+        """The share of the total in parts that stay whole."""
+        return sum(cost for _, _, cost in self.fixed) / self.total if self.total else 1.0
+
+    def describe(self, limit: int = 5) -> str:
+        """The parts that stay whole: each holding at least 1% by name (``embeddings.word_embeddings (Embedding,
+        39.1%)``), the others counted by kind (``12 more: LayerNorm x11, parameter (0.5%)``)."""
+        named = [part for part in self.fixed if part[2] >= 0.01 * self.total][:limit]
+        shown = [f"{name} ({'' if what in name else what + ', '}{cost / self.total:.1%})" for name, what, cost in named]
+        rest = [part for part in self.fixed if part not in named]
+        if rest:
+            kinds: dict[str, int] = {}
+            for _, what, _ in rest:
+                kinds[what] = kinds.get(what, 0) + 1
+            counted = ", ".join(what if n == 1 else f"{what} x{n}" for what, n in kinds.items())
+            share = sum(c for _, _, c in rest) / self.total
+            shown.append(f"{len(rest)} {'more' if named else 'parts'}: {counted} ({share:.1%})")
+        return ", ".join(shown)
+
+
+def _own_parameters(model: nn.Module, layers: set[str]) -> list[tuple[str, str, int]]:
+    """``(module name, type, parameters)`` of every module's own parameters outside ``layers`` (embeddings,
+    norms, position embeddings, class tokens), each shared tensor counted once."""
+    seen: set[int] = set()
+    for name in layers:
+        seen.update(id(p) for p in model.get_submodule(name).parameters())
+    parts = []
+    for name, module in model.named_modules():
+        if name in layers:
+            continue
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        if not name:  # the model's own tensors (a position embedding, a class token): each by its name
+            parts += [(n, "parameter", p.numel()) for n, p in own]
+        elif own:
+            parts.append((name, type(module).__name__, sum(p.numel() for _, p in own)))
+    return parts
+
+
+def budget_floor(model: nn.Module, measure: str = "params", example: torch.Tensor | None = None,
+                 filter_fn: FilterFn | None = None) -> BudgetFloor:
+    """The least of ``model``'s parameters (``measure="params"``) or FLOPs per ``example`` (``"flops"``) that any
+    plan keeps: every factorable layer passing ``filter_fn`` at rank 1 (dense where even rank 1 saves nothing),
+    everything else as it is. From the architecture alone: no statistics, no data."""
+    if measure not in ("params", "flops"):
+        raise ValueError(f"budget measure {measure!r}: choose params or flops")
+    if measure == "flops" and example is None:
+        raise ValueError("a FLOPs budget needs an example input")
+    found, skipped = find_layers(model, filter_fn)
+    every = [*found, *skipped]
+    tokens = _layer_tokens(model, every, example) if measure == "flops" else dict.fromkeys(every, 1)
+    scale = {n: 2 * tokens[n] if measure == "flops" else 1 for n in every}
+    fixed: list[tuple[str, str, int]] = []
+    floor = biases = 0
+    for name, module in found.items():
+        shape = layer_shape(module)
+        weights = shape.in_features * shape.out_features
+        if factored_pays(1, shape.in_features, shape.out_features):
+            floor += scale[name] * (shape.in_features + shape.out_features)
+        else:
+            fixed.append((name, "too small to factor", scale[name] * weights))
+        biases += shape.out_features if shape.bias and measure == "params" else 0
+    for name, reason in skipped.items():
+        shape = layer_shape(model.get_submodule(name))
+        cost = scale[name] * shape.in_features * shape.out_features
+        fixed.append((name, reason, cost + (shape.out_features if shape.bias and measure == "params" else 0)))
+    if measure == "params":
+        total = count_params(model)
+        fixed += _own_parameters(model, set(every))
+        if biases:
+            fixed.append(("the factorable layers' biases", "biases", biases))
+    else:
+        total = count_flops(model, example)
+        layers = sum(scale[n] * layer_shape(m).in_features * layer_shape(m).out_features
+                     for n, m in [*found.items(), *((n, model.get_submodule(n)) for n in skipped)])
+        if total > layers:
+            fixed.append(("the rest", "attention, norms, activations", total - layers))
+    fixed.sort(key=lambda part: -part[2])
+    return BudgetFloor(measure, total, floor + sum(cost for _, _, cost in fixed), tuple(fixed))
+
+
+def check_reachable(model: nn.Module, target: float, measure: str = "params", example: torch.Tensor | None = None,
+                    filter_fn: FilterFn | None = None) -> BudgetFloor:
+    """Raise ``ValueError`` when no ranks can bring ``model`` to ``target`` of its parameters or FLOPs
+    (``budget_floor``), naming what cannot be cut and the smallest reachable target; returns the floor."""
+    floor = budget_floor(model, measure, example, filter_fn)
+    if target < floor.fraction:
+        smallest = math.ceil(floor.fraction * 1e4) / 1e4
+        raise ValueError(
+            f"--target-{measure} {target:g}: out of reach for this architecture: with every factorable layer at rank "
+            f"1 the model still keeps {floor.fraction:.4f} of its {floor.what}; {floor.fixed_fraction:.1%} of them "
+            f"are in what no rank cuts: {floor.describe()}; the smallest reachable target is {smallest:g}")
+    return floor
 
 
 def _budget_layer(name: str, module: nn.Module, eig_out: torch.Tensor, scale: int) -> _Layer:

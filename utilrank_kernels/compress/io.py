@@ -1,8 +1,15 @@
-"""A compressed model on disk: ``model.safetensors``, ``plan.json``, ``config.json``. No pickle."""
+"""A compressed model on disk: ``model.safetensors``, ``plan.json``, ``config.json``. No pickle.
+
+``config.json`` rebuilds the architecture (``arch``, ``source``, ``model_kwargs``; an HF model's ``hf_config`` and
+``task``) and says what the model takes (``input``): for images ``size`` ``[C, H, W]``, ``mean``, ``std``,
+``interpolation`` (timm's data config, with its ``crop_pct`` and ``crop_mode``, or an HF image processor's
+``resize``); for text the input ``names`` (``input_ids``, ``attention_mask``), ``max_length``, ``vocab_size``. An HF
+model's tokenizer or image-processor files are copied into the folder's ``preprocessing/`` (``input.files``), so
+``AutoTokenizer.from_pretrained(FOLDER / "preprocessing")`` prepares a deployment's input as the data was.
+``utilrank export`` and ``utilrank bench --compressed`` read ``input``."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,10 +17,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .._files import atomic_path, load_safetensors, write_json
+from .._files import atomic_path, load_safetensors, read_json, write_json
 from .._folder import OutputFolder, verify_manifest
 from ..models import BUILTIN_MODELS, build_builtin
-from ..models.hf import build_hf_architecture
+from ..models.hf import build_hf_architecture, preprocessing_files
 from ..nn import fuse_lowrank_mlps, set_backend
 from .plan import Plan, apply_plan
 
@@ -29,15 +36,39 @@ def write_compressed(model: nn.Module, plan: Plan, config: dict, directory: str 
     with atomic_path(directory / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "utilrank.model/1"})
     plan.save(directory / "plan.json")
-    write_json(directory / "config.json", {"format": CONFIG_FORMAT, **config})
+    write_json(directory / "config.json", {"format": CONFIG_FORMAT, **_copy_preprocessing(config, directory)})
+
+
+PREPROCESSING = "preprocessing"  # the folder's subfolder of tokenizer / image-processor files
+
+
+def _copy_preprocessing(config: dict, directory: Path) -> dict:
+    """``config`` with ``input.files`` listing the HF folder's tokenizer / image-processor files, copied into
+    ``directory/preprocessing/``; where the HF folder is gone, its path stays recorded (``hf_dir``) and a warning
+    says the files were not copied."""
+    spec = config.get("input")
+    if config.get("source") != "hf" or not isinstance(spec, dict) or spec.get("preprocessing") != PREPROCESSING:
+        return config
+    source = Path(config.get("hf_dir") or "")
+    files = preprocessing_files(source) if config.get("hf_dir") and source.is_dir() else []
+    if not files:
+        logger.warning(f"{directory.name}: the tokenizer / image-processor files of {source} are not there to copy; "
+                       f"config.json records the folder ({source}) instead")
+        return {**config, "input": {**spec, "preprocessing": str(source)}}
+    target = directory / PREPROCESSING
+    target.mkdir(exist_ok=True)
+    for path in files:
+        with atomic_path(target / path.name) as tmp:
+            tmp.write_bytes(path.read_bytes())
+    return {**config, "input": {**spec, "files": [f"{PREPROCESSING}/{p.name}" for p in files]}}
 
 
 def save_compressed(model: nn.Module, plan: Plan, config: dict, out_dir: str | Path) -> Path:
     """Write the folder as a unit (``OUT.partial/``, then a manifest, then swapped into place): an existing
     ``out_dir`` is replaced whole, and a crash leaves it as it was."""
-    folder = OutputFolder(out_dir, "save_compressed", force=True).prepare()
-    write_compressed(model, plan, config, folder.partial)
-    return folder.commit(argv=[])
+    with OutputFolder(out_dir, "save_compressed", force=True).prepare() as folder:  # a failure leaves out_dir
+        write_compressed(model, plan, config, folder.partial)
+        return folder.commit(argv=[])
 
 
 def build_architecture(config: dict, source: str = "config.json") -> nn.Module:
@@ -72,10 +103,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", *, bac
     if verify_manifest(path, required=("model.safetensors", "plan.json", "config.json")) is None:
         logger.warning(f"compressed model {path}: no manifest.json (written by hand or by an older version): "
                        "its files are not checked")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"compressed model {path}: config.json is not JSON ({exc})") from exc
+    config = read_json(path / "config.json", "config")  # SchemaError: the file and field
     plan = Plan.load(path / "plan.json")
     state = load_safetensors(path / "model.safetensors", "compressed model", str(device))
     bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._progress import ticking
 from ..analysis import Report, Statistics, Subspaces, build_report, collect_stats, compute_subspaces
-from ..layers import FilterFn, name_filter
+from ..layers import FilterFn, find_layers, name_filter
 from ..measure import count_params
 from ..train import TrainRecipe, evaluate
-from .budget import budget_plan, plan_fraction, uniform_plan
+from .budget import budget_plan, check_reachable, plan_fraction, uniform_plan
 from .factor import factor_model
 from .io import save_compressed
 from .latency import TILE_MULTIPLES, latency_aware
@@ -109,7 +110,9 @@ class CompressConfig:
 
     @property
     def needs_data(self) -> bool:
-        return self.method != "svd"
+        """Whether planning needs statistics: every plan but a uniform fraction comes from the data (``svd`` too:
+        its ranks are the data's, only its factors ignore it)."""
+        return self.method != "svd" or self.param_fraction is None
 
     @property
     def budget(self) -> tuple[str, float] | None:
@@ -178,10 +181,17 @@ class _Job:
         return _split(self.data, "test")
 
     def scored(self, key: str, model: nn.Module, *, needed: bool = False) -> None:
-        """``scores[key]``: the metric of ``model`` on val and test (with ``score`` off, only where ``needed``)."""
-        if self.score or needed:
-            self.scores[key] = {split: self.metric(model, ds) for split, ds in (("val", self.val), ("test", self.test))
-                                if ds is not None}
+        """``scores[key]``: the metric of ``model`` on val and test (with ``score`` off, only where ``needed``). With
+        ``progress``, a ticking line while each split is scored: a text encoder's cosine takes tens of seconds."""
+        if not (self.score or needed):
+            return
+        what = "accuracy" if self.metric_is_accuracy else "score"
+        self.scores[key] = {}
+        for split, ds in (("val", self.val), ("test", self.test)):
+            if ds is not None:
+                with ticking(f"scoring the {key} model: {what} on {split} ({len(ds):,} examples)",
+                             disable=not self.progress):
+                    self.scores[key][split] = self.metric(model, ds)
 
 
 def compress_model(
@@ -204,19 +214,22 @@ def compress_model(
 
     Stages already done elsewhere are passed in: ``statistics`` (of ``model`` on its training data),
     ``subspaces`` (``compute_subspaces``'s), ``plan`` (then no planning: only factors, fine-tuning and
-    scores). ``metric(model, dataset)`` replaces top-1 accuracy (higher is better, in [0, 1]). ``score``:
-    evaluate dense, projected and compressed on val/test (off: only what the search needs)."""
+    scores; its ranks are factored by ``config.method``, and the log says so where the plan was made with
+    another). Every problem ``check_config`` finds is raised first, before any compute. ``metric(model,
+    dataset)`` replaces top-1 accuracy (higher is better, in [0, 1]). ``score``: evaluate dense, projected and
+    compressed on val/test (off: only what the search needs)."""
     config = config or CompressConfig()
     device = torch.device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
     job = _Job(model.eval(), data, config, device, metric or (lambda m, ds: evaluate(m, ds, device=device)),
                metric is None, arch or (plan.arch if plan is not None else type(model).__name__), score, progress)
     searches = plan is None and config.searches
-    _check_inputs(job, searches, statistics, subspaces)  # every input problem before any long compute
-    if plan is not None and plan.method != config.method:
+    check_config(model, data, config, plan=plan, statistics=statistics, subspaces=subspaces)
+    if plan is not None and plan.method != config.method:  # the same ranks, factored by another method
+        logger.info(f"plan: made with method {plan.method!r}, factored by config.method {config.method!r}")
         plan = replace(plan, method=config.method)
     statistics, subspaces = _statistics_and_subspaces(job, statistics, subspaces, plan)
-    report = build_report(job.model, statistics, subspaces, config.energy) if statistics is not None else None
+    report = build_report(job.model, statistics, subspaces, config.energy) if subspaces is not None else None
     warnings: list[str] = []
     if plan is None:
         plan, warnings = _plan(job, report, subspaces, searches)
@@ -230,15 +243,49 @@ def compress_model(
                            warnings)
 
 
-def _check_inputs(job: _Job, searches: bool, statistics: Statistics | None, subspaces: Subspaces | None) -> None:
-    config = job.config
-    if searches and job.val is None:
+def check_config(model: nn.Module, data, config: CompressConfig, *, plan: Plan | None = None,
+                 statistics: Statistics | None = None, subspaces: Subspaces | None = None) -> None:
+    """Every problem ``compress_model`` would meet that shows without compute, as one ``ValueError``: a split a
+    stage needs and the data lacks, a plan given with a target that would re-size it, ``include`` / ``exclude``
+    patterns that match no layer, FLOPs or latency on inputs that are not tensors, and a target that the
+    architecture cannot reach (``budget.check_reachable``: every factorable layer at rank 1 is not small enough).
+    ``utilrank compress`` calls it before its statistics pass; ``compress_model`` calls it first."""
+    searches = plan is None and config.searches
+    if searches and _split(data, "val") is None:
         raise ValueError("the rank search (tolerance) needs a validation split: data.val")
-    if config.finetune.epochs and job.train is None:
+    if config.finetune.epochs and _split(data, "train") is None:
         raise ValueError("fine-tuning needs a training split: data.train")
-    if config.needs_data and subspaces is None and statistics is None and job.train is None:
+    needs_statistics = config.needs_data if plan is None else config.method != "svd"
+    if needs_statistics and subspaces is None and statistics is None and _split(data, "train") is None:
         raise ValueError(f"method {config.method!r} needs statistics: pass data with a train split, statistics= "
                          "or subspaces=")
+    if plan is not None and (config.budget is not None or config.param_fraction is not None):
+        what = f"target_{config.budget[0]}" if config.budget else "param_fraction"
+        raise ValueError(f"a plan fixes every rank: give {what} or a plan, not both")
+    check_patterns(model, config.include, config.exclude)
+    if plan is not None:
+        return
+    measure, target = config.budget or (None, None)
+    example = _example_input(data) if config.target_device or measure == "flops" else None  # tensors, or why not
+    if measure is not None:
+        check_reachable(model, target, measure, example, config.layer_filter)
+
+
+def check_patterns(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError`` naming an ``include`` / ``exclude`` glob that matches none of ``model``'s Linear /
+    Conv2d layers (a typo would otherwise select nothing, or everything, without a word), or patterns that
+    together leave no layer."""
+    layers, skipped = find_layers(model)
+    names = [*layers, *skipped]
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(name_filter((pattern,))(None, n) for n in names):
+                examples = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+                raise ValueError(f"--{option} {pattern!r}: matches no Linear or Conv2d layer of the model (names are "
+                                 f"like {examples}; globs match whole names: '*.fc1', 'blocks.0.*')")
+    if (include or exclude) and not any(name_filter(include, exclude)(layers[n], n) for n in layers):
+        raise ValueError(f"--include {' '.join(include) or '-'} / --exclude {' '.join(exclude) or '-'}: together "
+                         "they leave no layer")
 
 
 def _statistics_and_subspaces(job: _Job, statistics: Statistics | None, subspaces: Subspaces | None,
@@ -249,8 +296,9 @@ def _statistics_and_subspaces(job: _Job, statistics: Statistics | None, subspace
     if subspaces is not None:
         subspaces.check_model(job.model)
         return statistics, subspaces
-    if not config.needs_data:
-        return statistics, None
+    needed = config.needs_data if plan is None else config.method != "svd"
+    if statistics is None and not needed:  # svd factors of given ranks: the weights are enough
+        return None, None
     if statistics is None:
         only = None if plan is None else set(plan.layers)
         layer_filter = config.layer_filter if only is None else (lambda m, name: name in only)

@@ -9,7 +9,6 @@ checkpoint loads into.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -17,7 +16,7 @@ from types import MappingProxyType
 
 from torch import nn
 
-from .._files import write_json
+from .._files import read_json, write_json
 from ..layers import swap_modules, unsupported_reason
 from ..nn import LowRankConv2d, LowRankLinear
 from ..nn.lowrank import layer_shape
@@ -107,11 +106,7 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"plan {path}: no such file")
-        try:
-            doc = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"plan {path}: not JSON ({exc})") from exc
-        return cls.from_dict(doc, f"plan {path}")
+        return cls.from_dict(read_json(path, "plan", "plan"), f"plan {path}")  # SchemaError: the file and field
 
 
 def misfit(module: nn.Module | None, entry: LayerPlan) -> str | None:

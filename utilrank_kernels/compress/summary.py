@@ -20,6 +20,7 @@ from .pipeline import CompressedModel
 SUMMARY_FORMAT = "utilrank.summary/1"
 LATENCY_BATCH = 32  # the batch the summary times dense and compressed at
 SPREAD_LIMIT = 1.25  # p80/p20 above this: the machine was busy, the medians are rough
+LABEL = 24  # the table's first column: "test (= val!) accuracy" fits
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class EngineTiming:
     @property
     def speedup(self) -> float:
         return self.dense.median / self.compressed.median
+
+    @property
+    def measurable(self) -> bool:
+        """Whether dense and compressed differ measurably: their p20-p80 ranges do not overlap."""
+        return not self.dense.overlaps(self.compressed)
 
     def to_json(self) -> dict[str, float]:
         return {"dense_ms": self.dense.median, "dense_p20_ms": self.dense.p20, "dense_p80_ms": self.dense.p80,
@@ -70,7 +76,9 @@ class Target:
 @dataclass(frozen=True)
 class CompressSummary:
     """The dense, projected (factored, before fine-tuning) and compressed models side by side. ``metric`` names the
-    score (``accuracy`` or ``cosine``); ``test_split`` is ``val`` where the data had no test split."""
+    score (``accuracy`` or ``cosine``); ``test_split`` is ``val`` where the data had no test split; ``example`` is
+    what one input is (``image``, ``sequence``: the FLOPs are per one). ``mlu`` is None where no statistics were
+    taken (``svd`` factors of a given plan)."""
 
     model: str
     dataset: str
@@ -80,7 +88,7 @@ class CompressSummary:
     dense: Variant
     projected: Variant
     compressed: Variant
-    mlu: float
+    mlu: float | None
     finetune_epochs: int
     test_split: str
     latency_batch: int = LATENCY_BATCH
@@ -88,6 +96,7 @@ class CompressSummary:
     warnings: tuple[str, ...] = ()
     dense_finetuned: Variant | None = None  # the control: dense fine-tuned with the same recipe
     target: Target | None = None
+    example: str = "image"
     format: str = field(default=SUMMARY_FORMAT, init=False)
 
     def to_json(self) -> dict:
@@ -104,29 +113,45 @@ class CompressSummary:
                              "achieved": self.target.achieved}
         return doc
 
+    def score(self, value: float) -> str:
+        """A score in its unit: accuracy as a percentage, any other metric (cosine) as the number it is."""
+        return f"{value:.2%}" if self.metric == "accuracy" else f"{value:.4f}"
+
+    def score_change(self, value: float) -> str:
+        """A difference of scores: percentage points for accuracy, the plain difference otherwise."""
+        return f"{100 * value:+.2f} pp" if self.metric == "accuracy" else f"{value:+.4f}"
+
     def format_table(self) -> str:
         """The terminal table: dense against compressed, one latency line per engine, the notes and warnings."""
         d, p, c = self.dense, self.projected, self.compressed
         test = "test" if self.test_split == "test" else "test (= val!)"
+        mlu = "-" if self.mlu is None else f"{self.mlu:.3f}"
+        if self.finetune_epochs:
+            epochs = f"{self.finetune_epochs} epoch{'s' if self.finetune_epochs > 1 else ''}"
+            tuned = f"before fine-tuning): {self.score(p.score)}; fine-tuned {epochs}: "
+            tuned += self.score(c.score)
+        else:
+            tuned = f"no fine-tuning): {self.score(p.score)}, the compressed model as saved"
         lines = [
-            f"{'':<20}{'dense':>14}{'compressed':>14}{'ratio':>9}",
-            f"{'parameters':<20}{d.params:>14,}{c.params:>14,}{c.params / d.params:>9.3f}",
-            f"{'FLOPs / image':<20}{d.flops:>14,}{c.flops:>14,}{c.flops / d.flops:>9.3f}",
+            f"{'':<{LABEL}}{'dense':>14}{'compressed':>14}{'ratio':>10}",
+            f"{'parameters':<{LABEL}}{d.params:>14,}{c.params:>14,}{c.params / d.params:>10.3f}",
+            f"{'FLOPs / ' + self.example:<{LABEL}}{d.flops:>14,}{c.flops:>14,}{c.flops / d.flops:>10.3f}",
             *self._latency_lines(),
-            f"{test + ' ' + self.metric:<20}{d.score:>14.2%}{c.score:>14.2%}{100 * (c.score - d.score):>+8.2f}pp",
-            f"projected ({self.method}, before fine-tuning): {p.score:.2%}; "
-            f"fine-tuned {self.finetune_epochs} epochs: {c.score:.2%}; MLU {self.mlu:.3f}",
+            f"{test + ' ' + self.metric:<{LABEL}}{self.score(d.score):>14}{self.score(c.score):>14}"
+            f"  ({self.score_change(c.score - d.score)})",
+            f"projected ({self.method}, {tuned}; MLU {mlu}",
         ]
         if self.dense_finetuned is not None:
             control = self.dense_finetuned.score
             lines.append(f"control: the dense model fine-tuned the same {self.finetune_epochs} epochs: "
-                         f"{control:.2%} (compressed {100 * (c.score - control):+.2f} pp against it)")
+                         f"{self.score(control)} (compressed {self.score_change(c.score - control)} against it)")
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
     def _latency_lines(self) -> list[str]:
-        """One line per engine (median, p20-p80, and the ratio compressed / dense), at the latency batch."""
+        """One line per engine (median, p20-p80, the ratio compressed / dense, and what it means: a speedup only
+        where the p20-p80 ranges do not overlap), at the latency batch."""
         def spread(t: Timing) -> str:  # a cell stays 14 wide
             ms = lambda v: f"{v:.2f}" if v < 100 else f"{v:.0f}"  # noqa: E731
             return f"[{ms(t.p20)}-{ms(t.p80)}]"
@@ -134,9 +159,9 @@ class CompressSummary:
         lines = []
         for engine, t in self.engines.items():
             label = f"CPU ms b{self.latency_batch} {engine}"
-            lines.append(f"{label:<20}{t.dense.median:>14.2f}{t.compressed.median:>14.2f}"
-                         f"{t.compressed.median / t.dense.median:>9.3f}  (speedup {t.speedup:.2f}x)")
-            lines.append(f"{'  p20-p80':<20}{spread(t.dense):>14}{spread(t.compressed):>14}")
+            lines.append(f"{label:<{LABEL}}{t.dense.median:>14.2f}{t.compressed.median:>14.2f}"
+                         f"{t.compressed.median / t.dense.median:>10.3f}  ({t.compressed.compared_to(t.dense)})")
+            lines.append(f"{'  p20-p80':<{LABEL}}{spread(t.dense):>14}{spread(t.compressed):>14}")
         return lines
 
 
@@ -145,13 +170,20 @@ def latency_notes(engines: Mapping[str, EngineTiming], batch: int) -> list[str]:
     notes = []
     spread = max(v.p80 / v.p20 for t in engines.values() for v in (t.dense, t.compressed))
     if spread > SPREAD_LIMIT:
-        notes.append("latency p80/p20 above 1.25: a busy or throttling machine; compare with `utilrank bench`")
-    best = max(engines, key=lambda e: engines[e].speedup)
-    if engines[best].speedup <= 1:
-        notes.append(f"not faster than dense at batch {batch} in any engine timed (best: {best}, "
-                     f"{engines[best].speedup:.2f}x): this model is bound by per-call overhead and the layers "
-                     "factoring leaves alone (attention, norms); try --target-device cpu, which keeps dense the "
-                     "layers whose factored form is not faster, or a larger batch in `utilrank bench`")
+        notes.append(f"latency p80/p20 up to {spread:.2f} (above {SPREAD_LIMIT}): a busy or throttling machine, the "
+                     "medians are rough; compare with `utilrank bench`")
+    faster = [e for e, t in engines.items() if t.measurable and t.speedup > 1]
+    if not faster:
+        best = max(engines, key=lambda e: engines[e].speedup)
+        if engines[best].measurable:  # measurably not faster: the model, not the machine
+            why = ("this model is bound by per-call overhead and the layers factoring leaves alone (attention, "
+                   "norms); try --target-device cpu, which keeps dense the layers whose factored form is not faster, "
+                   "or a larger batch in `utilrank bench`")
+        else:
+            why = ("within the p20-p80 spread, so no difference was measured; time again on a quieter machine "
+                   "with `utilrank bench --compressed`")
+        notes.append(f"not measurably faster than dense at batch {batch} in any engine timed (best: {best}, "
+                     f"{engines[best].speedup:.2f}x): {why}")
     return notes
 
 
@@ -182,8 +214,8 @@ def summarize(result: CompressedModel, dense: nn.Module, data: DataSplits, *, mo
     return CompressSummary(
         model=model_name, dataset=data.name, method=result.plan.method, metric=metric, engines=dict(engines),
         dense=dense_row, projected=Variant(scores["projected"]["test"], params, flops),
-        compressed=compressed_row, mlu=result.report.mlu,
+        compressed=compressed_row, mlu=result.report.mlu if result.report is not None else None,
         finetune_epochs=finetune_epochs, test_split=data.test_split, latency_batch=latency_batch, notes=tuple(notes),
         warnings=tuple(result.warnings),
         dense_finetuned=Variant(scores["dense_finetuned"]["test"]) if "dense_finetuned" in scores else None,
-        target=target)
+        target=target, example="sequence" if isinstance(example, dict) else "image")

@@ -62,6 +62,21 @@ def read_lines(path: Path) -> tuple[list[str], list[int] | None]:
     return texts, labels
 
 
+UNKNOWN_WARN = 0.05  # a larger fraction of [UNK] tokens is worth a line: the tokenizer may not fit the text
+
+
+def _warn_unknown(path: Path, tokenizer, encoding: dict[str, torch.Tensor]) -> None:
+    """A warning naming the fraction of the real tokens that are the unknown token, where it is large."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return
+    real = encoding["attention_mask"].bool()
+    fraction = float((encoding["input_ids"][real] == unk).float().mean()) if bool(real.any()) else 0.0
+    if fraction > UNKNOWN_WARN:
+        logger.warning(f"--data text:{path}: {fraction:.0%} of the tokens are {tokenizer.unk_token} (unknown to the "
+                       "model folder's tokenizer): the statistics describe that token, not the text")
+
+
 def load_text_splits(path: str | Path, tokenizer, max_length: int = DEFAULT_MAX_LENGTH) -> DataSplits:
     """``text:FILE`` (or a plain path) as train/val/test splits of ``TokenizedText``; ``num_classes`` is 0 for
     unlabelled text."""
@@ -71,7 +86,13 @@ def load_text_splits(path: str | Path, tokenizer, max_length: int = DEFAULT_MAX_
     if max_length < 2:
         raise ValueError(f"--max-length {max_length}: must be >= 2 (the tokenizer's special tokens)")
     if tokenizer.pad_token is None:
-        raise ValueError(f"--data text:{path}: the model folder's tokenizer has no pad token to pad lines with")
+        if tokenizer.eos_token is None:
+            raise ValueError(f"--data text:{path}: the model folder's tokenizer has neither a pad token nor an "
+                             "end-of-text token to pad lines with")
+        # GPT-2's tokenizers have none: pad with end-of-text, which the attention mask hides
+        logger.info(f"--data text:{path}: the tokenizer has no pad token; lines are padded with its end-of-text "
+                    f"token {tokenizer.eos_token!r} (masked out)")
+        tokenizer.pad_token = tokenizer.eos_token
     texts, labels = read_lines(path)
     minimum = 7  # the smallest count whose 70/15/15 split leaves every split non-empty
     if len(texts) < minimum:
@@ -80,6 +101,7 @@ def load_text_splits(path: str | Path, tokenizer, max_length: int = DEFAULT_MAX_
     encoding = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
     encoding = dict(encoding)  # a plain dict of the BatchEncoding's tensors
     truncated = int((encoding["attention_mask"].sum(1) == max_length).sum())
+    _warn_unknown(path, tokenizer, encoding)
     logger.info(f"text:{path}: {len(texts)} lines, {encoding['input_ids'].shape[1]} tokens each after padding "
                 f"({truncated} lines reach --max-length {max_length})")
     full = TokenizedText(encoding, None if labels is None else torch.tensor(labels, dtype=torch.long))

@@ -32,6 +32,22 @@ def seeded_init(build, *args, **kwargs) -> nn.Module:
         return build(*args, **kwargs)
 
 
+def torch_load_problem(exc: BaseException) -> str:
+    """Why ``torch.load(..., weights_only=True)`` refused a file, in one clause without torch's advice (to allowlist
+    globals, or to load with ``weights_only=False``: both run the file's code)."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"(?:Unsupported global: GLOBAL|GLOBAL) ([\w.]+)", text)
+    if found:
+        return (f"it holds pickled Python objects ({found.group(1)}), not only tensors; loading them would run code "
+                "from the file, so it is refused: convert it to .safetensors where you trust its source")
+    if re.search(r"Unsupported operand|WeightsUnpickler|weights_only", text):
+        return ("it holds pickled data other than tensors; loading it would run code from the file, so it is "
+                "refused: convert it to .safetensors where you trust its source")
+    if re.search(r"PytorchStreamReader|zip archive|central directory|unexpected EOF|Ran out of input", text):
+        return "a damaged or truncated torch file (its zip archive does not read)"
+    return f"neither a safetensors nor a torch file (torch.load: {type(exc).__name__} {text[:100]})"
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` file, or a torch file with ``weights_only=True`` (never unpickles code)."""
     path = Path(path)
@@ -42,13 +58,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            # torch's message runs for paragraphs and suggests weights_only=False: keep only the unpickler's reason
-            reason = " ".join(str(exc).split())
-            found = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", reason)
-            reason = found.group(1).strip() if found else reason
-            raise ValueError(f"checkpoint {path}: not a safetensors or weights-only torch file (torch.load with "
-                             f"weights_only=True: {reason}; files that need unpickling code are refused)") from exc
+        except Exception as exc:  # torch.load's errors are of many kinds (unpickling, zip, EOF): one line
+            raise ValueError(f"checkpoint {path}: {torch_load_problem(exc)}") from exc
         for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..data import DataSplits, load_data, load_imagefolder_splits, load_text_splits
+from ..data.datasets import DIGITS_MEAN, DIGITS_SIZE, DIGITS_STD
 from ..data.text import DEFAULT_MAX_LENGTH, is_text_data
 from ..measure import count_params
 from ..train import train_head
@@ -97,6 +98,26 @@ def _load(model: str, data: str | None, checkpoint, num_classes: int | None, max
     return _load_timm(model, data, checkpoint, num_classes)
 
 
+def digits_input(names: list[str] | None = None) -> dict:
+    """``config.json``'s ``input`` for a model of the built-in digits: 1x16x16, normalized by the digits' mean and
+    std (``data.datasets.load_digits_splits``: 8x8 images / 16, bilinear to 16x16)."""
+    return {"kind": "image", "names": names or ["input"], "size": [1, DIGITS_SIZE, DIGITS_SIZE],
+            "mean": [DIGITS_MEAN], "std": [DIGITS_STD], "interpolation": "bilinear", "preprocessing": "digits"}
+
+
+def timm_input(net: nn.Module) -> dict:
+    """``config.json``'s ``input`` for a timm model on an ImageFolder: timm's data config (input size, mean, std,
+    interpolation, crop), the eval transforms its data went through."""
+    import timm.data  # seconds to import: only for a timm model
+
+    data_config = timm.data.resolve_data_config({}, model=net)
+    spec = {"kind": "image", "names": ["input"], "size": [int(v) for v in data_config["input_size"]],
+            "mean": [float(v) for v in data_config["mean"]], "std": [float(v) for v in data_config["std"]],
+            "interpolation": data_config.get("interpolation"), "crop_pct": data_config.get("crop_pct"),
+            "crop_mode": data_config.get("crop_mode"), "preprocessing": "timm"}
+    return {k: v for k, v in spec.items() if v is not None}
+
+
 def _load_builtin(model: str, data: str | None, checkpoint, num_classes: int | None, device: torch.device,
                   log: Log) -> tuple[nn.Module, dict, DataSplits]:
     if data not in (None, "digits"):
@@ -106,7 +127,7 @@ def _load_builtin(model: str, data: str | None, checkpoint, num_classes: int | N
         raise ValueError(f"--num-classes: the built-in {model} already has the digits' 10 classes")
     net, config = build_model(model, checkpoint, device=str(device))
     log(f"{model}: {count_params(net):,} parameters")  # the data takes seconds more
-    return net, config, load_data(data, net)
+    return net, {**config, "input": digits_input()}, load_data(data, net)
 
 
 def _load_timm(model: str, data: str | None, checkpoint, num_classes: int | None) -> tuple[nn.Module, dict,
@@ -124,17 +145,21 @@ def _load_timm(model: str, data: str | None, checkpoint, num_classes: int | None
         raise ValueError("--num-classes replaces a checkpoint's classifier: give --checkpoint")
     net, config = build_model(model, checkpoint, num_classes=splits.num_classes, reset_head=num_classes is not None,
                               **shape)
-    return net, config, splits
+    return net, {**config, "input": digits_input() if shape else timm_input(net)}, splits
 
 
 def _load_hf(model: str, data: str | None, checkpoint, num_classes: int | None,
              max_length: int | None) -> tuple[nn.Module, dict, DataSplits]:
     """``hf:DIR``: the folder's model with ``text:FILE`` (its tokenizer), an ImageFolder (its image processor) or
-    the built-in digits (a model configured for 1x16x16 images)."""
+    the built-in digits (a model configured for 1x16x16 images). The folder is checked first (custom code,
+    encoder-decoders, missing or truncated weights), then the data (the tokenizer against the embedding), then the
+    model loads."""
     if checkpoint is not None:
         raise ValueError(f"--checkpoint: --model {model} loads the weights of its folder; give no --checkpoint")
     hf_config = hf.read_config(model)
-    splits = _hf_data(model, hf_config, data, max_length)
+    hf.check_model_type(model, hf_config)
+    hf.check_weights(model)
+    splits, spec = _hf_data(model, hf_config, data, max_length)
     labels = hf.num_labels(hf_config)
     task = hf.task_of(hf_config.get("architectures"))
     if num_classes is not None and num_classes != splits.num_classes:
@@ -143,11 +168,12 @@ def _load_hf(model: str, data: str | None, checkpoint, num_classes: int | None,
         raise ValueError(f"--model {model} has a {labels}-class head ({task}), --data {data} has "
                          f"{splits.num_classes} classes: give --num-classes {splits.num_classes} to replace the head")
     net, config = hf.load_hf_model(model, num_labels=num_classes)
-    return net, config, splits
+    return net, {**config, "input": spec}, splits
 
 
-def _hf_data(model: str, hf_config: dict, data: str | None, max_length: int | None) -> DataSplits:
-    """The data of an ``hf:DIR`` model, prepared by the folder's tokenizer or image processor."""
+def _hf_data(model: str, hf_config: dict, data: str | None, max_length: int | None) -> tuple[DataSplits, dict]:
+    """The data of an ``hf:DIR`` model, prepared by the folder's tokenizer or image processor, and the input spec
+    ``config.json`` records for it."""
     image_model = "num_channels" in hf_config and "image_size" in hf_config
     if data is None:
         raise ValueError(f"--model {model}: give --data: " + (
@@ -156,20 +182,24 @@ def _hf_data(model: str, hf_config: dict, data: str | None, max_length: int | No
     if is_text_data(data):
         if image_model:
             raise ValueError(f"--data {data}: --model {model} takes images, not text")
-        positions = hf_config.get("max_position_embeddings")
-        if max_length is not None and max_length > hf_config.get("max_position_embeddings", max_length):
+        positions = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
+        positions = positions if isinstance(positions, int) and not isinstance(positions, bool) else None
+        if max_length is not None and positions is not None and max_length > positions:
             raise ValueError(f"--max-length {max_length}: --model {model} has {positions} positions "
                              "(max_position_embeddings)")
-        default = min(hf_config.get("max_position_embeddings", DEFAULT_MAX_LENGTH), DEFAULT_MAX_LENGTH)
-        return load_text_splits(data, hf.tokenizer(model), max_length or default)
+        length = max_length or min(positions or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+        tokenizer = hf.tokenizer(model)
+        hf.check_vocabulary(model, tokenizer, hf_config)
+        return load_text_splits(data, tokenizer, length), hf.text_input(tokenizer, length)
     if data == "digits":
         shape = (hf_config.get("num_channels"), hf_config.get("image_size"))
         if shape != (1, 16):
             raise ValueError(f"--data digits: the digits are 1x16x16 images; --model {model} takes "
                              f"num_channels {shape[0]}, image_size {shape[1]}")
-        return load_data("digits")
+        return load_data("digits"), digits_input(["pixel_values"])
     if not image_model:
         raise ValueError(f"--data {data}: --model {model} takes text: give --data text:FILE")
     size = hf_config["image_size"]
-    return load_imagefolder_splits(data, transform=hf.image_transform(model),
-                                   img_size=size if isinstance(size, int) else size[0])
+    transform = hf.image_transform(model)
+    splits = load_imagefolder_splits(data, transform=transform, img_size=size if isinstance(size, int) else size[0])
+    return splits, hf.image_input(transform, hf_config)

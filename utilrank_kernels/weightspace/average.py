@@ -96,10 +96,33 @@ def check_compatible(states: Sequence[Mapping[str, torch.Tensor]], labels: Seque
         raise ValueError("ingredients do not match: " + "; ".join(problems))
 
 
+def nonfinite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """``"tensor NAME holds 3 NaN of 4,096 values"`` for the first floating-point tensor (by name) holding NaN or
+    Inf; None where all are finite."""
+    for name in sorted(state):
+        t = state[name]
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        finite = torch.isfinite(t)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(t).sum())
+        inf = t.numel() - int(finite.sum()) - nan
+        counts = " and ".join(f"{n:,} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+        return f"tensor {name} holds {counts} of {t.numel():,} values"
+    return None
+
+
 def _states(ingredients: Sequence[Ingredient]) -> list[dict[str, torch.Tensor]]:
+    """The ingredients' state dicts, compatible and finite (``ValueError`` naming the ingredient and tensor)."""
     ingredients = list(ingredients)
     states = [state_dict_of(x, i) for i, x in enumerate(ingredients)]
-    check_compatible(states, [describe(x, i) for i, x in enumerate(ingredients)])
+    labels = [describe(x, i) for i, x in enumerate(ingredients)]
+    check_compatible(states, labels)
+    for state, label in zip(states, labels, strict=True):
+        problem = nonfinite(state)
+        if problem is not None:
+            raise ValueError(f"{label}: {problem}; a soup with NaN or Inf weights is NaN")
     return states
 
 
@@ -160,9 +183,20 @@ def load_soup(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     carry), strictly: a missing, unexpected or misshapen tensor raises ``ValueError`` naming it."""
     own, prefix = strip_prefixes(model.state_dict())
     state = strip_prefixes(state)[0]
+    problems = fit_problems(own, state)
+    if problems:
+        raise ValueError(f"soup does not fit {type(model).__name__}: {problems}")
+    model.load_state_dict({prefix + k: v for k, v in state.items()}, strict=False)
+    return model
+
+
+def fit_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], what: str = "the soup"
+                 ) -> str | None:
+    """Why ``state`` (``what``) does not load into a model whose state dict is ``own`` (both without wrapper
+    prefixes): the tensors it lacks, those the model has not, the shapes that differ; None where it fits."""
     problems = []
     if own.keys() - state.keys():
-        problems.append(f"the soup lacks {_list(own.keys() - state.keys())}")
+        problems.append(f"{what} lacks {_list(own.keys() - state.keys())}")
     if state.keys() - own.keys():
         problems.append(f"the model has no {_list(state.keys() - own.keys())}")
     shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -170,10 +204,7 @@ def load_soup(model: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
               if own[k].shape != state[k].shape]
     if shapes:
         problems.append("shapes differ: " + ", ".join(shapes[:8]))
-    if problems:
-        raise ValueError(f"soup does not fit {type(model).__name__}: {'; '.join(problems)}")
-    model.load_state_dict({prefix + k: v for k, v in state.items()}, strict=False)
-    return model
+    return "; ".join(problems) or None
 
 
 @dataclass

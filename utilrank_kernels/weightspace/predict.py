@@ -44,6 +44,7 @@ SPECTRAL_METRICS = ("alpha", "alpha_weighted", "stable_rank", "mp_softrank", "lo
 METRICS = (*SPECTRAL_METRICS, "mlu")
 RIDGE_PENALTIES = tuple(10.0 ** k for k in range(-8, 4))  # on standardized metrics
 MIN_GROUP = 5
+MIN_MODELS = 4  # leave-one-out over fewer different models predicts nothing
 
 
 # -- metrics of one model -------------------------------------------------------------------------------------
@@ -140,8 +141,8 @@ def loo_regression(x: np.ndarray, y: np.ndarray, penalties: Sequence[float] = RI
     to the other rows, and by their mean; the errors of both."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     n = x.shape[0]
-    if n < 4:
-        raise ValueError(f"leave-one-out regression needs at least 4 models, got {n}")
+    if n < MIN_MODELS:
+        raise ValueError(f"leave-one-out regression needs at least {MIN_MODELS} models, got {n}")
     pred, trivial, chosen = np.empty(n), np.empty(n), []
     for i in range(n):
         keep = np.arange(n) != i

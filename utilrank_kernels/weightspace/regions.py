@@ -67,6 +67,15 @@ def data_projection(model: nn.Module, data, energy: float = 0.99, *, batch_size:
     return bases
 
 
+def check_layer(model: nn.Module, layer: str) -> None:
+    """``ValueError`` naming ``layer`` and some of the model's layers where it has no such layer with a weight."""
+    params = [n for n, _ in model.named_parameters()]
+    if f"{layer}.weight" not in params:
+        layers = sorted(n[: -len(".weight")] for n in params if n.endswith(".weight"))
+        raise ValueError(f"--layer {layer}: the model has no such layer with a weight; layers: "
+                         f"{', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''}")
+
+
 def weight_vectors(
     population: Population,
     *,
@@ -77,11 +86,7 @@ def weight_vectors(
     entries make up the columns, in order."""
     params = [n for n, _ in population.template.named_parameters()]
     if layer is not None:
-        key = f"{layer}.weight"
-        if key not in params:
-            layers = sorted(n[: -len(".weight")] for n in params if n.endswith(".weight"))
-            raise ValueError(f"--layer {layer}: the model has no such layer with a weight; layers: "
-                             f"{', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''}")
+        check_layer(population.template, layer)
         if projection is not None and layer not in projection:
             raise ValueError(f"--layer {layer}: no data subspaces for it (it is not an analyzed Linear/Conv2d)")
     if projection is not None:
