@@ -26,10 +26,19 @@ What is compressed:
 """
 
 from .engines import BACKEND_CHOICES, DTYPES, ENGINE_PACKAGES, ENGINES, TokenInput, dtype_name, example_input
-from .models import compress_builtin, cut_to_ratio, dense_twin, in_channels, input_size, input_spec, max_positions
+from .models import (
+    check_input_size,
+    compress_builtin,
+    cut_to_ratio,
+    dense_twin,
+    in_channels,
+    input_size,
+    input_spec,
+    max_positions,
+)
 from .output import BENCH_FORMAT, write_rows
 from .run import bench
 
 __all__ = ["BACKEND_CHOICES", "BENCH_FORMAT", "DTYPES", "ENGINES", "ENGINE_PACKAGES", "TokenInput", "bench",
-           "compress_builtin", "cut_to_ratio", "dense_twin", "dtype_name", "example_input", "in_channels", "input_size",
-           "input_spec", "max_positions", "write_rows"]
+           "check_input_size", "compress_builtin", "cut_to_ratio", "dense_twin", "dtype_name", "example_input",
+           "in_channels", "input_size", "input_spec", "max_positions", "write_rows"]

@@ -3,6 +3,9 @@ ratio, or the built-in compressed in-process."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
 from torch import nn
 
 from ..compress import CompressConfig, Plan, build_architecture, compress_model, expand
@@ -12,7 +15,7 @@ from ..data.text import DEFAULT_MAX_LENGTH
 from ..models import BUILTIN_MODELS, build_model
 from ..nn import fuse_lowrank_mlps
 from ..train import TrainRecipe
-from .engines import TokenInput
+from .engines import TokenInput, example_input
 
 
 def cut_to_ratio(model: nn.Module, ratio: float, multiple: int = 16, arch: str | None = None) -> tuple[nn.Module, Plan]:
@@ -106,3 +109,31 @@ def in_channels(config: dict) -> int | None:
     if config.get("arch") in BUILTIN_MODELS:
         return BUILTIN_MODELS[config["arch"]][1].get("in_chans")
     return (config.get("hf_config") or {}).get("num_channels")
+
+
+def check_input_size(given: Sequence[int], dense: nn.Module, spec: tuple[int, int, int] | TokenInput,
+                     config: dict | None = None) -> tuple[int, int, int] | TokenInput:
+    """An input size a user gave, checked against the model whose own is ``spec``: its count of numbers (C,H,W for
+    an image model, the tokens per example for a text one), the channels or positions where ``config`` knows them,
+    then one run of ``dense`` on a batch of one; ``ValueError`` says what does not fit."""
+    if isinstance(spec, TokenInput):
+        positions = max_positions(config or {})
+        if len(given) != 1:
+            raise ValueError(f"a text model takes one number, the tokens per example (its default {spec.length})")
+        if positions is not None and given[0] > positions:
+            raise ValueError(f"the model has {positions} positions (max_position_embeddings)")
+        shape = TokenInput(given[0], spec.vocab_size, spec.names)
+    else:
+        if len(given) != 3:
+            raise ValueError(f"an image model takes C,H,W (three numbers; its default {','.join(map(str, spec))})")
+        channels = in_channels(config) if config else spec[0]
+        if channels is not None and given[0] != channels:
+            raise ValueError(f"the model takes {channels} input channel{'s' if channels != 1 else ''}, not {given[0]}")
+        shape = tuple(given)
+    try:
+        with torch.inference_mode():
+            dense.eval()(example_input(shape, 1))
+    except Exception as exc:  # a size the model cannot take: its own error, first line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"the model does not run on it ({first})") from exc
+    return shape

@@ -7,7 +7,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .._files import read_json
@@ -18,15 +17,13 @@ from ..bench import (
     ENGINES,
     TokenInput,
     bench,
+    check_input_size,
     compress_builtin,
     cut_to_ratio,
     dense_twin,
     dtype_name,
-    example_input,
-    in_channels,
     input_size,
     input_spec,
-    max_positions,
     write_rows,
 )
 from ..bench.output import check_out
@@ -56,36 +53,13 @@ def _csv_list(text: str, cast=str, choices: Sequence | None = None) -> list:
 
 
 def _input_shape(args, dense: nn.Module, spec, config: dict | None = None):
-    """``--input-size`` checked against the model (its count of numbers, the channels where known, then one run of
-    the dense model on a batch of one), or the model's own ``spec``."""
-    given = args.input_size
-    if given is None:
+    """``--input-size`` checked against the model, or the model's own ``spec``."""
+    if args.input_size is None:
         return spec
-    text = ",".join(map(str, given))
-    if isinstance(spec, TokenInput):
-        positions = max_positions(config or {})
-        if len(given) != 1:
-            raise UsageError(f"--input-size {text}: a text model takes one number, the tokens per example (its "
-                             f"default {spec.length})")
-        if positions is not None and given[0] > positions:
-            raise UsageError(f"--input-size {text}: the model has {positions} positions (max_position_embeddings)")
-        shape = TokenInput(given[0], spec.vocab_size, spec.names)
-    else:
-        if len(given) != 3:
-            raise UsageError(f"--input-size {text}: an image model takes C,H,W (three numbers; its default "
-                             f"{','.join(map(str, spec))})")
-        channels = in_channels(config) if config else spec[0]
-        if channels is not None and given[0] != channels:
-            raise UsageError(f"--input-size {text}: the model takes {channels} input channel"
-                             f"{'s' if channels != 1 else ''}, not {given[0]}")
-        shape = tuple(given)
     try:
-        with torch.inference_mode():
-            dense.eval()(example_input(shape, 1))
-    except Exception as exc:  # a size the model cannot take: its own error, first line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"--input-size {text}: the model does not run on it ({first})") from exc
-    return shape
+        return check_input_size(args.input_size, dense, spec, config)
+    except ValueError as exc:
+        raise UsageError(f"--input-size {','.join(map(str, args.input_size))}: {exc}") from exc
 
 
 def _describe(shape) -> str:
