@@ -84,6 +84,10 @@ REGISTRY: dict[str, Benchmark] = {
                              "full GEMM"),
     "covariance-tf32x3": Benchmark("studies.covariance_tf32x3", "the fp32 covariance kernels' error against fp64: "
                                    "FMA, TF32 and tf32x3 products, emulated bit by bit on the CPU"),
+    "cpu-quant-lowrank": Benchmark("studies.cpu_quant_lowrank", "ViT-B/16 dense, 50% and 35% parameters x fp32, "
+                                   "bf16, dynamic int8 x eager, compile-freeze, onnxruntime(-opt): time, speedup over "
+                                   "dense fp32, realized fraction, agreement, bytes on disk (issue 26; --quick: "
+                                   "test_vit)"),
     "progress-gaps": Benchmark("studies.progress_gaps", "the longest silences of a utilrank command"),
     # tools
     "kernel-resources": Benchmark("tools.kernel_resources", "every Triton kernel and autotune row compiled for "

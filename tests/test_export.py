@@ -10,7 +10,16 @@ from _without_package import run_without_package
 
 from utilrank_kernels import set_backend
 from utilrank_kernels.bench import cut_to_ratio
-from utilrank_kernels.export import ExportError, export_onnx, export_program, missing_packages, tolerance
+from utilrank_kernels.export import (
+    ExportError,
+    agreement,
+    export_onnx,
+    export_program,
+    int8_path,
+    missing_packages,
+    quantize_onnx,
+    tolerance,
+)
 from utilrank_kernels.models import build_builtin
 from utilrank_kernels.nn import FACTORED_MODULES
 
@@ -171,3 +180,32 @@ def test_an_opset_the_exporter_cannot_write_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="opset 19: the exporter wrote opset 18 instead"):
         export_onnx(compressed, x, tmp_path / "m.onnx", opset=19)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_int8_export_runs_in_onnxruntime_without_the_package(vit_digits, tmp_path):
+    """``quantize_onnx`` (onnxruntime's quantize_dynamic, QInt8 weights) on the checked fp32 file: the int8 file holds
+    int8 weights for the factors (every constant-weight MatMul), runs in onnxruntime in a process that has only
+    onnxruntime and numpy, and agrees with the PyTorch model within int8's tolerance at batch sizes other than the
+    traced one; a file that agrees below the bar is refused, nothing written."""
+    import onnx
+
+    example = torch.randn(2, 1, 16, 16)
+    fp32 = export_onnx(vit_digits, example, tmp_path / "m.onnx")
+    result = quantize_onnx(fp32.path, int8_path(fp32.path), example)
+    assert result.path == tmp_path / "m-int8.onnx" and result.check_batch == 2
+    assert result.logit_cosine >= 0.99 and result.bytes < result.fp32_bytes
+    proto = onnx.load(str(result.path))
+    ops = {n.op_type for n in proto.graph.node}
+    assert "DynamicQuantizeLinear" in ops and ({"MatMulInteger", "DynamicQuantizeMatMul"} & ops), ops
+    int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 2 * 4  # both factors of each factored linear of the block
+    inputs = [torch.randn(1, 1, 16, 16), torch.randn(5, 1, 16, 16)]
+    outputs = run_without_package(inputs, tmp_path, onnx=result.path)
+    for x, got in zip(inputs, outputs["onnx"], strict=True):
+        with torch.inference_mode():
+            want = vit_digits(x)
+        assert got.shape == want.shape
+        assert agreement(got, want)["logit_cosine"] >= 0.99
+    with pytest.raises(ExportError, match=r"logit cosine .* \(below 1.5\)"):
+        quantize_onnx(fp32.path, tmp_path / "refused.onnx", example, min_cosine=1.5)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".onnx") == ["m-int8.onnx", "m.onnx"]

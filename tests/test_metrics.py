@@ -1,5 +1,6 @@
-"""The metrics ``compress_model(metric=...)`` takes: the output embedding, the cosine to a reference model, and
-which metric a model and its data allow."""
+"""The metrics ``compress_model(metric=...)`` takes: the output embedding, the cosine to a reference model, the top-1
+agreement with it, and which metric and fine-tuning loss a model and its data allow; the distillation losses against
+fp64 references."""
 
 import copy
 from types import SimpleNamespace
@@ -13,7 +14,15 @@ pytest.importorskip("transformers")
 from _hf import bert_config, make_text, make_tokenizer  # noqa: E402
 
 from utilrank_kernels.data import load_text_splits  # noqa: E402
-from utilrank_kernels.metrics import OutputCosine, embeddings, output_embedding, select_metric  # noqa: E402
+from utilrank_kernels.metrics import (  # noqa: E402
+    OutputCosine,
+    TopOneAgreement,
+    embeddings,
+    finetune_loss,
+    output_embedding,
+    select_metric,
+)
+from utilrank_kernels.train import distillation_error, distillation_loss  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +81,90 @@ def test_select_metric(bert_and_text):
     images = SimpleNamespace(val=TensorDataset(torch.randn(5, 4), torch.zeros(5, dtype=torch.long)), name="x")
     assert select_metric(None, classifier, images)[0] == "accuracy"
     assert select_metric("cosine", classifier, images)[0] == "cosine"
+
+
+def _classifier_and_noisy():
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).eval()
+    noisy = copy.deepcopy(dense)
+    with torch.no_grad():
+        noisy[0].weight.add_(0.5 * torch.randn_like(noisy[0].weight))
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(1))
+    return dense, noisy, x
+
+
+def test_agreement_and_logit_cosine_equal_fp64_references():
+    """On unlabelled examples ((x,) tuples): top-1 agreement and logit cosine of a perturbed classifier against the
+    dense one equal the same quantities computed in fp64 from the two models' logits."""
+    dense, noisy, x = _classifier_and_noisy()
+    data = TensorDataset(x)
+    with torch.no_grad():
+        ref, got = copy.deepcopy(dense).double()(x.double()), copy.deepcopy(noisy).double()(x.double())
+    agreement = (got.argmax(-1) == ref.argmax(-1)).double().mean().item()
+    cosine = torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean().item()
+    assert 0.3 < agreement < 1  # the perturbation changes some predictions, not all
+    assert TopOneAgreement(dense, batch_size=64)(noisy, data) == pytest.approx(agreement, abs=1e-12)
+    assert OutputCosine(dense, batch_size=64)(noisy, data) == pytest.approx(cosine, abs=1e-6)
+    assert TopOneAgreement(dense)(dense, data) == 1.0
+
+
+def test_distillation_losses_equal_fp64_references():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(7, 5, generator=g, dtype=torch.float64)
+    for temperature in (1.0, 2.5):
+        p, q = torch.softmax(s / temperature, -1), torch.softmax(t / temperature, -1)
+        kl = (q * (q.log() - p.log())).sum(-1).mean().item() * temperature**2
+        assert distillation_loss(s, t, "logits", temperature=temperature).item() == pytest.approx(kl, rel=1e-5)
+    hidden_s, hidden_t = torch.randn(3, 4, 6, generator=g), torch.randn(3, 4, 6, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    pooled = lambda h: torch.stack([h[i, : int(mask[i].sum())].double().mean(0) for i in range(3)])  # noqa: E731
+    expected = (1 - torch.nn.functional.cosine_similarity(pooled(hidden_s), pooled(hidden_t), dim=-1)).mean().item()
+    got = distillation_loss(SimpleNamespace(last_hidden_state=hidden_s), SimpleNamespace(last_hidden_state=hidden_t),
+                            "embedding", mask)
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    # hidden: the embedding loss plus the mean over layers of ||h - t||^2 / ||t||^2 over the real tokens
+    layers_s = [torch.randn(3, 4, 6, generator=g) for _ in range(2)]
+    layers_t = [torch.randn(3, 4, 6, generator=g) for _ in range(2)]
+    real = mask.bool()
+    relative = [((a.double() - b.double())[real] ** 2).sum() / (b.double()[real] ** 2).sum()
+                for a, b in zip(layers_s, layers_t, strict=True)]
+    got = distillation_loss(SimpleNamespace(last_hidden_state=hidden_s, hidden_states=tuple(layers_s)),
+                            SimpleNamespace(last_hidden_state=hidden_t, hidden_states=tuple(layers_t)), "hidden", mask)
+    assert got.item() == pytest.approx(expected + torch.stack(relative).mean().item(), abs=1e-6)
+    # the held-out error: the example-weighted mean of the batch losses, whatever the batch size
+    dense, noisy, x = _classifier_and_noisy()
+    with torch.no_grad():
+        whole = distillation_loss(noisy(x), dense(x), "logits").item()
+    assert distillation_error(noisy, dense, TensorDataset(x), "logits", batch_size=64) == pytest.approx(whole, rel=1e-5)
+
+
+def test_finetune_loss_follows_the_model_and_the_data(bert_and_text):
+    encoder, text = bert_and_text
+    classifier = torch.nn.Linear(4, 3)
+    labelled = SimpleNamespace(train=TensorDataset(torch.randn(5, 4), torch.zeros(5, dtype=torch.long)), name="x")
+    unlabelled = SimpleNamespace(train=TensorDataset(torch.randn(5, 4)), name="folder")
+    assert finetune_loss("auto", classifier, labelled) == "labels"
+    assert finetune_loss("auto", classifier, unlabelled) == "logits"
+    assert finetune_loss("auto", encoder, text) == "embedding"
+    assert finetune_loss("logits", classifier, labelled) == "logits"  # distillation ignores the labels
+    assert finetune_loss("embedding", classifier, unlabelled) == "embedding"
+    with pytest.raises(ValueError, match="folder has no labels.*--distill logits"):
+        finetune_loss("labels", classifier, unlabelled)
+    with pytest.raises(ValueError, match="no classification head.*--distill embedding"):
+        finetune_loss("logits", encoder, text)
+    with pytest.raises(ValueError, match="choose one of"):
+        finetune_loss("soft", classifier, labelled)
+    assert finetune_loss("hidden", encoder, text) == "hidden"  # asked for by name, never auto
+    with pytest.raises(ValueError, match="Linear is not a Hugging Face model"):
+        finetune_loss("hidden", classifier, unlabelled)
+
+
+def test_agreement_needs_class_logits(bert_and_text):
+    model, data = bert_and_text
+    with pytest.raises(ValueError, match="--metric agreement.*no classification head"):
+        select_metric("agreement", model, data)
+    classifier = torch.nn.Linear(4, 3)
+    unlabelled = SimpleNamespace(val=TensorDataset(torch.randn(5, 4)), name="folder")
+    assert select_metric("agreement", classifier, unlabelled)[0] == "agreement"
+    with pytest.raises(ValueError, match="use --metric cosine or agreement"):
+        select_metric("accuracy", classifier, unlabelled)

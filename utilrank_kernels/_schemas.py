@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 # the value types of the fields, with their ranges
 Count = Annotated[int, Field(ge=0)]  # a number of things: >= 0 (an int, never a bool: the models are strict)
@@ -96,7 +96,7 @@ class ModelInput(_Part):
 class CompressedConfig(_File):
     format: Literal["utilrank.config/1"]
     arch: Annotated[str, Field(min_length=1)]
-    source: Literal["builtin", "timm", "hf"] | None = None
+    source: Literal["builtin", "timm", "torchvision", "hf"] | None = None
     model_kwargs: dict[str, Any] = {}
     num_classes: Positive | None = None
     head_reset: bool = False
@@ -137,6 +137,8 @@ class ReportLayer(_Part):
     utilization: Unit
     params_dense: Count
     params_factored: Count
+    samples: Count | None = None  # rows of input the statistics saw (tokens, a conv's output pixels)
+    sample_bounded: bool | None = None  # samples < min(in, out): the utilized rank is at most the samples
     saved_rank: Positive | None = None
 
 
@@ -157,6 +159,7 @@ class ReportFile(_File):
     energy: Fraction
     tokens: Count
     mlu: Unit
+    mlu_unbounded: Unit | None = None  # the MLU over the layers whose rank the samples do not bound
     layers: list[ReportLayer]
     skipped: list[Skipped] = []
     saved: ReportSaved | None = None
@@ -193,6 +196,7 @@ class SummaryFile(_File):
     compressed: SummaryVariant
     mlu: Unit | None = None
     finetune_epochs: Count = 0
+    finetune_loss: Literal["", "labels", "logits", "embedding", "hidden"] = ""
     test_split: str = "test"
     latency_batch: Positive | None = None
     notes: list[str] = []
@@ -231,9 +235,15 @@ class StatsHeader(_File):
     layers: dict[str, StatsLayer]
 
 
+# ---- --label-map FILE (data/datasets.py): a class folder's name -> the index of a pretrained head's class ----
+class LabelMap(RootModel[dict[str, Count]]):
+    model_config = ConfigDict(strict=True)
+
+
 # the schema of each kind of file, by the name ``_files.read_json`` is given
 SCHEMAS: dict[str, type[BaseModel]] = {"plan": PlanFile, "config": CompressedConfig, "manifest": ManifestFile,
-                                       "report": ReportFile, "summary": SummaryFile, "statistics": StatsHeader}
+                                       "report": ReportFile, "summary": SummaryFile, "statistics": StatsHeader,
+                                       "label_map": LabelMap}
 
 
 class Invalid(ValueError):

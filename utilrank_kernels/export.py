@@ -45,6 +45,10 @@ DEPLOY_PACKAGES = ("onnx", "onnxscript", "onnxruntime")  # the `deploy` extra
 # rewrites (fused Gemm, LayerNorm, GELU) moved outputs by 2.6e-6 on the trained built-in folder, 3.6e-7 on a
 # compressed ViT-S and 2.5e-6 on ViT-B/16 at 50% (`utilrank export`, benchmarks/models/vit_b_engines.py)
 FP32_TOLERANCE = 1e-4
+# the int8 file's agreement with the fp32 one it is made from, below which it is refused (``quantize_onnx``):
+# ViT-B/16 with random weights agreed at logit cosine 0.999 (issue 26); a broken quantization gives ~0
+INT8_MIN_COSINE = 0.99
+QUANTIZATIONS = ("int8",)
 ONNX_DTYPES = (torch.float32, torch.float16)  # what onnxruntime's CPU provider runs (no bfloat16 MatMul/Conv)
 
 
@@ -308,6 +312,94 @@ def run_onnxruntime(session, x: Example):
     outputs = session.run(None, {name: t.detach().cpu().numpy() for name, t in named.items()})
     tensors = tuple(torch.from_numpy(o).to(device) for o in outputs)
     return tensors[0] if len(tensors) == 1 else tensors
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """The logger ``name`` (``""``: the root logger, where onnxruntime's tools log) at ERROR for the duration: their
+    advice ("pre-process the model", "specify num_heads") is not a problem of the run."""
+    log = logging.getLogger(name)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def first_output(output) -> torch.Tensor:
+    """A model's first output tensor (its logits): the tensor itself, a ``ModelOutput``'s first tensor field, or a
+    tuple's first tensor."""
+    return _tensors(output)[0][1]
+
+
+def agreement(got: torch.Tensor, want: torch.Tensor) -> dict:
+    """How far ``got`` (a model's outputs in another dtype or runtime) agrees with ``want`` (the fp32 reference):
+    ``logit_cosine``, the smallest per-example cosine of the flattened outputs; ``top1_agreement``, the fraction
+    of examples whose arg-max over the last axis (the class) is the same; ``max_abs_error``. Computed in fp64."""
+    g, w = got.detach().cpu().double(), want.detach().cpu().double()
+    if g.shape != w.shape:
+        raise ValueError(f"outputs of shape {tuple(g.shape)} against {tuple(w.shape)}")
+    flat_g, flat_w = g.reshape(g.shape[0], -1), w.reshape(w.shape[0], -1)
+    cosine = torch.nn.functional.cosine_similarity(flat_g, flat_w, dim=1, eps=1e-30)
+    top1 = (g.argmax(-1) == w.argmax(-1)).double().mean()
+    return {"logit_cosine": round(float(cosine.min()), 6), "top1_agreement": round(float(top1), 4),
+            "max_abs_error": float(f"{float((g - w).abs().max()):.3g}")}
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """An int8 file made from a checked fp32 ONNX file: its size, the fp32 file's, and the int8 file's agreement
+    with the fp32 file in onnxruntime on ``check_batch`` inputs (``agreement``'s fields)."""
+
+    path: Path
+    bytes: int
+    fp32_bytes: int
+    check_batch: int
+    logit_cosine: float
+    top1_agreement: float
+    max_abs_error: float
+
+
+def quantize_onnx(source: str | Path, path: str | Path, example: Example | None = None, *,
+                  min_cosine: float = INT8_MIN_COSINE) -> QuantizeResult:
+    """Dynamic int8 quantization of the fp32 ONNX file ``source`` into ``path``: onnxruntime's
+    ``quantize_dynamic`` with QInt8 weights (per tensor; activations quantized at run time), every MatMul/Gemm whose
+    weight is a constant (the factors and the layers left dense; ``MatMulConstBOnly``: attention's activation
+    products stay fp32). Checked in onnxruntime on ``example`` (a tensor or a dict of named tensors) against the fp32
+    file: refused (``ExportError``, nothing written) below ``min_cosine``."""
+    _require(DEPLOY_PACKAGES, "int8 quantization")
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # optional: the deploy extra
+
+    source, path = Path(source), Path(path)
+    with atomic_path(path) as tmp:
+        try:
+            with warnings.catch_warnings(), quiet_logger(""):
+                warnings.simplefilter("ignore")  # its "pre-process the model" advice: shape inference is optional
+                quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8,
+                                 extra_options={"MatMulConstBOnly": True})
+        except Exception as exc:  # onnxruntime's quantizer raises many kinds
+            raise ExportError(f"onnxruntime quantize_dynamic failed: {_first_line(exc)}") from exc
+        fields = {"logit_cosine": float("nan"), "top1_agreement": float("nan"), "max_abs_error": float("nan")}
+        batch = 0
+        if example is not None:
+            want = run_onnxruntime(onnxruntime_session(source), example)
+            got = run_onnxruntime(onnxruntime_session(tmp), example)
+            want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
+            fields = agreement(got, want)
+            batch = int(want.shape[0])
+            if not fields["logit_cosine"] >= min_cosine:  # NaN refuses too
+                raise ExportError(f"the int8 file agrees with the fp32 one at logit cosine "
+                                  f"{fields['logit_cosine']:.4g} (below {min_cosine}) on a batch of {batch}; "
+                                  "nothing written")
+        size = tmp.stat().st_size
+    return QuantizeResult(path, size, source.stat().st_size, batch, **fields)
+
+
+def int8_path(path: str | Path) -> Path:
+    """Where ``utilrank export --quantize int8`` writes the int8 file: beside the fp32 one, ``NAME-int8.onnx``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-int8{path.suffix}")
 
 
 # ---------------------------------------------------------------------------------------------

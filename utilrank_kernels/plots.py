@@ -39,7 +39,8 @@ def plot_utilization(report: dict, path: str | Path) -> None:
     """The paper's Figure 2 style, of a ``report.json`` document (``Report.to_dict()``): per layer, the weight's
     rank (dotted) and the utilized rank (solid); in a compress folder also the rank the saved model holds
     (squares; a layer kept dense sits at its full rank, hollow), and the saved model's parameter counts in the
-    title."""
+    title. A layer whose rank its sample count bounds (``sample_bounded``) is shaded, its name red, and its sample
+    count drawn (red bar: the rank cannot rise above it); the title gives the MLU without those layers too."""
     rows, saved = report["layers"], report.get("saved")
     xs = list(range(len(rows)))
     fig, ax = _figure(figsize=(max(6.0, 0.32 * len(rows) + 2), 4.2))
@@ -53,20 +54,36 @@ def plot_utilization(report: dict, path: str | Path) -> None:
         if dense_at:
             ax.plot(*zip(*dense_at, strict=True), "s", ms=8, mfc="white", color="tab:orange",
                     label="kept dense in the saved model")
+    bounded = [x for x, r in zip(xs, rows, strict=True) if r.get("sample_bounded")]
+    _mark_sample_bounded(ax, bounded, [rows[x]["samples"] for x in bounded])
     ax.set_xticks(xs)
     ax.set_xticklabels([r["name"] for r in rows], rotation=70, ha="right", fontsize=7)
+    for x in bounded:
+        ax.get_xticklabels()[x].set_color("tab:red")
     ax.set_ylabel("rank")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
     title = f"{report['model']} on {report['dataset']}: MLU {report['mlu']:.1%}"
+    if bounded and report.get("mlu_unbounded") is not None:
+        title += f", {report['mlu_unbounded']:.1%} without the {len(bounded)} sample-bounded (shaded)"
     if saved is not None:
-        title += f"; saved model {saved['dense'] / 1e6:.3g}M -> {saved['compressed'] / 1e6:.3g}M params"
+        title += f"\nsaved model {saved['dense'] / 1e6:.3g}M -> {saved['compressed'] / 1e6:.3g}M params"
     else:
         dense, factored = (sum(r[k] for r in rows) for k in ("params_dense", "params_factored"))
-        title += f"; analyzed layers {dense / 1e6:.3g}M -> {factored / 1e6:.3g}M params"
+        title += f"\nanalyzed layers {dense / 1e6:.3g}M -> {factored / 1e6:.3g}M params"
     ax.set_title(title, fontsize=10)
     _save(fig, path, dpi=130)
+
+
+def _mark_sample_bounded(ax, xs: list[int], samples: list[int]) -> None:
+    """Shade the columns of the layers whose rank their samples bound and draw each one's sample count as a red
+    bar (the ceiling of its rank), with one legend entry for both."""
+    for x in xs:
+        ax.axvspan(x - 0.45, x + 0.45, color="tab:red", alpha=0.12, lw=0)
+    if xs:
+        ax.plot(xs, samples, "_", color="tab:red", ms=14, mew=2.5,
+                label="samples seen, fewer than min(in, out): the rank's ceiling")
 
 
 def speedup_range(row: dict) -> tuple[float, float] | None:

@@ -3,8 +3,10 @@ errors."""
 
 import json
 
+import numpy as np
 import pytest
 from _data import make_imagefolder
+from PIL import Image
 
 from utilrank_kernels.analysis import Statistics, build_report, compute_subspaces
 from utilrank_kernels.cli import main
@@ -64,3 +66,33 @@ def test_include_exclude_and_a_report_from_saved_statistics(tmp_path, capsys, on
     expected = build_report(model, stats, compute_subspaces(model, stats, progress=False), 0.9)
     rows = {r.name: (r.k_in, r.k_out, r.rank) for r in expected.layers}
     assert all(rows[row["name"]] == (row["k_in"], row["k_out"], row["rank"]) for row in again["layers"])
+
+
+def test_sample_bounded_layers_are_flagged_in_the_file_and_the_table(tmp_path, capsys, one_thread):
+    """Twelve classes of one image each: the head (64 -> 12) sees one row per training image, fewer than its full
+    rank 12: ``report.json`` flags it with its sample count (the statistics' token count), the table marks it and
+    warns, and ``mlu_unbounded`` is the mean utilization of the other rows; the token layers saw plenty."""
+    data, rng = tmp_path / "img", np.random.default_rng(0)
+    for name in "abcdefghijkl":
+        (data / name).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / name / "0.png")
+    out = tmp_path / "out"
+    assert main(["analyze", "--model", "test_vit", "--data", str(data), "--batch-size", "4", "--include", "head",
+                 "--include", "blocks.0.*", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    stats = Statistics.load(out / "stats.safetensors")
+    rows = {row["name"]: row for row in report["layers"]}
+    for name, row in rows.items():
+        assert row["samples"] == stats.layers[name].tokens > 0, name
+        assert row["sample_bounded"] == (row["samples"] < min(row["in_features"], row["out_features"])), name
+    head = rows["head"]
+    assert head["sample_bounded"] and head["samples"] < 12 and head["rank"] <= head["samples"]
+    assert not any(row["sample_bounded"] for name, row in rows.items() if name != "head")
+    free = [row["utilization"] for name, row in rows.items() if name != "head"]
+    assert report["mlu_unbounded"] == pytest.approx(sum(free) / len(free))
+    assert report["mlu"] == pytest.approx(sum(row["utilization"] for row in rows.values()) / len(rows))
+    head_line = next(line for line in printed.splitlines() if line.startswith("head "))
+    assert head_line.rstrip().endswith(f"{head['samples']}!")
+    assert f"({report['mlu_unbounded']:.3f} over the {len(free)} not bounded by their samples)" in printed
+    assert "warning: 1 of" in printed and "(marked !)" in printed

@@ -137,8 +137,8 @@ def test_cli_bench_engine_errors_fail_the_command_unless_keep_going(tmp_path, ca
     assert main([*argv, "--keep-going"]) == 0
     with pytest.raises(SystemExit):
         main(["bench", "--engine", "tvm"])
-    assert "--engine: 'tvm' is not a comma-separated list (choose from eager, compile, onnxruntime)" in (
-        capsys.readouterr().err)
+    assert ("--engine: 'tvm' is not a comma-separated list (choose from eager, compile, compile-freeze, onnxruntime, "
+            "onnxruntime-opt)") in capsys.readouterr().err
 
 
 def test_cli_bench_fuse_mlps_loads_the_fused_model_with_the_same_outputs(tmp_path, capsys):
@@ -162,3 +162,16 @@ def test_cli_bench_fuse_mlps_loads_the_fused_model_with_the_same_outputs(tmp_pat
     assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
     assert main(["bench", "--fuse-mlps", "--device", "cpu"]) == 2
     assert "--fuse-mlps applies to --compressed DIR" in capsys.readouterr().err
+
+
+def test_cli_bench_int8_rows_carry_their_agreement_with_fp32(tmp_path, capsys):
+    """``--dtype fp32,int8``: int8 rows beside fp32 ones, each with its agreement with eager fp32 and its bytes."""
+    out = tmp_path / "r.json"
+    assert main(["bench", "--model", "vit-digits", "--param-ratio", "0.5", "--device", "cpu", "--dtype", "fp32,int8",
+                 "--batch-sizes", "2", "--warmup", "0", "--iters", "1", "--no-plot", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["dtype"], r["variant"]) for r in rows] == [("fp32", "dense"), ("fp32", "compressed"),
+                                                          ("int8", "dense"), ("int8", "compressed")]
+    for row in rows:
+        assert row["logit_cosine"] >= (0.99 if row["dtype"] == "int8" else 0.999999) and row["bytes_on_disk"] > 0
+    assert "quantize_dynamic" in rows[3]["quantization"] and "dense_logit_cosine" in rows[3]

@@ -76,7 +76,7 @@ def _summary(**changes) -> CompressSummary:
         dense=Variant(0.95, 1000, 8000, Timing(2.0, 1.5, 2.5)), projected=Variant(0.9, 500, 4000),
         compressed=Variant(0.94, 500, 4000, Timing(1.0, 0.9, 1.1)), mlu=0.2, finetune_epochs=3, test_split="val",
         notes=("a note",), warnings=("a warning",), dense_finetuned=Variant(0.96),
-        target=Target("params", 0.5, 0.5))
+        target=Target("params", 0.5, 0.5), finetune_loss="labels")
     return CompressSummary(**{**fields, **changes})
 
 
@@ -85,7 +85,8 @@ def test_summary_json_and_table():
     summary = _summary()
     doc = summary.to_json()
     assert list(doc) == ["format", "model", "dataset", "method", "metric", "engines", "dense", "projected",
-                         "compressed", "mlu", "finetune_epochs", "test_split", "latency_batch", "notes", "warnings",
+                         "compressed", "mlu", "finetune_epochs", "finetune_loss", "test_split", "latency_batch",
+                         "notes", "warnings",
                          "dense_finetuned", "target"]
     assert doc["format"] == "utilrank.summary/1" and doc["latency_batch"] == 32
     assert doc["engines"]["eager"] == {"dense_ms": 2.0, "dense_p20_ms": 1.5, "dense_p80_ms": 2.5, "compressed_ms": 1.0,
@@ -101,7 +102,10 @@ def test_summary_json_and_table():
     assert table[3] == f"{'CPU ms b32 eager':<24}{2.0:>14.2f}{1.0:>14.2f}{0.5:>10.3f}  (speedup 2.00x)"
     assert table[4] == f"{'  p20-p80':<24}{'[1.50-2.50]':>14}{'[0.90-1.10]':>14}"
     assert table[5] == f"{'test (= val!) accuracy':<24}{'95.00%':>14}{'94.00%':>14}  (-1.00 pp)"
-    assert table[6] == "projected (optimal, before fine-tuning): 90.00%; fine-tuned 3 epochs: 94.00%; MLU 0.200"
+    assert table[6] == ("projected (optimal, before fine-tuning): 90.00%; fine-tuned 3 epochs on labels: 94.00%; MLU "
+                        "0.200")
+    distilled = _summary(finetune_loss="logits", metric="agreement").format_table().splitlines()[6]
+    assert "fine-tuned 3 epochs distilled from the dense logits (KL): 0.9400" in distilled
     assert table[-3].startswith("control: the dense model fine-tuned the same 3 epochs: 96.00%")
     assert table[-2:] == ["note: a note", "warning: a warning"]
 
@@ -158,7 +162,8 @@ def test_cli_compress_options(tmp_path, capsys):
     assert "head" not in plan["layers"] and plan["dense"]["head"] == "excluded by filter"
     report = json.loads((out / "report.json").read_text())
     assert "dense" not in report  # the contract's keys, plus the saved model's ranks and counts
-    assert set(report) == {"format", "model", "dataset", "energy", "tokens", "mlu", "layers", "skipped", "saved"}
+    assert set(report) == {"format", "model", "dataset", "energy", "tokens", "mlu", "mlu_unbounded", "layers",
+                           "skipped", "saved"}
     assert "parameters" in capsys.readouterr().out
 
 
@@ -199,7 +204,8 @@ def test_every_method_end_to_end(method, epochs, images, tmp_path, capsys, one_t
     assert summary["method"] == plan["method"] == method and summary["finetune_epochs"] == epochs
     assert summary["compressed"]["params"] < summary["dense"]["params"] and plan["layers"]
     assert _closing_files(printed) == {p.name for p in out.iterdir()}
-    assert ("fine-tuned 1 epoch:" in printed) == bool(epochs) and ("no fine-tuning" in printed) == (not epochs)
+    assert ("fine-tuned 1 epoch on labels:" in printed) == bool(epochs)
+    assert ("no fine-tuning" in printed) == (not epochs) and summary["finetune_loss"] == ("labels" if epochs else "")
     loaded = load_model_and_data("test_vit", str(images))
     model = load_compressed(out)
     assert evaluate(model, loaded.data.test) == pytest.approx(summary["compressed"]["accuracy"])
@@ -211,6 +217,26 @@ def test_every_method_end_to_end(method, epochs, images, tmp_path, capsys, one_t
             u, s, vh = torch.linalg.svd(weight.flatten(1), full_matrices=False)
             r = entry["rank"]
             assert torch.allclose(product, (u[:, :r] * s[:r]) @ vh[:r], atol=1e-5), name
+
+
+def test_distill_logits_ignores_the_labels_and_agreement_scores(images, tmp_path, capsys, one_thread):
+    """``--distill logits`` fine-tunes on the dense model's logits (the folder's labels unread) and ``--metric
+    agreement`` scores top-1 agreement with the dense model: the summary names both, the dense model agrees with
+    itself, and the saved model's agreement is the summary's."""
+    out = tmp_path / "distilled"
+    assert main(["compress", *TINY, "--data", str(images), "--no-search", "--distill", "logits",
+                 "--distill-temperature", "2", "--metric", "agreement", "--finetune-epochs", "1", "--out",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finetune_loss"] == "logits" and summary["metric"] == "agreement"
+    assert summary["dense"]["agreement"] == 1.0 and "distilled from the dense logits" in printed
+    loaded = load_model_and_data("test_vit", str(images))
+    model = load_compressed(out).eval()
+    with torch.no_grad():
+        x = torch.stack([loaded.data.test[i][0] for i in range(len(loaded.data.test))])
+        same = (model(x).argmax(-1) == loaded.model.eval()(x).argmax(-1)).double().mean().item()
+    assert same == pytest.approx(summary["compressed"]["agreement"])
 
 
 def test_a_plan_is_factored_by_its_own_method(images, tmp_path, capsys, one_thread):

@@ -93,3 +93,28 @@ def test_export_usage_errors(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["export", "--batch", "0"])
     assert "--batch: expected a batch size >= 1 or 'dynamic'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(bool(missing_packages()), reason="the deploy extra (onnx, onnxscript, onnxruntime)")
+def test_export_quantize_int8_writes_the_int8_file_beside_the_fp32_one(tmp_path, capsys):
+    """``--quantize int8``: the checked fp32 file and ``NAME-int8.onnx`` beside it, smaller, with its agreement with
+    the fp32 file printed; the int8 file agrees with the folder's model in onnxruntime."""
+    import onnxruntime as ort
+
+    kwargs = {**VIT_DIGITS_KWARGS, "depth": 1}
+    compressed, plan = cut_to_ratio(build_builtin("vit-digits", **kwargs).eval(), 0.5, multiple=1, arch="vit-digits")
+    save_compressed(compressed, plan, {"arch": "vit-digits", "source": "builtin", "num_classes": 10,
+                                       "model_kwargs": kwargs}, tmp_path / "c")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "c"), "--quantize", "int8", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    cosine = float(re.search(r"logit cosine (\S+),", text).group(1))
+    assert cosine >= 0.99 and f"wrote {out}" in text and f"wrote {tmp_path / 'm-int8.onnx'}" in text
+    int8 = tmp_path / "m-int8.onnx"
+    assert int8.stat().st_size < out.stat().st_size
+    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 1, 16, 16)
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with torch.inference_mode():
+        want = load_compressed(tmp_path / "c")(x)
+    assert float(torch.nn.functional.cosine_similarity(got, want).min()) >= 0.99

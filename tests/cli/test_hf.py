@@ -53,11 +53,16 @@ def test_analyze_bert_on_text(bert_folder, tmp_path, capsys, one_thread):
 def test_compress_bert_cosine_and_load(bert_folder, tmp_path, capsys, one_thread):
     bert, lines = f"hf:{bert_folder / 'bert'}", f"text:{bert_folder / 'lines.txt'}"
     out = tmp_path / "compress"
-    # fine-tuning needs labels and a head: the default 20 epochs are refused in one line, before any pass
-    assert main(["compress", "--model", bert, "--data", lines, "--engines", "eager", "--out", str(out)]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "--finetune-epochs 0" in errors[0]
-    assert not out.exists() and not (tmp_path / "compress.partial" / "stats.safetensors").exists()
+    # fine-tuning on labels, distillation on logits and top-1 agreement need labels or a head: each refused in one
+    # line, before any pass
+    for option, words in ((["--distill", "off"], ("--distill off", "no classification head", "--finetune-epochs 0")),
+                          (["--distill", "logits"], ("--distill logits", "no class logits", "--distill embedding")),
+                          (["--metric", "agreement"], ("--metric agreement", "no classification head"))):
+        assert main(["compress", "--model", bert, "--data", lines, *option, "--engines", "eager", "--out",
+                     str(out)]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and all(w in errors[0] for w in words), errors
+        assert not out.exists() and not (tmp_path / "compress.partial" / "stats.safetensors").exists()
     assert main(["compress", "--model", bert, "--data", lines, "--metric", "accuracy", "--engines", "eager", "--out",
                  str(out)]) == 2
     assert "no classification head" in capsys.readouterr().err
@@ -83,6 +88,21 @@ def test_compress_bert_cosine_and_load(bert_folder, tmp_path, capsys, one_thread
     got, ref = embeddings(small, data.test), embeddings(dense, data.test)
     cosine = torch.nn.functional.cosine_similarity(got.double(), ref.double(), dim=-1).mean().item()
     assert cosine == pytest.approx(summary["compressed"]["cosine"], abs=1e-5)
+
+
+def test_compress_bert_distils_without_labels(bert_folder, tmp_path, capsys, one_thread):
+    """The default --distill auto fine-tunes an encoder on unlabelled text by distillation on its output embedding:
+    the summary says so, and the held-out cosine to the dense model (1 - the distillation loss) rises over the
+    projected model's."""
+    out = tmp_path / "distilled"
+    assert main(["compress", "--model", f"hf:{bert_folder / 'bert'}", "--data", f"text:{bert_folder / 'lines.txt'}",
+                 "--method", "svd", "--no-search", "--energy", "0.6", "--finetune-epochs", "1", "--lr", "1e-4",
+                 "--finetune-batch-size", "16", "--engines", "eager", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "fine-tuning loss (--distill auto): embedding" in printed and "distilled from the dense" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finetune_loss"] == "embedding" and summary["finetune_epochs"] == 1
+    assert 1 - summary["compressed"]["cosine"] < 0.5 * (1 - summary["projected"]["cosine"])
 
 
 def test_compress_vit_on_imagefolder(tmp_path, capsys, one_thread):

@@ -153,3 +153,24 @@ def test_the_floor_names_what_cannot_be_cut():
     assert "LayerNorm x5" in floor.describe()
     total = sum(p.numel() for p in model.parameters())
     assert floor.total == total and sum(cost for _, _, cost in floor.fixed) < floor.floor < total
+
+
+@pytest.mark.parametrize("measure", ["params", "flops"])
+def test_the_floor_counts_a_grouped_conv_by_the_weights_it_holds(measure):
+    """A depthwise conv is left dense (grouped convs are not factored): the floor counts its C k^2 weights (and
+    2 C k^2 FLOPs per output pixel), not C x C k^2; checked against a count made module by module."""
+    import torch
+    from torch import nn
+
+    from utilrank_kernels.compress.budget import budget_floor
+
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False),
+                          nn.Conv2d(32, 64, 1, bias=False)).eval()
+    example = torch.randn(1, 3, 8, 8)
+    floor = budget_floor(model, measure, example)
+    weights = 3 * 32 + 32 * 9 + 32 * 64  # the depthwise conv holds 32 x 1 x 3 x 3
+    kept = (3 + 32) + 32 * 9 + (32 + 64)  # the pointwise convs at rank 1, the depthwise conv whole
+    if measure == "params":
+        assert (floor.total, floor.floor) == (weights + 32, kept + 32)  # + the first conv's bias
+    else:  # every layer runs on the 8 x 8 grid, 2 FLOPs per weight per pixel
+        assert (floor.total, floor.floor) == (2 * 64 * weights, 2 * 64 * kept)

@@ -8,9 +8,13 @@ from ``FlopCounterMode``, attention counted) and ``realized_fraction = speedup /
 
 The dense and the compressed models are timed interleaved (one step of each in turn, after their
 warm-ups), so that a machine shared with other work slows both alike and their ratio stays honest. Each
-``--engine`` times both in that engine: ``eager`` PyTorch, ``compile`` (``torch.compile``, inductor) or
-``onnxruntime`` (each model's ONNX export, checked against PyTorch first; rows carry the export's
-``export_max_abs_error`` and the ``onnxruntime_provider``).
+``--engine`` times both in that engine: ``eager`` PyTorch, ``compile`` (``torch.compile``, inductor),
+``compile-freeze`` (the same with inductor's freezing), ``onnxruntime`` (each model's ONNX export, checked against
+PyTorch first; rows carry the export's ``export_max_abs_error`` and the ``onnxruntime_provider``) or
+``onnxruntime-opt`` (that export through onnxruntime's transformer optimizer; rows list its fusions). ``--dtype``
+adds ``int8`` (dynamic quantization, CPU) to fp32/bf16/fp16; bf16 on a CPU without BF16 instructions is a row
+with that reason (``bench.modes``). Every row carries its agreement with eager fp32 (``logit_cosine``,
+``top1_agreement``) and its ``bytes_on_disk``; ``fastest_mode`` (``bench.fastest``) picks the fastest CPU mode.
 
 What is compressed:
 
@@ -25,7 +29,17 @@ What is compressed:
   timing depends on the ranks, not on the weights' values).
 """
 
-from .engines import BACKEND_CHOICES, DTYPES, ENGINE_PACKAGES, ENGINES, TokenInput, dtype_name, example_input
+from .engines import (
+    BACKEND_CHOICES,
+    BENCH_DTYPES,
+    DTYPES,
+    ENGINE_PACKAGES,
+    ENGINES,
+    TokenInput,
+    dtype_name,
+    example_input,
+)
+from .fastest import CPU_MODES, FastestMode, fastest_mode
 from .models import (
     check_input_size,
     compress_builtin,
@@ -39,6 +53,7 @@ from .models import (
 from .output import BENCH_FORMAT, write_rows
 from .run import bench
 
-__all__ = ["BACKEND_CHOICES", "BENCH_FORMAT", "DTYPES", "ENGINES", "ENGINE_PACKAGES", "TokenInput", "bench",
+__all__ = ["BACKEND_CHOICES", "BENCH_DTYPES", "BENCH_FORMAT", "CPU_MODES", "DTYPES", "FastestMode",
+           "fastest_mode", "ENGINES", "ENGINE_PACKAGES", "TokenInput", "bench",
            "check_input_size", "compress_builtin", "cut_to_ratio", "dense_twin", "dtype_name", "example_input",
            "in_channels", "input_size", "input_spec", "max_positions", "write_rows"]

@@ -1,9 +1,11 @@
 """Engines of ``utilrank bench``: what runs a model and one step of it.
 
 ``eager`` (PyTorch as the modules run, optionally replayed from a CUDA graph), ``compile`` (``torch.compile``
-with inductor, one static-shape full graph per batch size) and ``onnxruntime`` (each model exported by
-``export.export_onnx``, checked against PyTorch, run by an onnxruntime session: the CPU provider, CUDA's on a
-CUDA device); which backends can be timed on a device; the dtypes a run takes.
+with inductor, one static-shape full graph per batch size), ``compile-freeze`` (the same with inductor's
+``freezing``), ``onnxruntime`` (each model exported by ``export.export_onnx``, checked against PyTorch, run by an
+onnxruntime session: the CPU provider, CUDA's on a CUDA device) and ``onnxruntime-opt`` (that export rewritten
+by onnxruntime's transformer optimizer: ``bench.modes``); which backends can be timed on a device; the dtypes a
+run takes (``int8``: dynamic quantization, ``bench.modes``).
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..export import export_onnx, onnxruntime_provider, onnxruntime_session
+from ..export import export_onnx, int8_path, onnxruntime_provider, onnxruntime_session, quantize_onnx
 from ..ops._dispatch import cuda_extension, triton_available
+from .modes import optimize_onnx
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# what `bench --dtype` takes: int8 is dynamic quantization of an fp32 model (int8 weights; bench.modes)
+BENCH_DTYPES = (*DTYPES, "int8")
 # torch's and timm's names for them, accepted wherever a --dtype is
 DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
 
@@ -32,8 +37,9 @@ def dtype_name(text: str) -> str:
 
 
 BACKEND_CHOICES = ("torch", "triton", "cuda", "auto")
-ENGINES = ("eager", "compile", "onnxruntime")
-ENGINE_PACKAGES = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime")}  # what an engine needs beyond torch
+ENGINES = ("eager", "compile", "compile-freeze", "onnxruntime", "onnxruntime-opt")
+ONNX_ENGINES = ("onnxruntime", "onnxruntime-opt")
+ENGINE_PACKAGES = dict.fromkeys(ONNX_ENGINES, ("onnx", "onnxscript", "onnxruntime"))  # beyond torch
 TEXT_INPUTS = ("input_ids", "attention_mask")
 
 
@@ -84,15 +90,27 @@ def _device(example) -> torch.device:
     return example.device if isinstance(example, torch.Tensor) else next(iter(example.values())).device
 
 
-def onnxruntime_model(model: nn.Module, example, folder: str | Path) -> tuple[object, dict]:
+def onnxruntime_model(model: nn.Module, example, folder: str | Path, *, model_type: str | None = None,
+                      int8: bool = False) -> tuple[object, dict]:
     """An onnxruntime session of ``model``'s ONNX export (``export.export_onnx``: the torch path, a dynamic
     batch axis, checked against ``model`` on a batch), and the row fields of that export. ``example``: a tensor, or
-    a dict of named tensors (a text model's)."""
+    a dict of named tensors (a text model's). ``model_type``: the export rewritten by onnxruntime's transformer
+    optimizer first (``modes.optimize_onnx``); ``int8``: then quantized (``export.quantize_onnx``, checked against
+    the fp32 file). ``bytes_on_disk``: the file the session runs."""
     path = Path(folder) / f"model-{id(model)}.onnx"
     result = export_onnx(model, example, path)
+    fields = {"export_max_abs_error": float(f"{result.max_abs_error:.3g}")}
+    if model_type:
+        optimized = path.with_name(f"{path.stem}-opt.onnx")
+        fields.update(optimize_onnx(path, optimized, model_type))
+        path = optimized
+    if int8:
+        quantized = quantize_onnx(path, int8_path(path))
+        fields["onnx_quantization"] = "quantize_dynamic QInt8, MatMulConstBOnly"
+        path = quantized.path
     session = onnxruntime_session(path, _device(example))
-    return session, {"onnxruntime_provider": onnxruntime_provider(session),
-                     "export_max_abs_error": float(f"{result.max_abs_error:.3g}")}
+    return session, {"onnxruntime_provider": onnxruntime_provider(session), **fields,
+                     "bytes_on_disk": path.stat().st_size}
 
 
 _ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
@@ -131,14 +149,17 @@ def make_step(model, x, *, engine: str = "eager", cuda_graphs: bool = False) -> 
         raise ValueError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if cuda_graphs and _device(x).type != "cuda":
         raise ValueError("--cuda-graphs needs a CUDA device")
-    if engine == "onnxruntime":
+    if engine in ONNX_ENGINES:
         if cuda_graphs:
             raise ValueError("--cuda-graphs: the onnxruntime engine does not replay CUDA graphs")
         return _onnxruntime_step(model, x)
-    if engine == "compile":
-        # fullgraph: a graph break would time a half-compiled model without saying so
-        compiled = torch.compile(model, mode="reduce-overhead" if cuda_graphs else None, dynamic=False,
-                                 fullgraph=True)
+    if engine in ("compile", "compile-freeze"):
+        # fullgraph: a graph break would time a half-compiled model without saying so; freezing folds the weights
+        # into the graph as constants (inference mode only: the bench's steps run under torch.inference_mode)
+        # (torch.compile takes a mode or options, not both: reduce-overhead's CUDA graphs as an option then)
+        options = {"freezing": True, "triton.cudagraphs": cuda_graphs} if engine == "compile-freeze" else None
+        mode = "reduce-overhead" if cuda_graphs and options is None else None
+        compiled = torch.compile(model, mode=mode, dynamic=False, fullgraph=True, options=options)
         return lambda: compiled(x)
     if not cuda_graphs:
         return lambda: model(x)
@@ -170,7 +191,7 @@ def backend_problem(backend: str, device: torch.device) -> str | None:
 
 
 def engine_versions(engines: Sequence[str]) -> dict:
-    if "onnxruntime" not in engines:
+    if not set(engines) & set(ONNX_ENGINES):
         return {}
     try:
         import onnxruntime  # optional: the deploy extra
@@ -191,7 +212,7 @@ class _CpuCompileNotice(logging.Filter):
 def quiet_cpu_compile(engine: str, device: torch.device):
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")
     notice = _CpuCompileNotice()
-    if engine == "compile" and device.type == "cpu":
+    if engine.startswith("compile") and device.type == "cpu":
         cpp_logger.addFilter(notice)
     try:
         yield

@@ -16,7 +16,7 @@ BENCH_FORMAT = "utilrank.bench/1"
 
 
 def format_row(row: dict) -> str:
-    where = (f"{row['variant']:<10} {row.get('engine', 'eager'):<11} {row['backend']:<6} {row['dtype']:<4} "
+    where = (f"{row['variant']:<10} {row.get('engine', 'eager'):<15} {row['backend']:<6} {row['dtype']:<4} "
              f"bs {row['batch_size']:<4}")
     if "error" in row:
         return f"{where} FAILED: {row['error']}"
@@ -27,6 +27,12 @@ def format_row(row: dict) -> str:
             ratios += f" (realized {row['realized_fraction']:.2f})"
     if row.get("layer_backends"):
         ratios += f"  layers: {summary(row['layer_backends'])}"
+    if "logit_cosine" in row:  # agreement with eager fp32 (the same model), and the weights' bytes
+        ratios += f"  cos {row['logit_cosine']:.4f} vs fp32"
+    if "bytes_on_disk" in row:
+        ratios += f"  {row['bytes_on_disk'] / 2**20:.1f} MiB"
+    if row.get("onnx_fusions"):
+        ratios += "  fused: " + ", ".join(f"{op} {n}" for op, n in row["onnx_fusions"].items())
     return (f"{where} {row['infer_step_time']:10.3f} ms [{row['step_time_p20']:.3f}, {row['step_time_p80']:.3f}] "
             f"{row['infer_samples_per_sec']:10.1f}/s  {row['param_count']:.4g}M params "
             f"{row['infer_gmacs']:.4g} GMACs{ratios}")

@@ -5,6 +5,12 @@ busy machine slows them alike; the engines are timed one after the other. Rows a
 makes them comparable (``bench.output`` writes them). Compressed rows of PyTorch engines list the backend each
 factored layer ran (``layer_backends``, from an eager pass before the engine's steps: on CUDA, the pass that
 makes the measured choices, ``ops/_tune.py``, for keys not yet recorded; ``tune=True`` times them all again).
+
+Every timed row also says how far its outputs are from eager fp32 on the same batch (``export.agreement``):
+``logit_cosine``, ``top1_agreement`` and ``max_abs_error`` against the same model (dense or compressed) run
+eagerly in fp32 (what the engine and the dtype cost), and on compressed rows ``dense_logit_cosine`` and
+``dense_top1_agreement`` against the dense model in eager fp32 (what compression and the dtype cost together);
+``bytes_on_disk`` is the runner's weights as saved (the ONNX file; ``torch.save`` of the state dict).
 """
 
 from __future__ import annotations
@@ -22,12 +28,17 @@ from torch import nn
 
 from .._progress import ticking
 from ..compress.summary import SPREAD_LIMIT
+from ..export import agreement, first_output, run_onnxruntime
 from ..measure import count_flops, count_params
 from ..nn import layer_backends, set_backend, tune
 from ..timing import Timing, cpu_thp_alloc, device_label, step_times, time_interleaved, versions
 from .engines import (
+    BENCH_DTYPES,
     DTYPES,
     ENGINES,
+    ONNX_ENGINES,
+    TokenBatch,
+    TokenInput,
     backend_problem,
     engine_versions,
     example_input,
@@ -35,6 +46,7 @@ from .engines import (
     onnxruntime_model,
     quiet_cpu_compile,
 )
+from .modes import COMPILE_SETTINGS, dtype_problem, engine_problem, int8_torch, state_bytes, transformer_type
 from .output import format_row
 
 logger = logging.getLogger(__name__)
@@ -86,6 +98,9 @@ def bench(
     unknown = [e for e in engines if e not in ENGINES]
     if unknown:
         raise ValueError(f"engine {unknown[0]!r}: choose from {', '.join(ENGINES)}")
+    unknown = [d for d in dtypes if d not in BENCH_DTYPES]
+    if unknown:
+        raise ValueError(f"dtype {unknown[0]!r}: choose from {', '.join(BENCH_DTYPES)}")
     dense, compressed = dense.float().cpu().eval(), compressed.float().cpu().eval()
     x1 = example_input(input_shape, 1)  # a TokenInput shape: a dict of token ids and a mask
     flops = {"dense": count_flops(dense, x1), "compressed": count_flops(set_backend(compressed, "torch"), x1)}
@@ -100,14 +115,18 @@ def bench(
     if tune and device.type != "cuda":
         log(f"tune: nothing is timed on {device.type} (the torch path runs)")
     run = _Run(model_name, input_shape, batch_sizes, device, fmt, cuda_graphs, warmup, iters, max_seconds,
-               flops, params, common, log, tune)
+               flops, params, common, log, tune, references={"dense": dense, "compressed": compressed})
     rows = []
     for dtype_name in dtypes:
-        dtype = DTYPES[dtype_name]
+        problem = dtype_problem(dtype_name, device)
+        if problem:  # every row of this dtype says why: no silent run in another dtype
+            rows += [run._error_row(e, k, dtype_name, bs, problem) for e in dict.fromkeys(engines)
+                     for bs in batch_sizes for k in ("dense", *usable)]
+            continue
+        dtype = DTYPES.get(dtype_name, torch.float32)  # int8: an fp32 model, quantized per engine
         models = {"dense": copy.deepcopy(dense).to(device=device, dtype=dtype, memory_format=fmt)}
-        for b in usable:
-            m = compressed if len(usable) == 1 else copy.deepcopy(compressed)
-            models[b] = set_backend(m.to(device=device, dtype=dtype, memory_format=fmt), b)
+        for b in usable:  # copies: the fp32 models stay the references
+            models[b] = set_backend(copy.deepcopy(compressed).to(device=device, dtype=dtype, memory_format=fmt), b)
         for engine in dict.fromkeys(engines):
             rows += run.engine_rows(engine, dtype_name, models)
     return rows
@@ -145,10 +164,43 @@ class _Run:
     common: dict
     log: Callable[[str], None]
     tune: bool = False
+    references: dict[str, nn.Module] = field(default_factory=dict)  # the fp32 CPU models, run eagerly
     tuned: set = field(default_factory=set)  # (backend, dtype, batch size) already tuned in this run
 
     def _input(self, batch: int, dtype: torch.dtype):
         return example_input(self.input_shape, batch, dtype, self.device, self.fmt)
+
+    def _reference_outputs(self, x) -> dict[str, torch.Tensor]:
+        """The fp32 models' eager outputs on ``x`` (on the CPU, in fp32)."""
+        if isinstance(x, TokenBatch):
+            x32 = TokenBatch({k: v.cpu() for k, v in x.items()})
+        else:
+            x32 = x.detach().float().cpu().contiguous()
+        return {key: first_output(model(x32)).float() for key, model in self.references.items()}
+
+    def _agreements(self, engine: str, runners: dict, steps: dict, x) -> dict[str, dict]:
+        """Per runner, its outputs on ``x`` against the fp32 references (``export.agreement``); a runner whose
+        outputs cannot be read (a CUDA graph's replay) or compared is left out, with a message."""
+        if not self.references:
+            return {}
+        refs = self._reference_outputs(x)
+        found = {}
+        for key, step in steps.items():
+            try:
+                out = run_onnxruntime(runners[key], x) if engine in ONNX_ENGINES else step()
+                if out is None:
+                    continue
+                out = first_output(out).float()
+                own = refs["dense" if key == "dense" else "compressed"]
+                fields = agreement(out, own)
+                if key != "dense":
+                    dense = agreement(out, refs["dense"])
+                    fields.update(dense_logit_cosine=dense["logit_cosine"],
+                                  dense_top1_agreement=dense["top1_agreement"])
+                found[key] = fields
+            except Exception as exc:  # outputs of another shape or kind: the row goes without
+                self.log(f"{engine} {key}: no agreement with eager fp32: {_first_line(exc)}")
+        return found
 
     def _error_row(self, engine: str, key: str, dtype_name: str, batch: int, error: str) -> dict:
         self.log(f"failed: {engine} {key} at {dtype_name}, batch {batch}: {error}")
@@ -156,35 +208,63 @@ class _Run:
                 "backend": "torch" if key == "dense" else key, "engine": engine, "dtype": dtype_name,
                 "batch_size": batch, "error": error, **self.common}
 
-    def _runners(self, engine: str, models: dict[str, nn.Module], dtype: torch.dtype, folder: str):
+    def _torch_runners(self, engine: str, models: dict[str, nn.Module], dtype_name: str):
+        """The PyTorch engines' runners: the models, or (int8) their dynamically quantized twins."""
+        runners, fields, errors = {}, {}, {}
+        for key, model in models.items():
+            settings = {"compile_settings": COMPILE_SETTINGS[engine]} if engine in COMPILE_SETTINGS else {}
+            try:
+                if dtype_name == "int8":
+                    model = int8_torch(model)
+                    settings["quantization"] = "torch.ao quantize_dynamic qint8, nn.Linear (factors as Linear pairs)"
+                runners[key], fields[key] = model, {**settings, "bytes_on_disk": state_bytes(model)}
+            except Exception as exc:  # a quantization that fails: the row says why
+                errors[key] = f"{engine} {dtype_name}: {_first_line(exc)}"
+        return runners, fields, errors
+
+    def _runners(self, engine: str, models: dict[str, nn.Module], dtype_name: str, folder: str):
         """What runs each model in ``engine`` (the module itself, or an onnxruntime session), the row fields
         that come with it, and the errors of those that could not be prepared."""
-        if engine != "onnxruntime":
-            return dict(models), {key: {} for key in models}, {}
+        if engine not in ONNX_ENGINES:
+            return self._torch_runners(engine, models, dtype_name)
         # one ONNX file per model: the factored modules' backends do not reach ONNX (the torch path is exported)
         sources = {"dense": models["dense"], "torch": next(m for key, m in models.items() if key != "dense")}
         runners, fields, errors = {}, {}, {}
-        example = self._input(2, dtype)  # a dynamic batch axis is traced at batch 2 (size 1 specializes)
+        model_type = None
+        if engine == "onnxruntime-opt":
+            model_type = transformer_type(models["dense"], isinstance(self.input_shape, TokenInput))
+            if model_type is None:
+                why = (f"{engine}: {self.model_name} has no attention modules: onnxruntime's transformer optimizer "
+                       "has no model_type for it")
+                return {}, {}, dict.fromkeys(sources, why)
+        example = self._input(2, DTYPES.get(dtype_name, torch.float32))  # batch 2: size 1 specializes the axis
         for key, model in sources.items():
             try:
                 with ticking(f"exporting {'dense' if key == 'dense' else 'compressed'} to ONNX"):
-                    runners[key], fields[key] = onnxruntime_model(model, example, folder)
+                    runners[key], fields[key] = onnxruntime_model(model, example, folder, model_type=model_type,
+                                                                  int8=dtype_name == "int8")
             except Exception as exc:  # not installed, export, check or session errors: the row says which
-                errors[key] = f"onnxruntime: {_first_line(exc)}"
+                errors[key] = f"{engine}: {_first_line(exc)}"
         return runners, fields, errors
 
     def engine_rows(self, engine: str, dtype_name: str, models: dict[str, nn.Module]) -> list[dict]:
-        dtype = DTYPES[dtype_name]
+        dtype = DTYPES.get(dtype_name, torch.float32)
+        problem = engine_problem(engine)
+        if problem:  # a missing package: every row of the engine says so
+            return [self._error_row(engine, k, dtype_name, bs, problem) for bs in self.batch_sizes for k in models]
         rows = []
         with (tempfile.TemporaryDirectory(prefix="utilrank-bench-") as folder, torch.inference_mode(),
               quiet_cpu_compile(engine, self.device)):
-            runners, fields, prepare_errors = self._runners(engine, models, dtype, folder)
+            runners, fields, prepare_errors = self._runners(engine, models, dtype_name, folder)
             for bs in self.batch_sizes:
                 x = self._input(bs, dtype)
-                if engine == "compile":
+                if engine in ("compile", "compile-freeze"):
                     torch.compiler.reset()  # each batch size compiles anew: no cache limit reached in silence
-                layers = self._layer_backends(engine, runners, x, dtype_name) if engine != "onnxruntime" else {}
+                plain = engine not in ONNX_ENGINES and dtype_name != "int8"  # factored modules run as they are
+                layers = self._layer_backends(engine, runners, x, dtype_name) if plain else {}
                 steps, errors = self._steps(engine, runners, x)
+                agreements = self._agreements(engine, runners, steps, x) if "dense" in steps else {}
+                fields_now = {k: {**fields.get(k, {}), **agreements.get(k, {})} for k in runners}
                 errors = {**prepare_errors, **errors}
                 if "dense" not in steps:  # nothing to compare with: every row of this engine says why
                     keys = list(runners) + [k for k in errors if k not in runners]
@@ -197,7 +277,7 @@ class _Run:
                     continue
                 times = time_interleaved(steps, warmup=self.warmup, iters=self.iters, device=self.device,
                                          max_seconds=self.max_seconds)
-                rows += self._timed_rows(engine, dtype_name, bs, times, fields, layers)
+                rows += self._timed_rows(engine, dtype_name, bs, times, fields_now, layers)
         return rows
 
     def _steps(self, engine: str, runners: dict, x: torch.Tensor) -> tuple[dict[str, Callable], dict[str, str]]:
@@ -210,10 +290,10 @@ class _Run:
                 started = time.perf_counter()
                 label = "dense" if key == "dense" else f"compressed ({key})"
                 # a compile takes seconds to minutes: a ticking line, not a silent wait
-                with ticking(f"compiling {label} at batch {bs}", disable=engine != "compile"):
+                with ticking(f"compiling {label} at batch {bs}", disable=not engine.startswith("compile")):
                     steps[key] = make_step(runner, x, engine=engine, cuda_graphs=self.cuda_graphs)
                     step_times(steps[key], warmup=1, iters=0, device=self.device)
-                if engine == "compile":
+                if engine.startswith("compile"):
                     self.log(f"compiled {label} at batch {bs} in {time.perf_counter() - started:.1f} s")
             except Exception as exc:  # compile and onnxruntime errors are of many kinds
                 if key == "dense" and engine == "eager":

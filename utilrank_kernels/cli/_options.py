@@ -55,7 +55,8 @@ def positive_floats(text: str) -> list[float]:
 
 def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="built-in vit-digits | vgg-digits, any timm model name, or hf:DIR, a local Hugging Face model "
+                   help="built-in vit-digits | vgg-digits, any timm model name, torchvision:NAME (a torchvision "
+                        "classification model, weights from --checkpoint), or hf:DIR, a local Hugging Face model "
                         "folder (AutoModelForImageClassification / ...ForSequenceClassification where its config "
                         "has that head, else AutoModel; never downloads) (default: %(default)s)")
     p.add_argument("--checkpoint", default=None,
@@ -64,6 +65,10 @@ def add_common_options(p: argparse.ArgumentParser, command: str) -> None:
                    help="the checkpoint's classifier has other classes than --data: replace it by a new N-class "
                         "head (timm's reset_classifier), trained with the backbone frozen for --head-epochs before "
                         "the statistics pass")
+    p.add_argument("--label-map", default=None, metavar="FILE",
+                   help="keep the checkpoint's classifier on an ImageFolder --data: a JSON object of class folder "
+                        "name -> the head's class index (folders named by index, 0..999, or by ImageNet WordNet id, "
+                        "n01440764, need none); the dense accuracy is then the pretrained model's own")
     p.add_argument("--head-epochs", type=positive_int, default=5,
                    help="with --num-classes: epochs of training the new head (default: %(default)s)")
     p.add_argument("--data", default=None,

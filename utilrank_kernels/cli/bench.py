@@ -12,7 +12,7 @@ from torch import nn
 from .._files import read_json
 from ..bench import (
     BACKEND_CHOICES,
-    DTYPES,
+    BENCH_DTYPES,
     ENGINE_PACKAGES,
     ENGINES,
     TokenInput,
@@ -115,7 +115,12 @@ def _check_out(out: Path, args) -> None:
 
 
 def run(args) -> int:
+    if "int8" in args.dtype and args.device == "cuda":  # before the device is looked for
+        raise UsageError("--dtype int8 on cuda: dynamic int8 quantization runs on the CPU only (--device cpu)")
     device = resolve_device(args.device)
+    if "int8" in args.dtype and device.type != "cpu":
+        raise UsageError(f"--dtype int8 on {device.type}: dynamic int8 quantization runs on the CPU only "
+                         "(--device cpu)")
     if args.cuda_graphs and device.type != "cuda":
         raise UsageError("--cuda-graphs needs a CUDA device")
     if args.compressed and args.param_ratio is not None:
@@ -189,16 +194,21 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-sizes", type=lambda s: _csv_list(s, positive_int), default=[1, 8, 64],
                    help="comma-separated (default: 1,8,64)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: %(default)s)")
-    p.add_argument("--dtype", type=lambda s: _csv_list(s, dtype_name, tuple(DTYPES)), default=["fp32"],
-                   help="comma-separated fp32,bf16,fp16 (default: fp32)")
+    p.add_argument("--dtype", type=lambda s: _csv_list(s, dtype_name, BENCH_DTYPES), default=["fp32"],
+                   help="comma-separated fp32,bf16,fp16,int8 (default: fp32): int8 is dynamic quantization on the "
+                        "CPU (int8 weights of every Linear and factor: torch.ao's quantize_dynamic in eager/compile, "
+                        "onnxruntime's quantize_dynamic on the export); bf16 on a CPU without BF16 instructions gives "
+                        "rows with that reason; rows carry each variant's agreement with eager fp32")
     p.add_argument("--backend", type=lambda s: _csv_list(s, choices=(*BACKEND_CHOICES, "all")),
                    default=["auto"], help="comma-separated auto,torch,triton,cuda, or all (default: auto); "
                                           "one the device cannot run is skipped with a message")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (convnets)")
     p.add_argument("--engine", type=lambda s: _csv_list(s, choices=ENGINES), default=["eager"],
-                   help="comma-separated eager,compile,onnxruntime (default: eager): compile is torch.compile "
-                        "(inductor), onnxruntime runs each model's checked ONNX export (pip install -e "
-                        "'.[deploy]'); an engine that is missing or fails gives rows with its error")
+                   help="comma-separated eager,compile,compile-freeze,onnxruntime,onnxruntime-opt (default: eager): "
+                        "compile is torch.compile (inductor), compile-freeze the same with inductor's freezing; "
+                        "onnxruntime runs each model's checked ONNX export (pip install -e '.[deploy]'), "
+                        "onnxruntime-opt that export through onnxruntime's transformer optimizer (rows list its "
+                        "fusions); an engine that is missing or fails gives rows with its error")
     p.add_argument("--cuda-graphs", action="store_true", help="replay each step from a CUDA graph")
     p.add_argument("--tune", action="store_true",
                    help="CUDA: before each batch size's steps, time every factored op's candidates again (torch "

@@ -15,7 +15,7 @@ from ..compress.pipeline import check_config
 from ..compress.summary import LATENCY_BATCH, CompressSummary, EngineTiming, latency_notes, summarize
 from ..data.datasets import example_inputs
 from ..data.text import is_text_data
-from ..metrics import accuracy_problem, select_metric
+from ..metrics import METRICS, finetune_loss, select_metric
 from ..models.hf import KeywordInputs
 from ..plots import plot_utilization
 from ..timing import Timing, latency_ms
@@ -38,6 +38,8 @@ def engine_list(text: str) -> list[str]:
 DEFAULT_TOLERANCE = 0.5  # --tolerance when neither a target nor --no-search nor --plan is given
 DEFAULT_METHOD = "optimal"
 FINETUNE_DEFAULTS = {"lr": 1e-3, "weight_decay": 0.01, "finetune_batch_size": 64}
+DISTILL = ("auto", "off", "logits", "embedding", "hidden")  # off: train on labels (the library's loss "labels")
+DEFAULT_TEMPERATURE = 1.0
 TARGET_BATCH = 32
 
 
@@ -82,6 +84,7 @@ def check_options(args) -> None:
         *((args.finetune_epochs == 0 and f, f"{f} with --finetune-epochs 0: no fine-tuning runs to use it; drop it")
           for f in finetune),
         (args.finetune_dense and not args.finetune_epochs, "--finetune-dense needs --finetune-epochs >= 1"),
+        *_distill_conflicts(args),
         *((is_text_data(args.data) and value is not None,
            f"{option} with --data {args.data}: FLOPs and layer timings are measured on tensor inputs, and text "
            "batches are dicts of tensors; use --target-params, without a latency pass")
@@ -90,6 +93,25 @@ def check_options(args) -> None:
     problem = next((message for conflict, message in conflicts if conflict), None)
     if problem:
         raise UsageError(problem)
+
+
+def _distill_conflicts(args) -> list[tuple[bool, str]]:
+    """``--distill`` and ``--distill-temperature`` where no fine-tuning, or no distillation on logits, runs to use
+    them; the dense control with distillation (distilled from itself, the dense model would not change)."""
+    temperature = args.distill_temperature is not None and f"--distill-temperature {args.distill_temperature:g}"
+    distills = args.distill in ("logits", "embedding", "hidden")
+    return [
+        (args.distill != "auto" and not args.finetune_epochs,
+         f"--distill {args.distill} with --finetune-epochs 0: no fine-tuning runs to use it; drop one"),
+        (temperature and not args.finetune_epochs,
+         f"{temperature} with --finetune-epochs 0: no fine-tuning runs to use it; drop it"),
+        (temperature and args.distill in ("off", "embedding", "hidden"),
+         f"{temperature} with --distill {args.distill}: only distillation on logits (--distill logits, or auto on "
+         "a classifier without labels) has a temperature; drop it"),
+        (args.finetune_dense and distills,
+         f"--finetune-dense with --distill {args.distill}: the dense control distilled from itself would not change;"
+         " the control trains on labels (--distill off or auto on labelled data), or drop --finetune-dense"),
+    ]
 
 
 def _check_values(args) -> None:
@@ -102,6 +124,9 @@ def _check_values(args) -> None:
     for option, value in (("--target-params", args.target_params), ("--target-flops", args.target_flops)):
         if value is not None and not 0 < value < 1:
             raise UsageError(f"{option} {value}: must be a fraction of the dense model in (0, 1), e.g. 0.5")
+    if args.distill_temperature is not None and not (math.isfinite(args.distill_temperature)
+                                                     and args.distill_temperature > 0):
+        raise UsageError(f"--distill-temperature {args.distill_temperature}: must be a finite number > 0")
     for option, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay)):
         if value is not None and not (math.isfinite(value) and value >= (0 if option == "--weight-decay" else 1e-300)):
             raise UsageError(f"{option} {value}: must be a finite number " + (">= 0" if option == "--weight-decay"
@@ -117,7 +142,9 @@ def compress_config(args, plan: Plan | None = None) -> CompressConfig:
     finetune = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in FINETUNE_DEFAULTS.items()}
     try:
         recipe = TrainRecipe(epochs=args.finetune_epochs, lr=finetune["lr"], weight_decay=finetune["weight_decay"],
-                             batch_size=finetune["finetune_batch_size"], augment=args.data in (None, "digits"))
+                             batch_size=finetune["finetune_batch_size"], augment=args.data in (None, "digits"),
+                             loss="labels" if args.distill == "off" else args.distill,
+                             temperature=args.distill_temperature or DEFAULT_TEMPERATURE)
         return CompressConfig(method=plan.method if plan is not None else args.method or DEFAULT_METHOD,
                               energy=args.energy, tolerance=tolerance, total_tolerance=args.total_tolerance,
                               target_params=args.target_params, target_flops=args.target_flops,
@@ -222,15 +249,32 @@ def _save(folder, result, config: dict, summary: CompressSummary) -> None:
 
 def _metric(args, config, model, data, device):
     """``--metric`` (default: accuracy where the model has a head and the data labels, else cosine to the dense
-    model), and the refusal of fine-tuning without labels or a head: it trains on cross-entropy."""
+    model), and the fine-tuning loss ``--distill`` names (auto: labels where the model has a head and the data
+    labels, else distillation from the dense model), refused where the model or data cannot give it."""
     try:
         name, metric = select_metric(args.metric, model, data, device)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    problem = accuracy_problem(model, data)
-    if config.finetune.epochs and problem:
-        raise UsageError(f"--finetune-epochs {config.finetune.epochs}: fine-tuning trains on labels and {problem}; "
-                         "pass --finetune-epochs 0")
+    if not config.finetune.epochs:
+        return name, metric
+    try:
+        loss = finetune_loss(config.finetune.loss, model, data)
+    except ValueError as exc:
+        raise UsageError(f"--distill {args.distill}: {exc}") from exc
+    if args.distill_temperature is not None and loss != "logits":
+        what = ("trains on the labels (the data has them and the model a head)" if loss == "labels" else
+                "distils the output embedding")
+        raise UsageError(f"--distill-temperature {args.distill_temperature:g} with --distill {args.distill}: "
+                         f"fine-tuning {what}, which has no temperature; drop it")
+    if args.finetune_dense and loss != "labels":
+        raise UsageError(f"--finetune-dense with --distill {args.distill} ({loss} here): the dense control distilled "
+                         "from itself would not change; drop --finetune-dense")
+    if args.distill == "auto":
+        why = {"labels": "the data has labels and the model a head",
+               "logits": "the data has no labels: distilling from the dense model's logits",
+               "embedding": "the model has no classification head: distilling from the dense model's output "
+                            "embedding"}[loss]
+        print(f"fine-tuning loss (--distill auto): {loss} ({why})", flush=True)
     return name, metric
 
 
@@ -308,17 +352,28 @@ def add_parser(sub) -> None:
                    help="also fine-tune a copy of the dense model with the same recipe and report it: the "
                         "like-for-like control (the compressed model's fine-tuning is otherwise extra training "
                         "the dense model never got)")
+    p.add_argument("--distill", choices=DISTILL, default="auto",
+                   help="what fine-tuning minimises: off (cross-entropy on the labels), logits (distillation from "
+                        "the dense model: KL divergence of the class distributions at --distill-temperature; labels "
+                        "are not read, so unlabelled images work), embedding (distillation: 1 - cosine of the output "
+                        "embedding, for encoders without a head), hidden (embedding plus the relative squared "
+                        "error of every layer's hidden states, Hugging Face models); auto (default): off where the "
+                        "model has a classification head and the data labels, else logits where it has a head, else "
+                        "embedding")
+    p.add_argument("--distill-temperature", type=float, default=None, metavar="T",
+                   help=f"with distillation on logits: the softmax temperature (default: {DEFAULT_TEMPERATURE:g}; "
+                        "T > 1 softens both distributions, the loss is scaled by T^2)")
     p.add_argument("--plan", default=None, metavar="FILE",
                    help="factor to this plan.json (from an earlier compress) instead of planning, by the method it "
                         "was made with: re-runs only the factors and fine-tuning; with --stats FILE no statistics "
                         "pass either")
-    p.add_argument("--metric", choices=("accuracy", "cosine"), default=None,
+    p.add_argument("--metric", choices=METRICS, default=None,
                    help="what the rank search and the summary score (default: accuracy where the model has a "
-                        "classification head and the data labels, else cosine): cosine is the mean cosine "
-                        "similarity of the output embedding (last_hidden_state averaged over the attention mask, "
-                        "else pooler_output, else the logits) to the dense model's on the same split; --tolerance "
-                        "PP then allows a drop of PP/100 in it. Fine-tuning needs labels and a head: without them pass "
-                        "--finetune-epochs 0")
+                        "classification head and the data labels, else cosine): agreement is the fraction of "
+                        "examples whose top-1 class is the dense model's (no labels needed); cosine is the mean "
+                        "cosine similarity of the output embedding (last_hidden_state averaged over the attention "
+                        "mask, else pooler_output, else the logits) to the dense model's on the same split; "
+                        "--tolerance PP then allows a drop of PP/100 in either")
     p.add_argument("--method", choices=("optimal", "data", "svd"), default=None,
                    help=f"{DEFAULT_METHOD} (default): the rank-r map closest to W on the data (U_r U_r^T W, U_r the "
                         "top eigenvectors of C_out); data: the paper's projection on the data subspaces (P_out W "

@@ -12,12 +12,15 @@ from ..compress import load_compressed
 from ..export import (
     DEPLOY_PACKAGES,
     FORMATS,
+    QUANTIZATIONS,
     SUFFIXES,
     ExportError,
     export_onnx,
     export_program,
+    int8_path,
     missing_packages,
     opset_range,
+    quantize_onnx,
 )
 from ..ops._dispatch import BACKENDS
 from ._options import UsageError, positive_int
@@ -46,6 +49,12 @@ def default_out(folder: Path, fmt: str, dtype: str, batch: int | None) -> Path:
 
 def _check_options(args) -> None:
     """Every problem with the options before the model is loaded."""
+    if args.quantize and args.format != "onnx":
+        raise UsageError(f"--quantize {args.quantize} applies to --format onnx (onnxruntime's quantize_dynamic), "
+                         f"not {args.format}")
+    if args.quantize and args.dtype != "fp32":
+        raise UsageError(f"--quantize {args.quantize} with --dtype {args.dtype}: int8 is quantized from the fp32 "
+                         "export; give --dtype fp32")
     if args.opset is not None and args.format != "onnx":
         raise UsageError(f"--opset applies to --format onnx, not {args.format}")
     if args.backend not in BACKENDS:
@@ -69,6 +78,8 @@ def _check_options(args) -> None:
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise UsageError(f"--out {out}: is a folder; give a file name")
+    if out is not None and args.quantize and int8_path(out).is_dir():
+        raise UsageError(f"--out {out}: the int8 file's name {int8_path(out)} is a folder")
 
 
 def run(args) -> int:
@@ -118,7 +129,23 @@ def run(args) -> int:
     print(f"checked: {result.runtime} on a batch of {result.check_batch}: max abs error {result.max_abs_error:.3g} "
           f"against the PyTorch model (tolerance {result.tolerance:.3g})")
     print(f"wrote {out}")
+    if args.quantize:
+        _quantize(out, example, folder)
     return 0
+
+
+def _quantize(out: Path, example, folder: Path) -> None:
+    """``--quantize int8``: the checked fp32 file quantized beside it (``NAME-int8.onnx``), checked against it."""
+    target = int8_path(out)
+    try:
+        result = quantize_onnx(out, target, example)
+    except (ExportError, ImportError, OSError) as exc:
+        raise UsageError(f"{folder}: --quantize int8: {str(exc).splitlines()[0]}") from exc
+    print(f"int8: onnxruntime quantize_dynamic (QInt8 weights of every constant-weight MatMul/Gemm, activations at "
+          f"run time); against the fp32 file on a batch of {result.check_batch}: logit cosine "
+          f"{result.logit_cosine:.5f}, top-1 agreement {result.top1_agreement:.2f}, max abs error "
+          f"{result.max_abs_error:.3g}; {result.bytes:,} bytes ({result.bytes / result.fp32_bytes:.2f} of fp32)")
+    print(f"wrote {target}")
 
 
 def add_parser(sub) -> None:
@@ -146,6 +173,10 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", default="auto",
                    help="exported-program: the factored modules' backend, auto | torch | triton | cuda (auto: a "
                         "kernel on CUDA tensors, the torch path on the CPU; default: %(default)s)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                   help="with --format onnx: also write the checked fp32 file dynamically quantized to int8 beside "
+                        "it as NAME-int8.onnx (onnxruntime's quantize_dynamic, QInt8 weights; refused below logit "
+                        "cosine 0.99 against the fp32 file); runs in onnxruntime without this package")
     p.add_argument("--out", default=None,
                    help="output file (default: utilrank-out/export-DIRNAME[-DTYPE][-bN].onnx|.pt2); written "
                         "under a temporary name and renamed once checked")

@@ -167,9 +167,10 @@ def budget_floor(model: nn.Module, measure: str = "params", example: torch.Tenso
         else:
             fixed.append((name, "too small to factor", scale[name] * weights))
         biases += shape.out_features if shape.bias and measure == "params" else 0
-    for name, reason in skipped.items():
-        shape = layer_shape(model.get_submodule(name))
-        cost = scale[name] * shape.in_features * shape.out_features
+    for name, reason in skipped.items():  # a grouped conv's weight is its groups' blocks: count what it holds
+        module = model.get_submodule(name)
+        shape = layer_shape(module)
+        cost = scale[name] * module.weight.numel()
         fixed.append((name, reason, cost + (shape.out_features if shape.bias and measure == "params" else 0)))
     if measure == "params":
         total = count_params(model)
@@ -178,8 +179,7 @@ def budget_floor(model: nn.Module, measure: str = "params", example: torch.Tenso
             fixed.append(("the factorable layers' biases", "biases", biases))
     else:
         total = count_flops(model, example)
-        layers = sum(scale[n] * layer_shape(m).in_features * layer_shape(m).out_features
-                     for n, m in [*found.items(), *((n, model.get_submodule(n)) for n in skipped)])
+        layers = sum(scale[n] * model.get_submodule(n).weight.numel() for n in every)
         if total > layers:
             fixed.append(("the rest", "attention, norms, activations", total - layers))
     fixed.sort(key=lambda part: -part[2])

@@ -21,6 +21,8 @@ from .._files import atomic_path, load_safetensors, read_json, write_json
 from .._folder import OutputFolder, verify_manifest
 from ..models import BUILTIN_MODELS, build_builtin
 from ..models.hf import build_hf_architecture, preprocessing_files
+from ..models.torchvision import arch_name as tv_arch_name
+from ..models.torchvision import build_torchvision
 from ..nn import fuse_lowrank_mlps, set_backend
 from .plan import Plan, apply_plan
 
@@ -80,6 +82,8 @@ def build_architecture(config: dict, source: str = "config.json") -> nn.Module:
             return build_hf_architecture(config)
         if config.get("source") == "builtin" or arch in BUILTIN_MODELS:
             return build_builtin(arch, **kwargs)
+        if config.get("source") == "torchvision":
+            return build_torchvision(tv_arch_name(arch), **kwargs)
         import timm  # seconds to import: only for timm models
 
         if not isinstance(arch, str) or not timm.is_model(arch):

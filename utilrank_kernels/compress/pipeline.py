@@ -25,6 +25,7 @@ from .._progress import ticking
 from ..analysis import Report, Statistics, Subspaces, build_report, collect_stats, compute_subspaces
 from ..layers import FilterFn, find_layers, name_filter
 from ..measure import count_params
+from ..metrics import finetune_loss
 from ..train import TrainRecipe, evaluate
 from .budget import budget_plan, check_reachable, plan_fraction, uniform_plan
 from .factor import factor_model
@@ -50,8 +51,11 @@ class CompressConfig:
       FLOPs (rank where it costs the least output energy, refined on validation unless ``refine=False``);
       ``param_fraction`` keeps that fraction of every layer's weights (no data needed with ``"svd"``).
     - ``include`` / ``exclude`` (globs on layer names) or ``filter_fn(module, name)``: which layers.
-    - ``finetune``: the recipe for the factored model (``epochs=0``: none); ``finetune_dense`` fine-tunes a
-      copy of the dense model with the same recipe, the like-for-like control.
+    - ``finetune``: the recipe for the factored model (``epochs=0``: none); its ``loss``: ``labels``
+      (cross-entropy), ``logits`` / ``embedding`` (distillation from the dense model, no labels read) or ``auto``
+      (labels where the model has a head and the data labels, else distillation: ``metrics.finetune_loss``).
+      ``finetune_dense`` fine-tunes a copy of the dense model with the same recipe, the like-for-like control (on
+      labels only: distilled from itself, the dense model would not change).
     - ``target_device`` / ``target_batch``: the latency-aware pass (layers stay dense where factoring is
       not faster there; ranks rounded up to tile multiples where that costs nothing).
     - ``keep_ranks``: factors of a rank-deficient layer are zero-padded to the planned rank instead of
@@ -143,6 +147,7 @@ class CompressedModel:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     dense_finetuned: nn.Module | None = None
     warnings: list[str] = field(default_factory=list)  # what makes the result less meaningful than it looks
+    finetune_loss: str = ""  # the loss fine-tuning ran (train.LOSSES; "" where none ran)
 
     def save(self, out_dir: str | Path, config: Mapping) -> None:
         """``model.safetensors``, ``plan.json`` and ``config.json`` (the architecture, see ``load_compressed``)."""
@@ -225,6 +230,9 @@ def compress_model(
                metric is None, arch or (plan.arch if plan is not None else type(model).__name__), score, progress)
     searches = plan is None and config.searches
     check_config(model, data, config, plan=plan, statistics=statistics, subspaces=subspaces)
+    if config.finetune.epochs:  # "auto" becomes the loss that runs
+        config = job.config = replace(config, finetune=replace(
+            config.finetune, loss=finetune_loss(config.finetune.loss, model, data)))
     if plan is not None and plan.method != config.method:  # the same ranks, factored by another method
         logger.info(f"plan: made with method {plan.method!r}, factored by config.method {config.method!r}")
         plan = replace(plan, method=config.method)
@@ -240,7 +248,7 @@ def compress_model(
         report = report.with_saved_ranks(plan.ranks, {"dense": count_params(job.model),
                                                       "compressed": count_params(compressed)})
     return CompressedModel(compressed.eval(), plan, report, statistics, subspaces, job.scores, dense_finetuned,
-                           warnings)
+                           warnings, config.finetune.loss if config.finetune.epochs else "")
 
 
 def check_config(model: nn.Module, data, config: CompressConfig, *, plan: Plan | None = None,
@@ -253,8 +261,8 @@ def check_config(model: nn.Module, data, config: CompressConfig, *, plan: Plan |
     searches = plan is None and config.searches
     if searches and _split(data, "val") is None:
         raise ValueError("the rank search (tolerance) needs a validation split: data.val")
-    if config.finetune.epochs and _split(data, "train") is None:
-        raise ValueError("fine-tuning needs a training split: data.train")
+    if config.finetune.epochs:
+        _check_finetune(model, data, config)
     needs_statistics = config.needs_data if plan is None else config.method != "svd"
     if needs_statistics and subspaces is None and statistics is None and _split(data, "train") is None:
         raise ValueError(f"method {config.method!r} needs statistics: pass data with a train split, statistics= "
@@ -269,6 +277,16 @@ def check_config(model: nn.Module, data, config: CompressConfig, *, plan: Plan |
     example = _example_input(data) if config.target_device or measure == "flops" else None  # tensors, or why not
     if measure is not None:
         check_reachable(model, target, measure, example, config.layer_filter)
+
+
+def _check_finetune(model: nn.Module, data, config: CompressConfig) -> None:
+    """Fine-tuning has a train split and a loss that the model and data allow; the dense control trains on labels."""
+    if _split(data, "train") is None:
+        raise ValueError("fine-tuning needs a training split: data.train")
+    loss = finetune_loss(config.finetune.loss, model, data)
+    if config.finetune_dense and loss != "labels":
+        raise ValueError(f"--finetune-dense (the dense control) with distillation ({loss}): the dense model distilled "
+                         "from itself would not change; fine-tune on labels, or drop the control")
 
 
 def check_patterns(model: nn.Module, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> None:
@@ -349,7 +367,8 @@ def _factor_and_finetune(job: _Job, plan: Plan,
     compressed, plan = factor_model(job.model, plan, subspaces, keep_ranks=config.keep_ranks)
     job.scored("projected", compressed)
     if config.finetune.epochs:
-        config.finetune.run(compressed, job.train, device=job.device, desc="fine-tune")
+        desc = f"fine-tune ({'distil ' if config.finetune.distills else ''}{config.finetune.loss})"
+        config.finetune.run(compressed, job.train, device=job.device, desc=desc, teacher=job.model)
         job.scored("compressed", compressed)
     elif "projected" in job.scores:
         job.scores["compressed"] = dict(job.scores["projected"])

@@ -68,8 +68,9 @@ def plan_ranks(
     """The plan: every analyzed layer at its energy cut, or searched.
 
     ``tolerance`` (percentage points) turns on the search: per layer, the deepest cut of
-    ``ENERGY_GRID`` whose factors (by ``method``) for that layer alone keep ``evaluate(model)`` (an
-    accuracy in [0, 1] on a validation split) within ``tolerance`` of the dense model's (``baseline``,
+    ``ENERGY_GRID`` whose factors (by ``method``) for that layer alone keep ``evaluate(model)`` (a score in
+    [0, 1] on a validation split: accuracy, or the label-free top-1 agreement or output cosine with the dense
+    model, ``metrics``) within ``tolerance`` of the dense model's (``baseline``,
     evaluated here when not given). Then all cuts together must stay within ``total_tolerance``
     (default: the per-layer tolerances summed), else every layer backs off one candidate at a time."""
     modules = dict(model.named_modules())

@@ -97,6 +97,8 @@ class CompressSummary:
     dense_finetuned: Variant | None = None  # the control: dense fine-tuned with the same recipe
     target: Target | None = None
     example: str = "image"
+    # the loss fine-tuning ran: "labels" (cross-entropy), "logits" / "embedding" (distilled from the dense model)
+    finetune_loss: str = ""
     format: str = field(default=SUMMARY_FORMAT, init=False)
 
     def to_json(self) -> dict:
@@ -104,7 +106,8 @@ class CompressSummary:
                "metric": self.metric, "engines": {e: t.to_json() for e, t in self.engines.items()},
                "dense": self.dense.to_json(self.metric), "projected": self.projected.to_json(self.metric),
                "compressed": self.compressed.to_json(self.metric), "mlu": self.mlu,
-               "finetune_epochs": self.finetune_epochs, "test_split": self.test_split,
+               "finetune_epochs": self.finetune_epochs, "finetune_loss": self.finetune_loss,
+               "test_split": self.test_split,
                "latency_batch": self.latency_batch, "notes": list(self.notes), "warnings": list(self.warnings)}
         if self.dense_finetuned is not None:
             doc["dense_finetuned"] = self.dense_finetuned.to_json(self.metric)
@@ -128,7 +131,7 @@ class CompressSummary:
         mlu = "-" if self.mlu is None else f"{self.mlu:.3f}"
         if self.finetune_epochs:
             epochs = f"{self.finetune_epochs} epoch{'s' if self.finetune_epochs > 1 else ''}"
-            tuned = f"before fine-tuning): {self.score(p.score)}; fine-tuned {epochs}: "
+            tuned = f"before fine-tuning): {self.score(p.score)}; fine-tuned {epochs}{self._loss_words()}: "
             tuned += self.score(c.score)
         else:
             tuned = f"no fine-tuning): {self.score(p.score)}, the compressed model as saved"
@@ -148,6 +151,12 @@ class CompressSummary:
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def _loss_words(self) -> str:
+        """How fine-tuning trained: on labels, or distilled from the dense model (its logits, its output embedding)."""
+        return {"labels": " on labels", "logits": " distilled from the dense logits (KL)",
+                "embedding": " distilled from the dense output embedding (cosine)",
+                "hidden": " distilled from the dense output embedding and hidden states"}.get(self.finetune_loss, "")
 
     def _latency_lines(self) -> list[str]:
         """One line per engine (median, p20-p80, the ratio compressed / dense, and what it means: a speedup only
@@ -215,7 +224,9 @@ def summarize(result: CompressedModel, dense: nn.Module, data: DataSplits, *, mo
         model=model_name, dataset=data.name, method=result.plan.method, metric=metric, engines=dict(engines),
         dense=dense_row, projected=Variant(scores["projected"]["test"], params, flops),
         compressed=compressed_row, mlu=result.report.mlu if result.report is not None else None,
-        finetune_epochs=finetune_epochs, test_split=data.test_split, latency_batch=latency_batch, notes=tuple(notes),
+        finetune_epochs=finetune_epochs, test_split=data.test_split, latency_batch=latency_batch,
+        notes=(*notes, *(result.report.sample_notes() if result.report is not None else ())),
         warnings=tuple(result.warnings),
         dense_finetuned=Variant(scores["dense_finetuned"]["test"]) if "dense_finetuned" in scores else None,
-        target=target, example="sequence" if isinstance(example, dict) else "image")
+        target=target, example="sequence" if isinstance(example, dict) else "image",
+        finetune_loss=result.finetune_loss if finetune_epochs else "")

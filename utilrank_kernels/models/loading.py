@@ -1,4 +1,4 @@
-"""Build a model by name (built-in or timm) and load weights without unpickling."""
+"""Build a model by name (built-in, timm or ``torchvision:NAME``) and load weights without unpickling."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .._files import atomic_path, cache_dir, load_safetensors
 from ..data import load_data
 from ..data.datasets import SPLIT_SEED
 from ..train import train
+from . import torchvision as tv
 from .builtin import BUILTIN_MODELS, build_builtin
 
 logger = logging.getLogger(__name__)
@@ -80,17 +81,43 @@ class HeadMismatch(ValueError):
         self.checkpoint_classes = checkpoint_classes
 
 
-def _classifier_name(model: nn.Module) -> str | None:
+def classifier_name(model: nn.Module) -> str | None:
+    """The name of the model's classifier: timm's ``get_classifier()``, else (torchvision) its last linear layer."""
     get = getattr(model, "get_classifier", None)
-    head = get() if callable(get) else None
+    if not callable(get):
+        return tv.classifier_name(model)
+    head = get()
     return next((n for n, m in model.named_modules() if m is head), None) if isinstance(head, nn.Module) else None
+
+
+def checkpoint_head_classes(model: nn.Module, path: str | Path) -> int | None:
+    """The number of classes of the classifier ``path`` holds for ``model``'s architecture (the rows of its
+    ``<classifier>.weight``; ``model`` may be on the meta device), or None where it holds none."""
+    head = classifier_name(model)
+    weight = load_state_dict_file(path).get(f"{head}.weight") if head else None
+    return int(weight.shape[0]) if weight is not None and weight.dim() >= 1 else None
+
+
+def _batchnorm_counters(model: nn.Module, keys: list[str]) -> list[str]:
+    """Those of ``keys`` that are a BatchNorm's ``num_batches_tracked`` counter."""
+    norms = {name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._NormBase)}
+    return [k for k in keys if k.endswith(".num_batches_tracked") and k.rsplit(".", 1)[0] in norms]
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, what: str = "model") -> nn.Module:
     """Load ``path`` into ``model`` strictly, after checking that every tensor is there in its shape: a misfit
-    is one ``ValueError`` naming the tensors (``HeadMismatch`` where only the classifier's classes differ)."""
+    is one ``ValueError`` naming the tensors (``HeadMismatch`` where only the classifier's classes differ).
+
+    BatchNorm ``num_batches_tracked`` counters the file lacks (torchvision's files, many exports) are not missing:
+    torch's strict ``load_state_dict`` accepts their absence and keeps the model's own counters (0 on a fresh
+    model); so does this, and logs it. They only count batches (for a BatchNorm without ``momentum``)."""
     state = load_state_dict_file(path)
     own = model.state_dict()
+    counters = _batchnorm_counters(model, sorted(own.keys() - state.keys()))
+    if counters:
+        logger.info(f"checkpoint {path} has no num_batches_tracked for {len(counters)} BatchNorm layers; the "
+                    "model's own counters are kept (as torch's strict load_state_dict keeps them)")
+        state = {**state, **{k: own[k] for k in counters}}
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
     if missing or unexpected:
@@ -99,13 +126,14 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "model") -> 
         raise ValueError(f"checkpoint {path} is not a {what} checkpoint: {'; '.join(p for p in problems if p)} "
                          f"({len(missing)} missing, {len(unexpected)} unexpected tensors)")
     if shapes:
-        head = _classifier_name(model)
+        head = classifier_name(model)
         listed = ", ".join(f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in sorted(shapes)[:4])
         if head and all(k.startswith(head + ".") for k in shapes):
             classes = state[f"{head}.weight"].shape[0] if f"{head}.weight" in state else -1
+            data_classes = own[f"{head}.weight"].shape[0] if f"{head}.weight" in own else "N"
             raise HeadMismatch(f"checkpoint {path} has a {classes}-class classifier ({listed}); give --num-classes "
-                               f"{own[f'{head}.weight'].shape[0] if f'{head}.weight' in own else 'N'} to replace its "
-                               "head with one for the data's classes", classes)
+                               f"{data_classes} to replace its head with one for the data's classes, or --label-map "
+                               "FILE (JSON: class folder -> head index) to keep it", classes)
         raise ValueError(f"checkpoint {path} does not fit the {what}: {listed}")
     model.load_state_dict(state, strict=True)
     return model
@@ -135,15 +163,22 @@ def trained_builtin(name: str, device: str | torch.device = "cpu") -> nn.Module:
     return model.eval()
 
 
+MODEL_NAMES = ("a built-in (" + ", ".join(BUILTIN_MODELS) + "), a timm model name (list them: python -c \"import "
+               "timm; print(timm.list_models())\"), torchvision:NAME (python -c \"import torchvision; "
+               "print(torchvision.models.list_models(module=torchvision.models))\") or hf:DIR (a Hugging Face model "
+               "folder)")
+
+
 def build_model(
     name: str, checkpoint: str | Path | None = None, num_classes: int | None = None, device: str = "cpu",
     *, reset_head: bool = False, **model_kwargs,
 ) -> tuple[nn.Module, dict]:
     """Return ``(model, config)``; ``config`` (arch, source, num_classes, model kwargs) rebuilds it.
 
-    ``reset_head``: a checkpoint whose classifier has another number of classes is loaded whole, then its
-    head replaced by a fresh ``num_classes`` one (timm's ``reset_classifier``; ``config["head_reset"]``):
-    the pretrained backbone on the user's classes. The new head is untrained."""
+    ``name``: a built-in, a timm name or ``torchvision:NAME``. ``reset_head``: a checkpoint whose classifier has
+    another number of classes is loaded whole, then its head replaced by a fresh ``num_classes`` one (timm's
+    ``reset_classifier``, or a new last linear layer of a torchvision model; ``config["head_reset"]``): the
+    pretrained backbone on the user's classes. The new head is untrained."""
     if name in BUILTIN_MODELS:
         kwargs = dict(BUILTIN_MODELS[name][1])
         if checkpoint is None:
@@ -152,14 +187,20 @@ def build_model(
             model = load_checkpoint(build_builtin(name), checkpoint, name)
         config = {"arch": name, "source": "builtin", "num_classes": kwargs["num_classes"], "model_kwargs": kwargs}
         return model.eval(), config
-    import timm  # seconds to import: only for a timm model, after the built-ins
+    if tv.is_torchvision_name(name):
+        arch = tv.arch_name(name)
+        build, source = (lambda **kw: tv.build_torchvision(arch, **kw)), "torchvision"
+    else:
+        import timm  # seconds to import: only for a timm model, after the built-ins
 
-    if not timm.is_model(name):
-        raise ValueError(
-            f"--model {name}: neither a built-in ({', '.join(BUILTIN_MODELS)}) nor a timm model name"
-        )
+        if not timm.is_model(name):
+            raise ValueError(f"--model {name}: not a model name; give {MODEL_NAMES}")
+        arch, source = name, "timm"
+
+        def build(**kw):
+            return timm.create_model(name, pretrained=False, **kw)
     kwargs = dict(model_kwargs) if num_classes is None else {**model_kwargs, "num_classes": num_classes}
-    model = seeded_init(timm.create_model, name, pretrained=False, **kwargs)
+    model = seeded_init(build, **kwargs)
     head_reset = False
     if checkpoint is not None:
         try:
@@ -167,14 +208,25 @@ def build_model(
         except HeadMismatch as exc:
             if not reset_head or num_classes is None:
                 raise
-            model = seeded_init(timm.create_model, name, pretrained=False,
-                                 **{**kwargs, "num_classes": exc.checkpoint_classes})
+            model = seeded_init(build, **{**kwargs, "num_classes": exc.checkpoint_classes})
             load_checkpoint(model, checkpoint, name)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(INIT_SEED)
-                model.reset_classifier(num_classes)
+            _reset_head(model, num_classes)
             head_reset = True
-    config = {"arch": name, "source": "timm", "num_classes": model.num_classes, "model_kwargs": kwargs}
+    classes = tv.num_classes(model) if source == "torchvision" else model.num_classes
+    config = {"arch": arch, "source": source, "num_classes": classes, "model_kwargs": kwargs}
     if head_reset:
         config["head_reset"] = True
     return model.eval(), config
+
+
+def _reset_head(model: nn.Module, num_classes: int) -> None:
+    """A fresh ``num_classes`` classifier from the fixed seed: timm's ``reset_classifier``, or (torchvision) a new
+    last linear layer with its input width, initialized as ``nn.Linear`` initializes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        if callable(getattr(model, "reset_classifier", None)):
+            model.reset_classifier(num_classes)
+            return
+        name = tv.classifier_name(model)
+        old = model.get_submodule(name)
+        model.set_submodule(name, nn.Linear(old.in_features, num_classes, bias=old.bias is not None))
