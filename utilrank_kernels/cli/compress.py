@@ -85,6 +85,7 @@ def check_options(args) -> None:
           for f in finetune),
         (args.finetune_dense and not args.finetune_epochs, "--finetune-dense needs --finetune-epochs >= 1"),
         *_distill_conflicts(args),
+        *_error_aware_conflicts(args),
         *((is_text_data(args.data) and value is not None,
            f"{option} with --data {args.data}: FLOPs and layer timings are measured on tensor inputs, and text "
            "batches are dicts of tensors; use --target-params, without a latency pass")
@@ -93,6 +94,23 @@ def check_options(args) -> None:
     problem = next((message for conflict, message in conflicts if conflict), None)
     if problem:
         raise UsageError(problem)
+
+
+def _error_aware_conflicts(args) -> list[tuple[bool, str]]:
+    """``--error-aware`` where its statistics cannot be gathered: from a file, from a checkpoint, by the resumable
+    pass's options, or for ``--method svd`` (which reads no statistics)."""
+    if not args.error_aware:
+        return []
+    why = "error-aware statistics are gathered block by block with the earlier blocks factored"
+    return [
+        (args.stats, f"--error-aware with --stats {args.stats}: {why}, not read from a file; drop one"),
+        (args.resume, f"--error-aware with --resume: {why}, a pass that has no checkpoint to resume; drop one"),
+        *((value, f"--error-aware with {option}: {why}, a pass without checkpoints or a batch limit; drop one")
+          for option, value in ((f"--checkpoint-every {args.checkpoint_every}", args.checkpoint_every),
+                                (f"--max-batches {args.max_batches}", args.max_batches))),
+        (args.method == "svd", "--error-aware with --method svd: svd factors the weights alone and reads no "
+                               "statistics; use --method optimal or data, or drop --error-aware"),
+    ]
 
 
 def _distill_conflicts(args) -> list[tuple[bool, str]]:
@@ -150,7 +168,8 @@ def compress_config(args, plan: Plan | None = None) -> CompressConfig:
                               target_params=args.target_params, target_flops=args.target_flops,
                               refine=not args.no_refine, include=tuple(args.include), exclude=tuple(args.exclude),
                               finetune=recipe, finetune_dense=args.finetune_dense, target_device=args.target_device,
-                              target_batch=args.target_batch or TARGET_BATCH)
+                              target_batch=args.target_batch or TARGET_BATCH, error_aware=args.error_aware,
+                              stats_batch_size=args.batch_size)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -170,7 +189,10 @@ def run(args) -> int:
     _check_against_model(args, config, model, data, plan)  # an unreachable target: before the statistics pass
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     folder.require_space((0 if stats else 2 * statistics_bytes(model)) + model_bytes)
-    if stats is None:
+    if args.error_aware and world > 1:
+        raise UsageError(f"--error-aware under torchrun ({world} processes): the block-by-block pass runs on one "
+                         "process; run it without torchrun")
+    if stats is None and not args.error_aware:  # the error-aware pass runs inside compress_model
         stats = collect_statistics(args, model, data, device, folder, rank, world)
     if rank != 0:
         return 0
@@ -181,6 +203,8 @@ def run(args) -> int:
                                 metric=None if metric_name == "accuracy" else metric)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if args.error_aware:  # what the plain pass writes; its meta says the statistics are error-aware
+        result.statistics.save(folder.path("stats.safetensors"))
     summary = _summarize(args, config, model, data, result, metric_name, device)
     _save(folder, result, loaded.config, summary)
     if result.report is not None:
@@ -380,6 +404,12 @@ def add_parser(sub) -> None:
                         "P_in); svd: truncated SVD of W at the same ranks (the baseline). At equal ranks optimal was "
                         "as good or better on every model measured (docs/results.md, 'Factoring methods'). With "
                         "--plan: the plan's method (another --method is refused)")
+    p.add_argument("--error-aware", action="store_true",
+                   help="each layer's statistics on the inputs the already-factored blocks before it produce "
+                        "(block by block, the earlier blocks factored at --energy, or at --plan's ranks), for "
+                        "--method optimal and data; costs one pass over the training split per block instead of "
+                        "one. Off by default: whether it beats the plain pass is not measured yet. Refused with "
+                        "--stats, --resume, --checkpoint-every, --max-batches and --method svd")
     p.add_argument("--target-device", choices=("cpu", "cuda"), default=None,
                    help="keep a layer dense where factoring is not faster on this device, and round ranks up "
                         "to tile multiples where that costs no time (measured; timings cached per device)")

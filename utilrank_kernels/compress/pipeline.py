@@ -33,6 +33,7 @@ from .io import save_compressed
 from .latency import TILE_MULTIPLES, latency_aware
 from .plan import METHODS, Plan
 from .search import plan_ranks
+from .sequential import collect_stats_sequential, energy_rule, plan_rule
 
 logger = logging.getLogger(__name__)
 Metric = Callable[[nn.Module, Dataset], float]
@@ -60,6 +61,10 @@ class CompressConfig:
       not faster there; ranks rounded up to tile multiples where that costs nothing).
     - ``keep_ranks``: factors of a rank-deficient layer are zero-padded to the planned rank instead of
       shrinking it (compressed models that must share one architecture, e.g. soup ingredients).
+    - ``error_aware``: each layer's statistics on the inputs the already-factored blocks before it produce
+      (``sequential.collect_stats_sequential``; the pass factors each block at the given plan's ranks, else at
+      ``energy``), for ``optimal`` and ``data``. Off by default: whether it wins is not measured yet. Costs one
+      forward pass over the training split per block instead of one in all.
     """
 
     method: str = "optimal"
@@ -80,6 +85,7 @@ class CompressConfig:
     target_batch: int = 32
     keep_ranks: bool = False
     stats_batch_size: int = 128
+    error_aware: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -98,6 +104,9 @@ class CompressConfig:
                 raise ValueError(f"{name.replace('_', '-')} {value}: must be a fraction of the dense model in (0, 1)")
         if sum(v is not None for v in (self.target_params, self.target_flops, self.param_fraction)) > 1:
             raise ValueError("give one of target_params, target_flops and param_fraction")
+        if self.error_aware and self.method == "svd":
+            raise ValueError("error-aware statistics with method 'svd': svd factors the weights alone and reads no "
+                             "statistics; use method optimal or data, or drop error_aware")
         if self.target_batch < 1 or self.stats_batch_size < 1 or self.rank_multiple < 1:
             raise ValueError("target_batch, stats_batch_size and rank_multiple must be >= 1")
         object.__setattr__(self, "include", tuple(self.include))
@@ -270,6 +279,9 @@ def check_config(model: nn.Module, data, config: CompressConfig, *, plan: Plan |
     if plan is not None and (config.budget is not None or config.param_fraction is not None):
         what = f"target_{config.budget[0]}" if config.budget else "param_fraction"
         raise ValueError(f"a plan fixes every rank: give {what} or a plan, not both")
+    if config.error_aware and (statistics is not None or subspaces is not None):
+        raise ValueError("error-aware statistics are gathered with the model factored block by block: give "
+                         "statistics= / subspaces= or error_aware, not both")
     check_patterns(model, config.include, config.exclude)
     if plan is not None:
         return
@@ -321,9 +333,15 @@ def _statistics_and_subspaces(job: _Job, statistics: Statistics | None, subspace
         only = None if plan is None else set(plan.layers)
         layer_filter = config.layer_filter if only is None else (lambda m, name: name in only)
         loader = DataLoader(job.train, batch_size=config.stats_batch_size, shuffle=False)
-        statistics = collect_stats(job.model, loader, filter_fn=layer_filter, device=job.device,
-                                   progress=job.progress,
-                                   meta={"model": job.arch, "dataset": getattr(job.data, "name", "")})
+        meta = {"model": job.arch, "dataset": getattr(job.data, "name", "")}
+        if config.error_aware:
+            rule = plan_rule(plan) if plan is not None else energy_rule(config.energy)
+            statistics = collect_stats_sequential(job.model, loader, rule, method=config.method,
+                                                  filter_fn=layer_filter, device=job.device, progress=job.progress,
+                                                  meta=meta)
+        else:
+            statistics = collect_stats(job.model, loader, filter_fn=layer_filter, device=job.device,
+                                       progress=job.progress, meta=meta)
     return statistics, compute_subspaces(job.model, statistics, progress=job.progress)
 
 
