@@ -60,7 +60,7 @@ TOP = ("benchmarks", "tests", "utilrank_kernels", "docs", ".ci", "csrc")  # the 
 ARGUMENTS = {"filter_fn"}  # callables the pages show being called that are arguments, not the package's names
 # classes the pages name that are other libraries'
 FOREIGN_CLASSES = {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoModelForSequenceClassification",
-                   "BatchEncoding", "FlopCounterMode", "MatMul"}
+                   "BatchEncoding", "DistributedDataParallel", "FlopCounterMode", "MatMul"}
 FILE_SUFFIXES = (".py", ".md", ".sh", ".json", ".cpp", ".cu", ".h", ".toml", ".csv", ".png")
 
 

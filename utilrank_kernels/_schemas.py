@@ -170,6 +170,7 @@ class SummaryEngine(_Part):
     dense_ms: Millis
     compressed_ms: Millis
     speedup: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    mode: str = ""  # the fastest row's engine and dtype
 
 
 class SummaryVariant(_Part):

@@ -14,24 +14,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, default_collate
 from tqdm.auto import tqdm
 
+from ._distributed import process
 from .data.batch import call_model, model_input
 
 LOSSES = ("labels", "logits", "embedding", "hidden")  # what fine-tuning minimises: cross-entropy, or distillation
 POOLINGS = ("mean", "pooler")
 
 
-def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` pixels (edge-padded): cheap augmentation for digits."""
+def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: int = 1, *,
+                 rows: slice = slice(None), drawn: int | None = None) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels (edge-padded): cheap augmentation for digits. Under
+    data parallelism ``images`` are ``rows`` of a global batch of ``drawn`` images: the shifts are drawn for all of
+    them and this process's rows taken, so every process's generator stays in step and the shifts are one process's."""
     n, _, h, w = images.shape
     padded = F.pad(images, (max_shift,) * 4, mode="replicate")
-    shifts = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
+    shifts = torch.randint(0, 2 * max_shift + 1, (drawn or n, 2), generator=generator)[rows]
     return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(shifts.tolist())])
 
 
@@ -54,12 +59,19 @@ def train(
     """AdamW with a cosine schedule; deterministic for a given seed and device. ``loss``: ``labels``
     (cross-entropy with label smoothing on the batches' labels), or ``logits`` / ``embedding``: distillation from
     ``teacher`` (kept in eval mode, not trained; labels, where the data has them, are not read). The caller's
-    global random state is left as it was (dropout draws from a forked generator)."""
+    global random state is left as it was (dropout draws from a forked generator).
+
+    Under torchrun (an initialized process group) every process trains: data-parallel (``DistributedDataParallel``),
+    each global batch of ``batch_size`` (the same shuffled order on every process) split as the statistics pass
+    shards (every ``world``-th example from the rank), each process's loss weighted by its share of the batch, so
+    the gradient is the whole batch's: the weights equal one process's at the same ``batch_size`` to float
+    tolerance where the step does not depend on the split (no dropout, no BatchNorm in training mode: those see
+    each process's examples, as under any DDP)."""
     check_loss(loss, teacher, temperature)
     devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
     objective = _Objective(loss, teacher.to(device).eval() if teacher is not None else None, temperature)
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + process()[0])  # dropout: each process its own draws
         return _train(model, dataset, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                       seed=seed, augment=augment, device=device, desc=desc, objective=objective)
 
@@ -153,10 +165,24 @@ def distillation_error(model: nn.Module, teacher: nn.Module, dataset: Dataset, l
     return total / count
 
 
+def _global_batches(dataset: Dataset, batch_size: int, generator: torch.Generator) -> BatchSampler:
+    """One epoch's batches of indices, shuffled by ``generator`` (the draws ``DataLoader(shuffle=True)`` makes)."""
+    return BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
+
+
+def _local_batch(dataset: Dataset, indices: list[int], rank: int, world: int):
+    """This process's examples of a global batch, collated, and its share of the batch (0 where the batch has
+    fewer examples than processes and none is this one's: it then runs the batch's first example at weight 0, so
+    that every process takes part in the gradient's all-reduce)."""
+    mine = indices[rank::world]
+    return default_collate([dataset[i] for i in (mine or indices[:1])]), len(mine) / len(indices)
+
+
 def _train(model, dataset, *, epochs, lr, weight_decay, batch_size, seed, augment, device, desc,
            objective: _Objective) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, drop_last=False)
+    rank, world = process()
+    loader = _global_batches(dataset, batch_size, generator)
     # distillation trains in eval mode (dropout off, BatchNorm's running statistics kept): the target is the dense
     # model's deterministic output, and dropout's noise swamps what compression changed (the tests' tiny BERT: 0.014
     # of 1 - cos under dropout against 0.00016 without)
@@ -172,13 +198,22 @@ def _train(model, dataset, *, epochs, lr, weight_decay, batch_size, seed, augmen
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
-    with tqdm(total=total, desc=desc, unit="step", leave=False) as bar:
+    # DDP averages the processes' gradients; each loss is weighted by world x its share of the batch, so the
+    # average is the whole batch's gradient (find_unused_parameters: a distillation loss may leave a pooler unused)
+    step_model = model if world == 1 else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if torch.device(device).type == "cuda" else None, find_unused_parameters=True)
+    with tqdm(total=total, desc=desc, unit="step", leave=False, disable=rank != 0) as bar:
         for _ in range(epochs):
-            for batch in loader:
-                shift = (lambda images: random_shift(images, generator)) if augment else None
-                loss = objective(model, batch, device, shift)
+            # the draw a DataLoader's iterator makes for its workers' seed, kept so that training reproduces the
+            # one-process runs made before data parallelism (the cached built-ins, the measured results)
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            for indices in loader:
+                batch, share = _local_batch(dataset, indices, rank, world)
+                rows = slice(rank, None, world) if share else slice(0, 1)
+                shift = partial(random_shift, generator=generator, rows=rows, drawn=len(indices)) if augment else None
+                loss = objective(step_model, batch, device, shift)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * (share * world)).backward()
                 optimizer.step()
                 schedule.step()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)

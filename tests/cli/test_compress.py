@@ -279,3 +279,34 @@ def test_an_unreachable_target_names_the_embeddings_before_any_pass(tmp_path, ca
                  "smallest reachable target is 0.2959"):
         assert word in line, line
     assert "statistics:" not in err and not out.exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_the_fastest_row_times_both_models_in_the_mode_found_and_names_it(images, tmp_path, capsys, monkeypatch):
+    """``--engines eager,fastest``: the summary gets a ``fastest`` row with the mode ``bench.fastest_mode`` chose over
+    the summary's modes (compile-freeze left out), its timings as found, and a note naming the mode, the modes tried
+    and the ones that could not run. ``fastest_mode`` itself is tested against real timings in tests/bench."""
+    from utilrank_kernels.bench.fastest import FastestMode
+
+    seen = {}
+
+    def fake(dense, compressed, input_shape, *, batch, modes, **kwargs):
+        seen.update(batch=batch, modes=modes, shape=input_shape)
+        rows = [{"engine": "onnxruntime", "dtype": "int8", "variant": "compressed"},
+                {"engine": "eager", "dtype": "bf16", "error": "no BF16 instructions"}]
+        return FastestMode("onnxruntime int8", "onnxruntime", "int8", 8.0, 2.0, 4.0, 0.999, rows,
+                           Timing(8.0, 7.9, 8.1), Timing(2.0, 1.9, 2.1))
+
+    monkeypatch.setattr(compress_cli, "fastest_mode", fake)
+    out = tmp_path / "out"
+    assert main(["compress", *TINY[:-1], "eager,fastest", "--data", str(images), "--no-search",
+                 "--finetune-epochs", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert seen["modes"] and all(engine != "compile-freeze" for engine, _ in seen["modes"])
+    assert seen["batch"] == summary["latency_batch"] and seen["shape"] == (3, 160, 160)  # test_vit's input size
+    row = summary["engines"]["fastest"]
+    assert row["mode"] == "onnxruntime int8" and row["dense_ms"] == 8.0 and row["compressed_ms"] == 2.0
+    assert row["speedup"] == pytest.approx(4.0)
+    note = next(n for n in summary["notes"] if n.startswith("fastest CPU mode here"))
+    assert "onnxruntime int8" in note and "eager bf16 (no BF16 instructions)" in note and "0.9990" in note
+    assert "(onnxruntime int8)" in printed and "CPU ms b32 fastest" in printed

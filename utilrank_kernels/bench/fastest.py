@@ -47,6 +47,9 @@ class FastestMode:
 
 CPU_MODES = (("eager", "fp32"), ("eager", "bf16"), ("eager", "int8"), ("compile-freeze", "fp32"),
              ("compile-freeze", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
+# what ``utilrank compress``'s summary tries: compile-freeze left out, as its compiles take tens of seconds per model
+# and dtype (``utilrank bench --engine compile-freeze`` times it)
+SUMMARY_MODES = tuple(m for m in CPU_MODES if m[0] != "compile-freeze")
 
 
 def fastest_mode(dense: nn.Module, compressed: nn.Module, input_shape: Sequence[int], *, batch: int = 8,

@@ -7,9 +7,11 @@ import copy
 import math
 import time
 
+from .._distributed import process
 from .._files import write_json
 from ..analysis import format_table, statistics_bytes
 from ..bench import ENGINES, bench
+from ..bench.fastest import SUMMARY_MODES, fastest_mode
 from ..compress import CompressConfig, Plan, check_fits, compress_model, write_compressed
 from ..compress.pipeline import check_config
 from ..compress.summary import LATENCY_BATCH, CompressSummary, EngineTiming, latency_notes, summarize
@@ -26,12 +28,14 @@ from ._output import commit, output_folder
 from ._runtime import init_distributed, resolve_device
 from ._statistics import check_statistics, collect_statistics, read_statistics, same_model
 
+SUMMARY_ENGINES = (*ENGINES, "fastest")  # fastest: the fastest CPU mode (engine and dtype) found here
+
 
 def engine_list(text: str) -> list[str]:
-    """argparse type: comma-separated engines of ``utilrank bench``."""
+    """argparse type: comma-separated engines of ``utilrank bench``, or ``fastest``."""
     engines = [e.strip() for e in text.split(",") if e.strip()]
-    if not engines or any(e not in ENGINES for e in engines):
-        raise argparse.ArgumentTypeError(f"expected engines from {', '.join(ENGINES)}, got {text!r}")
+    if not engines or any(e not in SUMMARY_ENGINES for e in engines):
+        raise argparse.ArgumentTypeError(f"expected engines from {', '.join(SUMMARY_ENGINES)}, got {text!r}")
     return engines
 
 
@@ -189,20 +193,17 @@ def run(args) -> int:
     _check_against_model(args, config, model, data, plan)  # an unreachable target: before the statistics pass
     model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     folder.require_space((0 if stats else 2 * statistics_bytes(model)) + model_bytes)
-    if args.error_aware and world > 1:
-        raise UsageError(f"--error-aware under torchrun ({world} processes): the block-by-block pass runs on one "
-                         "process; run it without torchrun")
     if stats is None and not args.error_aware:  # the error-aware pass runs inside compress_model
         stats = collect_statistics(args, model, data, device, folder, rank, world)
-    if rank != 0:
-        return 0
-    if plan is not None:
+    if plan is not None and rank == 0:
         print(f"--plan {args.plan}: {len(plan.layers)} layers factored by its method, {plan.method}", flush=True)
-    try:  # accuracy: compress_model's own, whose search warnings speak of examples and classes
+    try:  # every process: under torchrun the search's scores are sharded and fine-tuning is data-parallel
         result = compress_model(model, data, config, statistics=stats, plan=plan, arch=args.model, device=device,
-                                metric=None if metric_name == "accuracy" else metric)
+                                metric=None if metric_name == "accuracy" else metric)  # accuracy: compress_model's own
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
+    if rank != 0:  # rank 0 times, writes and prints
+        return 0
     if args.error_aware:  # what the plain pass writes; its meta says the statistics are error-aware
         result.statistics.save(folder.path("stats.safetensors"))
     summary = _summarize(args, config, model, data, result, metric_name, device)
@@ -293,7 +294,7 @@ def _metric(args, config, model, data, device):
     if args.finetune_dense and loss != "labels":
         raise UsageError(f"--finetune-dense with --distill {args.distill} ({loss} here): the dense control distilled "
                          "from itself would not change; drop --finetune-dense")
-    if args.distill == "auto":
+    if args.distill == "auto" and process()[0] == 0:
         why = {"labels": "the data has labels and the model a head",
                "logits": "the data has no labels: distilling from the dense model's logits",
                "embedding": "the model has no classification head: distilling from the dense model's output "
@@ -314,7 +315,7 @@ def _time_engines(requested: list[str], model, compressed, inputs, notes: list[s
         engines = {"eager": EngineTiming(Timing(**times["dense"]), Timing(**times["compressed"]))}
         notes += latency_notes(engines, next(iter(inputs.values())).shape[0])  # the spread warning for text too
         return engines
-    engines_timed = list(dict.fromkeys(["eager", *requested]))
+    engines_timed = list(dict.fromkeys(["eager", *(e for e in requested if e != "fastest")]))
     print(f"latency: dense and compressed at batch {inputs.shape[0]} on the CPU in {', '.join(engines_timed)} "
           "(interleaved; compile first compiles both)", flush=True)
     rows = bench(copy.deepcopy(model), copy.deepcopy(compressed), model_name="", input_shape=tuple(inputs.shape[1:]),
@@ -331,8 +332,31 @@ def _time_engines(requested: list[str], model, compressed, inputs, notes: list[s
                if {"dense", "compressed"} <= t.keys()}
     if not engines:  # eager dense raises in bench(); this is the compressed model failing in every engine
         raise RuntimeError(f"latency: the compressed model ran in no engine ({'; '.join(notes)})")
+    if "fastest" in requested:
+        fastest = _time_fastest(model, compressed, inputs, notes)
+        if fastest is not None:
+            engines["fastest"] = fastest
     notes += latency_notes(engines, inputs.shape[0])
     return engines
+
+
+def _time_fastest(model, compressed, inputs, notes: list[str]) -> EngineTiming | None:
+    """Dense and compressed in the CPU mode (engine and dtype) where the compressed model ran fastest here
+    (``bench.fastest_mode`` over ``SUMMARY_MODES``), and a note naming it, the modes tried and why any could not run."""
+    tried = ", ".join(f"{e} {d}" for e, d in SUMMARY_MODES)
+    print(f"latency: the fastest CPU mode, of {tried}", flush=True)
+    try:
+        best = fastest_mode(copy.deepcopy(model), copy.deepcopy(compressed), tuple(inputs.shape[1:]),
+                            batch=inputs.shape[0], modes=SUMMARY_MODES, iters=10, max_seconds=6.0,
+                            log=lambda line: print(f"  {line}", flush=True))
+    except ValueError as exc:
+        notes.append(f"latency: fastest mode: {exc}; not reported")
+        return None
+    skipped = sorted({f"{r['engine']} {r['dtype']} ({r['error']})" for r in best.rows if "error" in r})
+    notes.append(f"fastest CPU mode here (the 'fastest' row): {best.name}, of {tried}; the compressed model's logit "
+                 f"cosine there against its own eager fp32 outputs {best.logit_cosine:.4f}"
+                 + (f"; not run: {'; '.join(skipped)}" if skipped else ""))
+    return EngineTiming(best.dense_timing, best.compressed_timing, best.name)
 
 
 def add_parser(sub) -> None:
@@ -406,17 +430,21 @@ def add_parser(sub) -> None:
                         "--plan: the plan's method (another --method is refused)")
     p.add_argument("--error-aware", action="store_true",
                    help="each layer's statistics on the inputs the already-factored blocks before it produce "
-                        "(block by block, the earlier blocks factored at --energy, or at --plan's ranks), for "
-                        "--method optimal and data; costs one pass over the training split per block instead of "
-                        "one. Off by default: whether it beats the plain pass is not measured yet. Refused with "
-                        "--stats, --resume, --checkpoint-every, --max-batches and --method svd")
+                        "(block by block, the earlier blocks factored at --plan's ranks; with a target at the "
+                        "budget allocated on a plain pass first; else at --energy), for --method optimal and data; "
+                        "costs one pass over the training split per block instead of one (and one more with a "
+                        "target). Off by default: whether it beats the plain pass is not measured yet. Refused "
+                        "with --stats, --resume, --checkpoint-every, --max-batches and --method svd")
     p.add_argument("--target-device", choices=("cpu", "cuda"), default=None,
                    help="keep a layer dense where factoring is not faster on this device, and round ranks up "
                         "to tile multiples where that costs no time (measured; timings cached per device)")
-    p.add_argument("--engines", type=engine_list, default=["eager", "compile"],
+    p.add_argument("--engines", type=engine_list, default=["eager", "compile", "fastest"],
                    help="where the summary times dense and compressed at batch 32 on the CPU, as `utilrank bench` "
-                        "does: comma-separated eager,compile,onnxruntime (default: eager,compile; onnxruntime needs "
-                        "pip install -e '.[deploy]'); the table shows each, and a speedup only where the p20-p80 "
+                        f"does: comma-separated {','.join(SUMMARY_ENGINES)} (default: eager,compile,fastest; the "
+                        "onnxruntime engines need pip install -e '.[deploy]'). fastest: the CPU mode (engine and "
+                        "dtype: eager fp32/bf16/int8, onnxruntime fp32/int8) in which the compressed model ran "
+                        "fastest here, named in a note, among those whose outputs agree with its eager fp32 ones "
+                        "(logit cosine >= 0.99). The table shows each, and a speedup only where the p20-p80 "
                         "ranges do not overlap")
     p.add_argument("--target-batch", type=positive_int, default=None,
                    help=f"with --target-device: the batch size to be fast at (default: {TARGET_BATCH})")

@@ -21,19 +21,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._distributed import ShardedMetric, process, shard
 from .._progress import ticking
 from ..analysis import Report, Statistics, Subspaces, build_report, collect_stats, compute_subspaces
 from ..layers import FilterFn, find_layers, name_filter
 from ..measure import count_params
-from ..metrics import finetune_loss
-from ..train import TrainRecipe, evaluate
+from ..metrics import TopOneAgreement, accuracy, finetune_loss
+from ..train import TrainRecipe
 from .budget import budget_plan, check_reachable, plan_fraction, uniform_plan
 from .factor import factor_model
 from .io import save_compressed
 from .latency import TILE_MULTIPLES, latency_aware
 from .plan import METHODS, Plan
 from .search import plan_ranks
-from .sequential import collect_stats_sequential, energy_rule, plan_rule
+from .sequential import RankRule, collect_stats_sequential, energy_rule, plan_rule
 
 logger = logging.getLogger(__name__)
 Metric = Callable[[nn.Module, Dataset], float]
@@ -235,8 +236,12 @@ def compress_model(
     config = config or CompressConfig()
     device = torch.device(device) if device is not None else next(
         (p.device for p in model.parameters()), torch.device("cpu"))
-    job = _Job(model.eval(), data, config, device, metric or (lambda m, ds: evaluate(m, ds, device=device)),
-               metric is None, arch or (plan.arch if plan is not None else type(model).__name__), score, progress)
+    is_accuracy, metric = metric is None, metric or accuracy(device)
+    rank, world = process()
+    if world > 1:  # under torchrun every process scores its shard of a split; each score is the whole split's
+        metric = ShardedMetric(metric, counts=is_accuracy or isinstance(metric, TopOneAgreement))
+    job = _Job(model.eval(), data, config, device, metric, is_accuracy,
+               arch or (plan.arch if plan is not None else type(model).__name__), score, progress and rank == 0)
     searches = plan is None and config.searches
     check_config(model, data, config, plan=plan, statistics=statistics, subspaces=subspaces)
     if config.finetune.epochs:  # "auto" becomes the loss that runs
@@ -332,17 +337,41 @@ def _statistics_and_subspaces(job: _Job, statistics: Statistics | None, subspace
     if statistics is None:
         only = None if plan is None else set(plan.layers)
         layer_filter = config.layer_filter if only is None else (lambda m, name: name in only)
-        loader = DataLoader(job.train, batch_size=config.stats_batch_size, shuffle=False)
+        # under torchrun each process passes its shard; collect_stats all-reduces the sums
+        loader = DataLoader(shard(job.train, *process()), batch_size=config.stats_batch_size, shuffle=False)
         meta = {"model": job.arch, "dataset": getattr(job.data, "name", "")}
         if config.error_aware:
-            rule = plan_rule(plan) if plan is not None else energy_rule(config.energy)
+            rule, ranks = _error_aware_ranks(job, loader, layer_filter, meta, plan)
             statistics = collect_stats_sequential(job.model, loader, rule, method=config.method,
                                                   filter_fn=layer_filter, device=job.device, progress=job.progress,
-                                                  meta=meta)
+                                                  meta={**meta, "error_aware_ranks": ranks})
         else:
             statistics = collect_stats(job.model, loader, filter_fn=layer_filter, device=job.device,
                                        progress=job.progress, meta=meta)
     return statistics, compute_subspaces(job.model, statistics, progress=job.progress)
+
+
+def _error_aware_ranks(job: _Job, loader: DataLoader, layer_filter, meta: dict,
+                       plan: Plan | None) -> tuple[RankRule, str]:
+    """The ranks the block-by-block pass factors the earlier blocks at, and what they are: the given plan's; for a
+    target, the budget allocated (without refinement) on plain statistics, which costs one more pass, so that the
+    pass sees the errors of the model it is sizing; for a uniform fraction, that fraction; else the energy cut."""
+    config = job.config
+    if plan is not None:
+        return plan_rule(plan), "the given plan"
+    if config.param_fraction is not None:
+        return plan_rule(uniform_plan(job.model, config.param_fraction, multiple=config.rank_multiple,
+                                      method=config.method, filter_fn=config.layer_filter)), "the uniform fraction"
+    if config.budget is None:
+        return energy_rule(config.energy), f"energy {config.energy}"
+    measure, target = config.budget
+    logger.info(f"error-aware statistics: a plain pass first, to size the {measure} budget the blocks are factored at")
+    plain = collect_stats(job.model, loader, filter_fn=layer_filter, device=job.device, progress=job.progress,
+                          meta=meta)
+    first = budget_plan(job.model, compute_subspaces(job.model, plain, progress=job.progress), target,
+                        measure=measure, example=_example_input(job.data) if measure == "flops" else None,
+                        arch=job.arch, method=config.method, filter_fn=config.layer_filter, progress=job.progress)
+    return plan_rule(first), f"target_{measure} {target:g} allocated on plain statistics"
 
 
 def _plan(job: _Job, report: Report | None, subspaces: Subspaces | None, searches: bool) -> tuple[Plan, list[str]]:

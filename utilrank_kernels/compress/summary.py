@@ -25,10 +25,12 @@ LABEL = 24  # the table's first column: "test (= val!) accuracy" fits
 
 @dataclass(frozen=True)
 class EngineTiming:
-    """Dense and compressed milliseconds per step in one engine, timed interleaved at the same batch."""
+    """Dense and compressed milliseconds per step in one engine, timed interleaved at the same batch; ``mode``: the
+    engine and dtype, where the row is a chosen mode's (the ``fastest`` row)."""
 
     dense: Timing
     compressed: Timing
+    mode: str = ""
 
     @property
     def speedup(self) -> float:
@@ -42,7 +44,8 @@ class EngineTiming:
     def to_json(self) -> dict[str, float]:
         return {"dense_ms": self.dense.median, "dense_p20_ms": self.dense.p20, "dense_p80_ms": self.dense.p80,
                 "compressed_ms": self.compressed.median, "compressed_p20_ms": self.compressed.p20,
-                "compressed_p80_ms": self.compressed.p80, "speedup": self.speedup}
+                "compressed_p80_ms": self.compressed.p80, "speedup": self.speedup,
+                **({"mode": self.mode} if self.mode else {})}
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,8 @@ class CompressSummary:
             label = f"CPU ms b{self.latency_batch} {engine}"
             lines.append(f"{label:<{LABEL}}{t.dense.median:>14.2f}{t.compressed.median:>14.2f}"
                          f"{t.compressed.median / t.dense.median:>10.3f}  ({t.compressed.compared_to(t.dense)})")
-            lines.append(f"{'  p20-p80':<{LABEL}}{spread(t.dense):>14}{spread(t.compressed):>14}")
+            lines.append(f"{'  p20-p80':<{LABEL}}{spread(t.dense):>14}{spread(t.compressed):>14}"
+                         + (f"{'':10}  ({t.mode})" if t.mode else ""))
         return lines
 
 
