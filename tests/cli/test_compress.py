@@ -310,3 +310,32 @@ def test_the_fastest_row_times_both_models_in_the_mode_found_and_names_it(images
     note = next(n for n in summary["notes"] if n.startswith("fastest CPU mode here"))
     assert "onnxruntime int8" in note and "eager bf16 (no BF16 instructions)" in note and "0.9990" in note
     assert "(onnxruntime int8)" in printed and "CPU ms b32 fastest" in printed
+
+
+def test_a_folder_of_images_without_class_folders_is_unlabelled_and_distilled(tmp_path, capsys, one_thread):
+    """A folder of images (no class folders) loads as unlabelled: ``--distill auto`` distils from the dense model's
+    logits, the default metric is the logit cosine to the dense model (1.0 for itself), and the split is the
+    folder's 70/15/15; ``--num-classes`` (a new head, trained on labels) is refused in one line."""
+    import numpy as np
+    from PIL import Image
+
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(14):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(flat / f"img{i:02d}.png")
+    (flat / "notes.txt").write_text("not an image: not read")
+    loaded = load_model_and_data("test_vit", str(flat))
+    assert [len(s) for s in (loaded.data.train, loaded.data.val, loaded.data.test)] == [9, 2, 3]
+    assert isinstance(loaded.data.train[0], torch.Tensor)  # an image alone: no label
+    out = tmp_path / "out"
+    assert main(["compress", *TINY, "--data", str(flat), "--no-search", "--finetune-epochs", "1", "--out",
+                 str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert "fine-tuning loss (--distill auto): logits" in printed
+    assert summary["finetune_loss"] == "logits" and summary["metric"] == "cosine"
+    assert summary["dense"]["cosine"] == pytest.approx(1.0)
+    assert main(["compress", *TINY, "--data", str(flat), "--checkpoint", str(out / "model.safetensors"),
+                 "--num-classes", "3", "--out", str(tmp_path / "refused")]) == 2
+    assert "has no class folders (unlabelled images)" in capsys.readouterr().err

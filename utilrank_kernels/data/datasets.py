@@ -3,7 +3,9 @@
 ``digits`` is scikit-learn's 1,797 handwritten 8x8 digits, upsampled to 16x16 and standardized,
 split 70/15/15 by a fixed seed. An ImageFolder directory ``DIR`` is used as ``DIR/train``,
 ``DIR/val`` (and ``DIR/test``) when those folders exist; otherwise ``DIR`` itself is split 70/15/15
-by the same seed. Images get timm's eval transforms for the model.
+by the same seed. A directory of images without class folders is unlabelled (``UnlabelledImages``: examples are
+images alone, split the same way; ``num_classes`` is the pretrained head's, or 0). Images get timm's eval transforms
+for the model.
 
 A pretrained head is kept where the class folders name its classes (``head_labels``): folders named by class index
 (``0`` .. ``999``), by WordNet id (``n01440764``) of the ImageNet label space of the head's size (timm's synset
@@ -82,16 +84,16 @@ def _read_image(path: str):
         raise ValueError(f"--data: {path}: not a readable image ({exc})") from exc
 
 
-def _verify_images(folder) -> None:
-    """Open and verify every image of an ImageFolder before any compute (a truncated or non-image file
-    would otherwise stop a long pass midway, with PIL's message and no file name)."""
+def _verify_images(root, paths: list[str]) -> None:
+    """Open and verify every image of a folder before any compute (a truncated or non-image file would otherwise
+    stop a long pass midway, with PIL's message and no file name)."""
     from PIL import Image
 
-    if len(folder.samples) > VERIFY_LIMIT:
-        logger.info(f"{folder.root}: {len(folder.samples)} images, more than {VERIFY_LIMIT}: each is checked when read")
+    if len(paths) > VERIFY_LIMIT:
+        logger.info(f"{root}: {len(paths)} images, more than {VERIFY_LIMIT}: each is checked when read")
         return
-    for path, _ in tqdm(folder.samples, desc=f"check images in {Path(folder.root).name}", unit="image",
-                        leave=False, disable=len(folder.samples) < 2000):
+    for path in tqdm(paths, desc=f"check images in {Path(root).name}", unit="image", leave=False,
+                     disable=len(paths) < 2000):
         try:
             with Image.open(path) as image:
                 image.verify()
@@ -106,8 +108,32 @@ def _image_folder(root: Path, transform):
         folder = ImageFolder(root, transform=transform, loader=_read_image)
     except (FileNotFoundError, OSError) as exc:  # no class folders, or none with images
         raise ValueError(f"--data: {root}: {exc}") from exc
-    _verify_images(folder)
+    _verify_images(root, [path for path, _ in folder.samples])
     return folder
+
+
+class UnlabelledImages(Dataset):
+    """The images directly in a folder without class folders, in name order: examples are images alone (no labels:
+    the metrics compare with the dense model, fine-tuning distils from it)."""
+
+    def __init__(self, root: Path, transform):
+        from torchvision.datasets.folder import IMG_EXTENSIONS  # torchvision: only for image folders
+
+        self.root, self.transform = root, transform
+        self.paths = sorted(str(p) for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        if not self.paths:
+            raise ValueError(f"--data: {root}: no class folders and no images ({', '.join(IMG_EXTENSIONS)})")
+        _verify_images(root, self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(_read_image(self.paths[i]))
+
+
+def _has_class_folders(root: Path) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
 
 
 def _imagenet_synsets(head_classes: int) -> list[str] | None:
@@ -214,6 +240,16 @@ def load_imagefolder_splits(root: str | Path, model: torch.nn.Module | None = No
         mapped = _keep_head([train, val] + ([test] if has_test else []), root, head_classes, label_map)
         if not mapped and (val.classes != train.classes or test.classes != train.classes):
             raise ValueError(f"--data {root}: train/, val/ and test/ must have the same class folders")
+    elif not _has_class_folders(root):  # a folder of images: unlabelled
+        if label_map is not None:
+            raise ValueError(f"--label-map {label_map}: --data {root} has no class folders to map (a folder of "
+                             "unlabelled images)")
+        full = UnlabelledImages(root, transform)
+        tr, va, te = _split_indices(len(full))
+        logger.info(f"--data {root}: {len(full)} images without class folders: unlabelled (scores compare with the "
+                    "dense model; fine-tuning distils from it)")
+        return DataSplits(str(root), Subset(full, tr), Subset(full, va), Subset(full, te), head_classes or 0, 3,
+                          img_size)
     else:
         full = _image_folder(root, transform)
         tr, va, te = _split_indices(len(full))

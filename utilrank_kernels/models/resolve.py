@@ -174,14 +174,24 @@ def _load_timm(model: str, data: str | None, checkpoint, num_classes: int | None
         else:
             splits = load_imagefolder_splits(data, probe, head_classes=head, label_map=label_map)
         shape = {}
-    if num_classes is not None and num_classes != splits.num_classes:
-        raise ValueError(f"--num-classes {num_classes}: the data has {splits.num_classes} classes")
+    _check_num_classes(num_classes, splits)
     if num_classes is not None and checkpoint is None:
         raise ValueError("--num-classes replaces a checkpoint's classifier: give --checkpoint")
-    net, config = build_model(model, checkpoint, num_classes=splits.num_classes, reset_head=num_classes is not None,
-                              **shape)
+    net, config = build_model(model, checkpoint, num_classes=splits.num_classes or None,
+                              reset_head=num_classes is not None, **shape)
     spec = digits_input() if shape else timm_input(net, tv_config)
     return net, {**config, "input": spec}, splits
+
+
+def _check_num_classes(num_classes: int | None, splits: DataSplits) -> None:
+    """``--num-classes`` (a new head, trained on the labels) fits the data: as many classes, and labels at all."""
+    if num_classes is None:
+        return
+    if not splits.num_classes:
+        raise ValueError(f"--num-classes {num_classes}: --data {splits.name} has no class folders (unlabelled "
+                         "images), and a new head trains on labels; drop --num-classes to keep the model's head")
+    if num_classes != splits.num_classes:
+        raise ValueError(f"--num-classes {num_classes}: the data has {splits.num_classes} classes")
 
 
 def _pretrained_head(probe: nn.Module, checkpoint, num_classes: int | None) -> int | None:
@@ -209,8 +219,7 @@ def _load_hf(model: str, data: str | None, checkpoint, num_classes: int | None,
     if label_map is not None and (is_text_data(data) or data in (None, "digits")):
         raise ValueError(f"--label-map {label_map}: maps the class folders of an ImageFolder --data")
     splits, spec = _hf_data(model, hf_config, data, max_length, head, label_map)
-    if num_classes is not None and num_classes != splits.num_classes:
-        raise ValueError(f"--num-classes {num_classes}: the data has {splits.num_classes} classes")
+    _check_num_classes(num_classes, splits)
     if task != "encoder" and splits.num_classes and labels != splits.num_classes and num_classes is None:
         raise ValueError(f"--model {model} has a {labels}-class head ({task}), --data {data} has "
                          f"{splits.num_classes} classes: give --num-classes {splits.num_classes} to replace the head"
