@@ -198,6 +198,7 @@ class SummaryFile(_File):
     mlu: Unit | None = None
     finetune_epochs: Count = 0
     finetune_loss: Literal["", "labels", "logits", "embedding", "hidden"] = ""
+    distill_temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     test_split: str = "test"
     latency_batch: Positive | None = None
     notes: list[str] = []

@@ -106,6 +106,9 @@ def test_summary_json_and_table():
                         "0.200")
     distilled = _summary(finetune_loss="logits", metric="agreement").format_table().splitlines()[6]
     assert "fine-tuned 3 epochs distilled from the dense logits (KL): 0.9400" in distilled
+    tempered = _summary(finetune_loss="logits", metric="agreement", distill_temperature=2.0)
+    assert "distilled from the dense logits (KL, T=2): 0.9400" in tempered.format_table()
+    assert tempered.to_json()["distill_temperature"] == 2.0 and "distill_temperature" not in doc
     assert table[-3].startswith("control: the dense model fine-tuned the same 3 epochs: 96.00%")
     assert table[-2:] == ["note: a note", "warning: a warning"]
 
@@ -230,7 +233,8 @@ def test_distill_logits_ignores_the_labels_and_agreement_scores(images, tmp_path
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finetune_loss"] == "logits" and summary["metric"] == "agreement"
-    assert summary["dense"]["agreement"] == 1.0 and "distilled from the dense logits" in printed
+    assert summary["distill_temperature"] == 2.0 and "distilled from the dense logits (KL, T=2)" in printed
+    assert summary["dense"]["agreement"] == 1.0
     loaded = load_model_and_data("test_vit", str(images))
     model = load_compressed(out).eval()
     with torch.no_grad():

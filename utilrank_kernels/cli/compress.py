@@ -260,7 +260,7 @@ def _summarize(args, config, model, data, result, metric_name: str, device) -> C
                      "rank search tuned on (optimistic)")
     return summarize(result, model, data, model_name=args.model, metric=metric_name,
                      finetune_epochs=config.finetune.epochs, engines=engines, budget=config.budget, notes=notes,
-                     device=device)
+                     device=device, distill_temperature=config.finetune.temperature)
 
 
 def _save(folder, result, config: dict, summary: CompressSummary) -> None:

@@ -102,6 +102,7 @@ class CompressSummary:
     example: str = "image"
     # the loss fine-tuning ran: "labels" (cross-entropy), "logits" / "embedding" (distilled from the dense model)
     finetune_loss: str = ""
+    distill_temperature: float | None = None  # of a distillation on logits
     format: str = field(default=SUMMARY_FORMAT, init=False)
 
     def to_json(self) -> dict:
@@ -112,6 +113,8 @@ class CompressSummary:
                "finetune_epochs": self.finetune_epochs, "finetune_loss": self.finetune_loss,
                "test_split": self.test_split,
                "latency_batch": self.latency_batch, "notes": list(self.notes), "warnings": list(self.warnings)}
+        if self.distill_temperature is not None:
+            doc["distill_temperature"] = self.distill_temperature
         if self.dense_finetuned is not None:
             doc["dense_finetuned"] = self.dense_finetuned.to_json(self.metric)
         if self.target is not None:
@@ -157,7 +160,8 @@ class CompressSummary:
 
     def _loss_words(self) -> str:
         """How fine-tuning trained: on labels, or distilled from the dense model (its logits, its output embedding)."""
-        return {"labels": " on labels", "logits": " distilled from the dense logits (KL)",
+        temperature = "" if self.distill_temperature is None else f", T={self.distill_temperature:g}"
+        return {"labels": " on labels", "logits": f" distilled from the dense logits (KL{temperature})",
                 "embedding": " distilled from the dense output embedding (cosine)",
                 "hidden": " distilled from the dense output embedding and hidden states"}.get(self.finetune_loss, "")
 
@@ -203,7 +207,7 @@ def latency_notes(engines: Mapping[str, EngineTiming], batch: int) -> list[str]:
 def summarize(result: CompressedModel, dense: nn.Module, data: DataSplits, *, model_name: str, metric: str,
               finetune_epochs: int, engines: Mapping[str, EngineTiming], budget: tuple[str, float] | None = None,
               notes: Sequence[str] = (), device: torch.device | str = "cpu",
-              latency_batch: int = LATENCY_BATCH) -> CompressSummary:
+              latency_batch: int = LATENCY_BATCH, distill_temperature: float | None = None) -> CompressSummary:
     """The summary of ``compress_model``'s ``result`` against the ``dense`` model it started from: sizes counted
     here (FLOPs on one test example), scores from ``result.scores``, latencies as timed (``engines``; eager's, else
     the first engine's, is the dense and compressed rows' latency). ``budget``: the ``CompressConfig.budget`` the
@@ -233,4 +237,5 @@ def summarize(result: CompressedModel, dense: nn.Module, data: DataSplits, *, mo
         warnings=tuple(result.warnings),
         dense_finetuned=Variant(scores["dense_finetuned"]["test"]) if "dense_finetuned" in scores else None,
         target=target, example="sequence" if isinstance(example, dict) else "image",
-        finetune_loss=result.finetune_loss if finetune_epochs else "")
+        finetune_loss=result.finetune_loss if finetune_epochs else "",
+        distill_temperature=distill_temperature if finetune_epochs and result.finetune_loss == "logits" else None)
