@@ -361,6 +361,12 @@ class QuantizeResult:
     max_abs_error: float
 
 
+# the ops int8 quantization rewrites: by default quantize_dynamic also makes every Conv a ConvInteger, which
+# onnxruntime's CPU provider runs 3-7x slower than the fp32 Conv (vgg-digits at batch 8: 3.65 ms against 0.74 ms fp32
+# and 0.72 ms with MatMul/Gemm only; benchmarks/studies/cpu_quant_accuracy.py), so convolutions stay fp32
+INT8_OPS = ["MatMul", "Gemm"]
+
+
 def quantize_onnx(source: str | Path, path: str | Path, example: Example | None = None, *,
                   min_cosine: float = INT8_MIN_COSINE) -> QuantizeResult:
     """Dynamic int8 quantization of the fp32 ONNX file ``source`` into ``path``: onnxruntime's
@@ -376,7 +382,7 @@ def quantize_onnx(source: str | Path, path: str | Path, example: Example | None 
         try:
             with warnings.catch_warnings(), quiet_logger(""):
                 warnings.simplefilter("ignore")  # its "pre-process the model" advice: shape inference is optional
-                quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8,
+                quantize_dynamic(str(source), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS,
                                  extra_options={"MatMulConstBOnly": True})
         except Exception as exc:  # onnxruntime's quantizer raises many kinds
             raise ExportError(f"onnxruntime quantize_dynamic failed: {_first_line(exc)}") from exc
