@@ -53,10 +53,27 @@ class LayerShape:
         return weights + (n_out if self.bias else 0)
 
 
+# subclasses whose forward computes what the base class's does (timm's Linear: a cast under TorchScript only)
+SAME_FORWARD = frozenset({"timm.layers.linear.Linear"})
+
+
+def _custom_forward(module: nn.Module) -> bool:
+    """Whether a Linear / Conv2d subclass computes something else than its base class in its forward (timm's
+    ``Conv2dSame`` pads there, ``StdConv2d`` standardizes the weight): factors of its weight would drop that."""
+    cls = type(module)
+    base = nn.Conv2d if isinstance(module, nn.Conv2d) else nn.Linear
+    if cls is base or f"{cls.__module__}.{cls.__qualname__}" in SAME_FORWARD:
+        return False
+    return cls.forward is not base.forward or (base is nn.Conv2d and cls._conv_forward is not base._conv_forward)
+
+
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why a ``nn.Linear`` / ``nn.Conv2d`` cannot be analyzed or factored (None if it can)."""
     if isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"grouped conv (groups={module.groups}) is not analyzed"
+    if _custom_forward(module):
+        return (f"{type(module).__name__} has its own forward (timm's Conv2dSame pads in it, StdConv2d standardizes "
+                "its weight): factors of the weight would drop what it does")
     return None
 
 
@@ -64,10 +81,14 @@ def find_layers(model: nn.Module, filter_fn: FilterFn | None = None) -> tuple[di
     """The analyzable ``nn.Linear`` and groups=1 ``nn.Conv2d`` layers of ``model`` (passing ``filter_fn``),
     in module order, and the reason each other one is left out."""
     layers, skipped = {}, {}
+    # nn.MultiheadAttention reads its out_proj's weight, never calling its forward: no statistics, no factors
+    read_directly = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         reason = unsupported_reason(module)
+        if reason is None and id(module) in read_directly:
+            reason = "nn.MultiheadAttention's out_proj: the attention reads its weight directly, not its forward"
         if reason is None and filter_fn is not None and not filter_fn(module, name):
             reason = "excluded by filter"
         if reason is None:
