@@ -343,3 +343,27 @@ def test_a_folder_of_images_without_class_folders_is_unlabelled_and_distilled(tm
     assert main(["compress", *TINY, "--data", str(flat), "--checkpoint", str(out / "model.safetensors"),
                  "--num-classes", "3", "--out", str(tmp_path / "refused")]) == 2
     assert "has no class folders (unlabelled images)" in capsys.readouterr().err
+
+
+def test_distillation_defaults_to_its_own_learning_rate():
+    """Without ``--lr``, fine-tuning on labels runs at 1e-3 and distillation at ``DISTILL_LR`` (1e-4: 1e-3 undid the
+    pretrained models measured); ``--lr`` wins over both; no fine-tuning changes nothing."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from utilrank_kernels.cli import build_parser
+
+    model = torch.nn.Linear(4, 3)
+    labelled = SimpleNamespace(name="l", train=TensorDataset(torch.randn(4, 4), torch.zeros(4, dtype=torch.long)),
+                               val=None)
+    unlabelled = SimpleNamespace(name="u", train=[torch.randn(4)] * 4, val=None)
+
+    def lr(data, *argv):
+        args = build_parser().parse_args(["compress", *argv])
+        return compress_cli._distill_lr(args, compress_cli.compress_config(args), model, data).finetune.lr
+
+    assert lr(labelled) == 1e-3 and lr(unlabelled) == compress_cli.DISTILL_LR == 1e-4
+    assert lr(labelled, "--distill", "logits") == 1e-4
+    assert lr(unlabelled, "--lr", "5e-4") == lr(labelled, "--lr", "5e-4") == 5e-4
+    assert lr(unlabelled, "--finetune-epochs", "0") == 1e-3  # nothing trains
