@@ -448,8 +448,9 @@ def add_parser(sub) -> None:
                         "(block by block, the earlier blocks factored at --plan's ranks; with a target at the "
                         "budget allocated on a plain pass first; else at --energy), for --method optimal and data; "
                         "costs one pass over the training split per block instead of one (and one more with a "
-                        "target). Off by default: whether it beats the plain pass is not measured yet. Refused "
-                        "with --stats, --resume, --checkpoint-every, --max-batches and --method svd")
+                        "target). Off by default: it lost to the plain pass on EfficientNet-Lite0 and MiniLM "
+                        "(docs/results.md). Refused with --stats, --resume, --checkpoint-every, --max-batches and "
+                        "--method svd")
     p.add_argument("--target-device", choices=("cpu", "cuda"), default=None,
                    help="keep a layer dense where factoring is not faster on this device, and round ranks up "
                         "to tile multiples where that costs no time (measured; timings cached per device)")
