@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import sys
 import tempfile
 import time
+import warnings
+from pathlib import Path
 
 import timm
 import torch
@@ -37,15 +40,8 @@ from torch import nn
 from benchmarks.tools.rows import Row, environment, first_line, result_path, write_rows
 from utilrank_kernels.bench import cut_to_ratio, example_input, input_size
 from utilrank_kernels.bench.engines import DTYPES, ONNX_ENGINES, make_step, onnxruntime_model, quiet_cpu_compile
-from utilrank_kernels.bench.modes import (
-    COMPILE_SETTINGS,
-    dtype_problem,
-    engine_problem,
-    int8_torch,
-    state_bytes,
-    transformer_type,
-)
-from utilrank_kernels.export import agreement, first_output, run_onnxruntime
+from utilrank_kernels.bench.modes import COMPILE_SETTINGS, dtype_problem, engine_problem, int8_torch, state_bytes
+from utilrank_kernels.export import agreement, first_output, quiet_logger, run_onnxruntime
 from utilrank_kernels.measure import count_flops, count_params
 from utilrank_kernels.timing import THP_HINT, Timing, cpu_thp_alloc, step_times, time_interleaved
 
@@ -58,19 +54,45 @@ def _list(text: str, cast=str) -> list:
     return [cast(t) for t in text.split(",") if t.strip()]
 
 
+def transformer_type(model: nn.Module) -> str | None:
+    """The ``model_type`` of onnxruntime's transformer optimizer for an image model: ``vit`` where it has attention
+    modules, None for a model without (a convnet)."""
+    attention = any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
+                    for m in model.modules())
+    return "vit" if attention else None
+
+
+def optimize_onnx(source: Path, path: Path, model_type: str) -> dict:
+    """``source`` rewritten by onnxruntime's transformer optimizer (``model_type``; heads and width detected from
+    the graph) into ``path``; the row fields: the settings and the fused node counts (those > 0). The study's
+    ``onnxruntime-opt`` engine (no engine of ``utilrank bench``: it gave nothing measurable, docs/results.md)."""
+    from onnxruntime.transformers.optimizer import optimize_model  # the deploy extra's onnxruntime
+
+    with warnings.catch_warnings(), quiet_logger("onnxruntime.transformers"), quiet_logger(""):
+        warnings.simplefilter("ignore")
+        optimized = optimize_model(str(source), model_type=model_type, num_heads=0, hidden_size=0)
+    fused = {op: int(n) for op, n in (optimized.get_fused_operator_statistics() or {}).items() if n}
+    optimized.save_model_to_file(str(path))
+    return {"onnx_optimizer": f"onnxruntime.transformers.optimizer model_type={model_type}",
+            "onnx_fusions": dict(sorted(fused.items()))}
+
+
 def variant_runner(engine: str, model: nn.Module, dtype: str, x32: torch.Tensor, folder: str):
     """(step on ``x32``, its output function, ``forward`` of any fp32 batch, row fields) of ``model`` (fp32) in
     ``engine`` at ``dtype``; raises where it cannot. ``forward`` (eager and onnxruntime engines: any batch size)
     is what ``cpu-quant-accuracy`` scores a test split with; a compile engine's is None (static shapes)."""
     torch_dtype = DTYPES.get(dtype, torch.float32)
     x = x32.to(torch_dtype)
-    if engine in ONNX_ENGINES:
-        model_type = transformer_type(model, text=False) if engine == "onnxruntime-opt" else None
-        if engine == "onnxruntime-opt" and model_type is None:
-            raise ValueError("no attention modules: onnxruntime's transformer optimizer has no model_type")
+    if engine in ONNX_ENGINES or engine == "onnxruntime-opt":
+        rewrite = None
+        if engine == "onnxruntime-opt":
+            model_type = transformer_type(model)
+            if model_type is None:
+                raise ValueError("no attention modules: onnxruntime's transformer optimizer has no model_type")
+            rewrite = functools.partial(optimize_onnx, model_type=model_type)
         example = example_input(tuple(x32.shape[1:]), 2, torch_dtype)
-        session, fields = onnxruntime_model(copy.deepcopy(model).to(torch_dtype), example, folder,
-                                            model_type=model_type, int8=dtype == "int8")
+        session, fields = onnxruntime_model(copy.deepcopy(model).to(torch_dtype), example, folder, rewrite=rewrite,
+                                            int8=dtype == "int8")
         return (make_step(session, x, engine="onnxruntime"), lambda: run_onnxruntime(session, x),
                 lambda batch: run_onnxruntime(session, batch.to(torch_dtype)), fields)
     runner = int8_torch(model) if dtype == "int8" else copy.deepcopy(model).to(torch_dtype)

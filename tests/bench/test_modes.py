@@ -1,6 +1,5 @@
-"""Issue 26's CPU modes: int8 and bf16 beside fp32, the engines' optimized modes (``compile-freeze``,
-``onnxruntime-opt``), each row's agreement with eager fp32, rows with reasons for what cannot run, and
-``fastest_mode``."""
+"""Issue 26's CPU modes: int8 and bf16 beside fp32, inductor's freezing (``compile-freeze``), each row's agreement
+with eager fp32, rows with reasons for what cannot run, and ``fastest_mode``."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import torch
 
 from utilrank_kernels.bench import bench, cut_to_ratio, fastest_mode
 from utilrank_kernels.bench import modes as modes_module
-from utilrank_kernels.bench.modes import BF16_FLAGS, int8_torch, linear_twin, transformer_type
+from utilrank_kernels.bench.modes import BF16_FLAGS, int8_torch, linear_twin
 from utilrank_kernels.export import agreement, missing_packages
 from utilrank_kernels.nn import LowRankLinear, LowRankMlp
 
@@ -96,16 +95,16 @@ def test_eager_modes_agree_with_eager_fp32_within_their_dtype(vit):
 
 @pytest.mark.slow
 def test_every_engine_and_dtype_agrees_with_eager_fp32_on_a_small_vit(vit):
-    """compile-freeze and both onnxruntime modes, fp32/int8/bf16: each timed row's outputs against eager fp32.
+    """compile-freeze and onnxruntime, fp32/int8/bf16: each timed row's outputs against eager fp32.
     torch's dynamic int8 linears do not trace under torch.compile(fullgraph=True): those rows say so; bf16 has no
     onnxruntime CPU kernels: those rows say so."""
     if missing_packages():
         pytest.skip("the deploy extra (onnx, onnxscript, onnxruntime)")
     dense, compressed, shape = vit
-    engines = ("compile-freeze", "onnxruntime", "onnxruntime-opt")
+    engines = ("compile-freeze", "onnxruntime")
     rows = bench(dense, compressed, model_name="test_vit", input_shape=shape, batch_sizes=(2,),
                  dtypes=("fp32", "int8", "bf16"), engines=engines, warmup=0, iters=1, log=lambda _: None)
-    assert len(rows) == 3 * 3 * 2
+    assert len(rows) == 2 * 3 * 2
     for row in rows:
         if row["dtype"] == "bf16" and (row["engine"] != "compile-freeze" or not _has_bf16()):
             assert "bfloat16" in row["error"] or "BF16" in row["error"], row
@@ -113,8 +112,6 @@ def test_every_engine_and_dtype_agrees_with_eager_fp32_on_a_small_vit(vit):
             assert row["error"].startswith("compile-freeze:"), row
         else:
             _check_agreement(row)
-    opt = [r for r in rows if r["engine"] == "onnxruntime-opt" and "error" not in r]
-    assert opt and all(r["onnx_fusions"].get("SkipLayerNormalization", 0) > 0 for r in opt)
     assert all("freezing=True" in r["compile_settings"] for r in rows if r["engine"] == "compile-freeze"
                and "error" not in r)
 
@@ -124,26 +121,15 @@ def test_a_missing_engine_or_instruction_set_is_a_row_with_its_reason(vit, monke
     monkeypatch.setattr(modes_module, "missing_packages", lambda names=(): list(names))
     monkeypatch.setattr(modes_module, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
     rows = bench(dense, compressed, model_name="test_vit", input_shape=shape, batch_sizes=(1,),
-                 dtypes=("fp32", "bf16"), engines=("eager", "onnxruntime-opt"), warmup=0, iters=1,
+                 dtypes=("fp32", "bf16"), engines=("eager", "onnxruntime"), warmup=0, iters=1,
                  log=lambda _: None)
     keyed = {(r["dtype"], r["engine"], r["variant"]): r for r in rows}
     assert len(keyed) == 8 == len(rows)
     for variant in ("dense", "compressed"):
         assert "error" not in keyed["fp32", "eager", variant]
-        assert keyed["fp32", "onnxruntime-opt", variant]["error"].startswith("onnxruntime-opt: needs onnx")
-        for engine in ("eager", "onnxruntime-opt"):
+        assert keyed["fp32", "onnxruntime", variant]["error"].startswith("onnxruntime: needs onnx")
+        for engine in ("eager", "onnxruntime"):
             assert "this CPU has no BF16 instructions" in keyed["bf16", engine, variant]["error"]
-
-
-def test_onnxruntime_opt_on_a_model_without_attention_is_a_row_with_its_reason():
-    resnet = timm.create_model("test_resnet", pretrained=False).eval()
-    assert transformer_type(resnet, text=False) is None
-    assert transformer_type(timm.create_model("test_vit", pretrained=False), text=False) == "vit"
-    assert transformer_type(resnet, text=True) == "bert"
-    compressed, _ = cut_to_ratio(resnet, 0.5, 16, "test_resnet")
-    rows = bench(resnet, compressed, model_name="test_resnet", input_shape=(3, 32, 32), batch_sizes=(1,),
-                 engines=("onnxruntime-opt",), warmup=0, iters=1, log=lambda _: None)
-    assert len(rows) == 2 and all("has no attention modules" in r["error"] for r in rows)
 
 
 def test_fastest_mode_names_the_fastest_agreeing_mode(vit):

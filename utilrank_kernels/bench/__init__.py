@@ -9,9 +9,8 @@ from ``FlopCounterMode``, attention counted) and ``realized_fraction = speedup /
 The dense and the compressed models are timed interleaved (one step of each in turn, after their
 warm-ups), so that a machine shared with other work slows both alike and their ratio stays honest. Each
 ``--engine`` times both in that engine: ``eager`` PyTorch, ``compile`` (``torch.compile``, inductor),
-``compile-freeze`` (the same with inductor's freezing), ``onnxruntime`` (each model's ONNX export, checked against
-PyTorch first; rows carry the export's ``export_max_abs_error`` and the ``onnxruntime_provider``) or
-``onnxruntime-opt`` (that export through onnxruntime's transformer optimizer; rows list its fusions). ``--dtype``
+``compile-freeze`` (the same with inductor's freezing) or ``onnxruntime`` (each model's ONNX export, checked
+against PyTorch first; rows carry the export's ``export_max_abs_error`` and the ``onnxruntime_provider``). ``--dtype``
 adds ``int8`` (dynamic quantization, CPU) to fp32/bf16/fp16; bf16 on a CPU without BF16 instructions is a row
 with that reason (``bench.modes``). Every row carries its agreement with eager fp32 (``logit_cosine``,
 ``top1_agreement``) and its ``bytes_on_disk``; ``fastest_mode`` (``bench.fastest``) picks the fastest CPU mode.

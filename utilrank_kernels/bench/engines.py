@@ -3,8 +3,7 @@
 ``eager`` (PyTorch as the modules run, optionally replayed from a CUDA graph), ``compile`` (``torch.compile``
 with inductor, one static-shape full graph per batch size), ``compile-freeze`` (the same with inductor's
 ``freezing``), ``onnxruntime`` (each model exported by ``export.export_onnx``, checked against PyTorch, run by an
-onnxruntime session: the CPU provider, CUDA's on a CUDA device) and ``onnxruntime-opt`` (that export rewritten
-by onnxruntime's transformer optimizer: ``bench.modes``); which backends can be timed on a device; the dtypes a
+onnxruntime session: the CPU provider, CUDA's on a CUDA device); which backends can be timed on a device; the dtypes a
 run takes (``int8``: dynamic quantization, ``bench.modes``).
 """
 
@@ -21,7 +20,6 @@ from torch import nn
 
 from ..export import export_onnx, int8_path, onnxruntime_provider, onnxruntime_session, quantize_onnx
 from ..ops._dispatch import cuda_extension, triton_available
-from .modes import optimize_onnx
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # what `bench --dtype` takes: int8 is dynamic quantization of an fp32 model (int8 weights; bench.modes)
@@ -37,8 +35,10 @@ def dtype_name(text: str) -> str:
 
 
 BACKEND_CHOICES = ("torch", "triton", "cuda", "auto")
-ENGINES = ("eager", "compile", "compile-freeze", "onnxruntime", "onnxruntime-opt")
-ONNX_ENGINES = ("onnxruntime", "onnxruntime-opt")
+# onnxruntime's transformer optimizer was an engine too, until measured: 0.94-0.99x the plain export on ViT-B/16,
+# no measurable difference on all-MiniLM-L6-v2 (docs/results.md); benchmarks/studies/cpu_quant_lowrank.py keeps it
+ENGINES = ("eager", "compile", "compile-freeze", "onnxruntime")
+ONNX_ENGINES = ("onnxruntime",)
 ENGINE_PACKAGES = dict.fromkeys(ONNX_ENGINES, ("onnx", "onnxscript", "onnxruntime"))  # beyond torch
 TEXT_INPUTS = ("input_ids", "attention_mask")
 
@@ -90,20 +90,20 @@ def _device(example) -> torch.device:
     return example.device if isinstance(example, torch.Tensor) else next(iter(example.values())).device
 
 
-def onnxruntime_model(model: nn.Module, example, folder: str | Path, *, model_type: str | None = None,
-                      int8: bool = False) -> tuple[object, dict]:
+def onnxruntime_model(model: nn.Module, example, folder: str | Path, *,
+                      rewrite: Callable[[Path, Path], dict] | None = None, int8: bool = False) -> tuple[object, dict]:
     """An onnxruntime session of ``model``'s ONNX export (``export.export_onnx``: the torch path, a dynamic
     batch axis, checked against ``model`` on a batch), and the row fields of that export. ``example``: a tensor, or
-    a dict of named tensors (a text model's). ``model_type``: the export rewritten by onnxruntime's transformer
-    optimizer first (``modes.optimize_onnx``); ``int8``: then quantized (``export.quantize_onnx``, checked against
-    the fp32 file). ``bytes_on_disk``: the file the session runs."""
+    a dict of named tensors (a text model's). ``rewrite(source, path)``: the export rewritten into ``path`` first
+    (a benchmark's graph optimizer), returning its row fields; ``int8``: then quantized (``export.quantize_onnx``,
+    checked against the fp32 file). ``bytes_on_disk``: the file the session runs."""
     path = Path(folder) / f"model-{id(model)}.onnx"
     result = export_onnx(model, example, path)
     fields = {"export_max_abs_error": float(f"{result.max_abs_error:.3g}")}
-    if model_type:
-        optimized = path.with_name(f"{path.stem}-opt.onnx")
-        fields.update(optimize_onnx(path, optimized, model_type))
-        path = optimized
+    if rewrite is not None:
+        rewritten = path.with_name(f"{path.stem}-rewritten.onnx")
+        fields.update(rewrite(path, rewritten))
+        path = rewritten
     if int8:
         quantized = quantize_onnx(path, int8_path(path))
         fields["onnx_quantization"] = "quantize_dynamic QInt8, MatMulConstBOnly"

@@ -1,5 +1,5 @@
-"""CPU deployment modes of ``utilrank bench``: int8 and bf16 beside fp32, the engines' optimized modes, and the
-fastest of them for a dense/compressed pair (``fastest_mode``).
+"""CPU deployment modes of ``utilrank bench``: int8 and bf16 beside fp32, inductor's freezing, and the fastest
+of them for a dense/compressed pair (``fastest_mode``).
 
 - ``int8``, dynamic quantization (int8 weights, activations quantized per batch at run time): for the PyTorch
   engines ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` of ``linear_twin(model)``, where each
@@ -9,9 +9,6 @@ fastest of them for a dense/compressed pair (``fastest_mode``).
   export. CPU only. torchao is not a dependency: where it is installed it is not used either (not measured here).
 - ``bf16`` on the CPU only where it has BF16 instructions (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo);
   elsewhere every row of it says so (a bf16 run without them is an emulation, slower than fp32).
-- ``onnxruntime-opt``: the fp32 export rewritten by ``onnxruntime.transformers.optimizer.optimize_model`` with
-  the ``model_type`` of the model (``bert`` for a text model, ``vit`` for an image model with attention; a model
-  without attention has none: its rows say so); the rows list the fused node counts (``onnx_fusions``).
 - ``compile-freeze``: ``torch.compile`` (inductor, fullgraph, static shapes) with ``freezing=True`` (weights
   folded into the graph as constants, which needs inference mode: the bench runs under ``torch.inference_mode``).
 """
@@ -27,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..export import missing_packages, quiet_logger
+from ..export import missing_packages
 from ..nn import LowRankLinear, LowRankMlp
 from ..ops.lowrank import apply_activation
 
@@ -64,8 +61,7 @@ def dtype_problem(dtype: str, device: torch.device) -> str | None:
 
 def engine_problem(engine: str) -> str | None:
     """Why ``engine`` cannot run here (a package missing), or None."""
-    needs = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"),
-             "onnxruntime-opt": ("onnx", "onnxscript", "onnxruntime", "onnxruntime.transformers")}.get(engine, ())
+    needs = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime")}.get(engine, ())
     missing = []
     for name in needs:
         try:
@@ -126,30 +122,6 @@ def int8_torch(model: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's deprecation notices (torchao is its successor)
         return quantize_dynamic(linear_twin(model).eval(), {nn.Linear}, dtype=torch.qint8)
-
-
-def transformer_type(model: nn.Module, text: bool) -> str | None:
-    """The ``model_type`` of onnxruntime's transformer optimizer for ``model``: ``bert`` for a text model,
-    ``vit`` for an image model with attention modules, None for a model without attention (a convnet)."""
-    if text:
-        return "bert"
-    attention = any(isinstance(m, nn.MultiheadAttention) or "attention" in type(m).__name__.lower()
-                    for m in model.modules())
-    return "vit" if attention else None
-
-
-def optimize_onnx(source: str | Path, path: str | Path, model_type: str) -> dict:
-    """``source`` rewritten by onnxruntime's transformer optimizer (``model_type``; heads and width detected from
-    the graph), written to ``path``; the row fields: the settings and the fused node counts (those > 0)."""
-    from onnxruntime.transformers.optimizer import optimize_model  # optional: the deploy extra
-
-    with warnings.catch_warnings(), quiet_logger("onnxruntime.transformers"), quiet_logger(""):
-        warnings.simplefilter("ignore")
-        optimized = optimize_model(str(source), model_type=model_type, num_heads=0, hidden_size=0)
-    fused = {op: int(n) for op, n in (optimized.get_fused_operator_statistics() or {}).items() if n}
-    optimized.save_model_to_file(str(path))
-    return {"onnx_optimizer": f"onnxruntime.transformers.optimizer model_type={model_type}",
-            "onnx_fusions": dict(sorted(fused.items()))}
 
 
 def state_bytes(model: nn.Module) -> int:

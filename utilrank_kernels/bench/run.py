@@ -38,7 +38,6 @@ from .engines import (
     ENGINES,
     ONNX_ENGINES,
     TokenBatch,
-    TokenInput,
     backend_problem,
     engine_versions,
     example_input,
@@ -46,7 +45,7 @@ from .engines import (
     onnxruntime_model,
     quiet_cpu_compile,
 )
-from .modes import COMPILE_SETTINGS, dtype_problem, engine_problem, int8_torch, state_bytes, transformer_type
+from .modes import COMPILE_SETTINGS, dtype_problem, engine_problem, int8_torch, state_bytes
 from .output import format_row
 
 logger = logging.getLogger(__name__)
@@ -230,19 +229,11 @@ class _Run:
         # one ONNX file per model: the factored modules' backends do not reach ONNX (the torch path is exported)
         sources = {"dense": models["dense"], "torch": next(m for key, m in models.items() if key != "dense")}
         runners, fields, errors = {}, {}, {}
-        model_type = None
-        if engine == "onnxruntime-opt":
-            model_type = transformer_type(models["dense"], isinstance(self.input_shape, TokenInput))
-            if model_type is None:
-                why = (f"{engine}: {self.model_name} has no attention modules: onnxruntime's transformer optimizer "
-                       "has no model_type for it")
-                return {}, {}, dict.fromkeys(sources, why)
         example = self._input(2, DTYPES.get(dtype_name, torch.float32))  # batch 2: size 1 specializes the axis
         for key, model in sources.items():
             try:
                 with ticking(f"exporting {'dense' if key == 'dense' else 'compressed'} to ONNX"):
-                    runners[key], fields[key] = onnxruntime_model(model, example, folder, model_type=model_type,
-                                                                  int8=dtype_name == "int8")
+                    runners[key], fields[key] = onnxruntime_model(model, example, folder, int8=dtype_name == "int8")
             except Exception as exc:  # not installed, export, check or session errors: the row says which
                 errors[key] = f"{engine}: {_first_line(exc)}"
         return runners, fields, errors

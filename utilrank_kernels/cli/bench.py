@@ -204,11 +204,10 @@ def add_parser(sub) -> None:
                                           "one the device cannot run is skipped with a message")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format (convnets)")
     p.add_argument("--engine", type=lambda s: _csv_list(s, choices=ENGINES), default=["eager"],
-                   help="comma-separated eager,compile,compile-freeze,onnxruntime,onnxruntime-opt (default: eager): "
-                        "compile is torch.compile (inductor), compile-freeze the same with inductor's freezing; "
-                        "onnxruntime runs each model's checked ONNX export (pip install -e '.[deploy]'), "
-                        "onnxruntime-opt that export through onnxruntime's transformer optimizer (rows list its "
-                        "fusions); an engine that is missing or fails gives rows with its error")
+                   help="comma-separated eager,compile,compile-freeze,onnxruntime (default: eager): compile is "
+                        "torch.compile (inductor), compile-freeze the same with inductor's freezing; onnxruntime "
+                        "runs each model's checked ONNX export (pip install -e '.[deploy]'); an engine that is "
+                        "missing or fails gives rows with its error")
     p.add_argument("--cuda-graphs", action="store_true", help="replay each step from a CUDA graph")
     p.add_argument("--tune", action="store_true",
                    help="CUDA: before each batch size's steps, time every factored op's candidates again (torch "
