@@ -59,8 +59,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TOP = ("benchmarks", "tests", "utilrank_kernels", "docs", ".ci", "csrc")  # the repository's folders
 ARGUMENTS = {"filter_fn"}  # callables the pages show being called that are arguments, not the package's names
 # classes the pages name that are other libraries'
-FOREIGN_CLASSES = {"AutoConfig", "AutoModel", "Conv2dSame", "StdConv2d", "AutoModelForImageClassification", "AutoModelForSequenceClassification",
-                   "BatchEncoding", "DistributedDataParallel", "FlopCounterMode", "MatMul"}
+FOREIGN_CLASSES = {"AutoConfig", "AutoModel", "AutoModelForImageClassification", "AutoModelForSequenceClassification",
+                   "BatchEncoding", "Conv2dSame", "DistributedDataParallel", "FlopCounterMode", "MatMul", "StdConv2d"}
 FILE_SUFFIXES = (".py", ".md", ".sh", ".json", ".cpp", ".cu", ".h", ".toml", ".csv", ".png")
 
 
