@@ -373,3 +373,22 @@ def test_distillation_defaults_to_its_own_learning_rate():
     assert lr(labelled, "--distill", "logits") == 1e-4
     assert lr(unlabelled, "--lr", "5e-4") == lr(labelled, "--lr", "5e-4") == 5e-4
     assert lr(unlabelled, "--finetune-epochs", "0") == 1e-3  # nothing trains
+
+
+def test_the_fastest_row_is_an_engine_timed_above_where_that_was_faster(monkeypatch):
+    """``fastest_mode`` leaves compile engines out (their compiles take long); where the summary's ``compile`` row
+    was faster than every mode it tried, the fastest row is that engine's timing, named ``compile fp32``."""
+    from utilrank_kernels.bench.fastest import FastestMode
+
+    found = FastestMode("eager fp32", "eager", "fp32", 3.5, 3.2, 1.09, 1.0, [], Timing(3.5, 3.4, 3.6),
+                        Timing(3.2, 3.1, 3.3))
+    monkeypatch.setattr(compress_cli, "fastest_mode", lambda *a, **k: found)
+    timed = {"eager": EngineTiming(Timing(3.5, 3.4, 3.6), Timing(3.2, 3.1, 3.3)),
+             "compile": EngineTiming(Timing(3.0, 2.9, 3.1), Timing(2.4, 2.3, 2.5))}
+    notes: list[str] = []
+    row = compress_cli._time_fastest(None, None, torch.zeros(2, 3, 8, 8), notes, timed=timed)
+    assert row.mode == "compile fp32" and row.compressed.median == 2.4 and row.dense.median == 3.0
+    assert notes[0].startswith("fastest CPU mode here (the 'fastest' row): compile fp32, of eager fp32, ")
+    assert notes[0].endswith("onnxruntime int8, compile fp32")  # no cosine: compile runs the fp32 model itself
+    slower = {"compile": EngineTiming(Timing(3.0, 2.9, 3.1), Timing(3.9, 3.8, 4.0))}
+    assert compress_cli._time_fastest(None, None, torch.zeros(2, 3, 8, 8), [], timed=slower).mode == "eager fp32"
