@@ -63,14 +63,15 @@ def test_outputs_agree_with_the_saved_model(default_run):
 @pytest.mark.slow
 def test_default_summary_times_eager_compile_and_the_fastest_mode(default_run):
     """The default ``--engines eager,compile,fastest``: the summary times dense and compressed in both engines and in
-    the fastest CPU mode found, which its row and a note name (one of the summary's modes)."""
+    the fastest CPU mode found, which its row and a note name (one of the summary's modes, or compile where its own
+    row was faster)."""
     from utilrank_kernels.bench.fastest import SUMMARY_MODES
 
     _, docs = default_run
     engines = docs["summary"]["engines"]
     assert list(engines) == ["eager", "compile", "fastest"], docs["summary"]["notes"]
     assert all(t["compressed_ms"] > 0 and t["speedup"] == t["dense_ms"] / t["compressed_ms"] for t in engines.values())
-    assert engines["fastest"]["mode"] in {f"{e} {d}" for e, d in SUMMARY_MODES}
+    assert engines["fastest"]["mode"] in {f"{e} {d}" for e, d in SUMMARY_MODES} | {"compile fp32"}
     assert any(n.startswith(f"fastest CPU mode here (the 'fastest' row): {engines['fastest']['mode']}")
                for n in docs["summary"]["notes"])
 
