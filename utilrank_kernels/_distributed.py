@@ -26,12 +26,16 @@ def shard(dataset: Dataset, rank: int, world: int) -> Dataset:
     return dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
 
 
+def comm_device() -> torch.device:
+    """Where a tensor must be for the group's collectives: this process's GPU under NCCL, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_sum(values: Sequence[float]) -> list[float]:
     """``values`` summed over the processes in fp64 (every process gets the same sums); as they are for one."""
     if process()[1] == 1:
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    buf = torch.tensor(list(values), dtype=torch.float64, device=device)
+    buf = torch.tensor(list(values), dtype=torch.float64, device=comm_device())
     dist.all_reduce(buf)
     return buf.tolist()
 

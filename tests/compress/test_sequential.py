@@ -95,11 +95,16 @@ def test_bad_arguments_are_refused():
         CompressConfig(method="svd", error_aware=True)
 
 
-def test_pipeline_runs_error_aware_and_records_it():
-    case = Case("linear", batches=2)
+def _token_data(case) -> SimpleNamespace:
+    """The case's batches as train/val/test splits (one dataset, labels unused)."""
     xs = torch.cat(case.batches)
     ds = torch.utils.data.TensorDataset(xs, torch.zeros(len(xs), dtype=torch.long))
-    data = SimpleNamespace(train=ds, val=ds, test=ds, name="tokens")
+    return SimpleNamespace(train=ds, val=ds, test=ds, name="tokens")
+
+
+def test_pipeline_runs_error_aware_and_records_it():
+    case = Case("linear", batches=2)
+    data = _token_data(case)
     config = CompressConfig(tolerance=None, energy=0.9, error_aware=True, stats_batch_size=4,
                             finetune=TrainRecipe(epochs=0))
     result = compress_model(case.model, data, config, progress=False, score=False)
@@ -113,9 +118,7 @@ def test_pipeline_at_energy_one_gives_the_plain_statistics(tmp_path):
     """Energy 1.0 keeps every layer at its full rank (dense in the pass, where factors would not pay): the
     error-aware statistics are the plain pass's; they save and load with their ``error_aware`` meta."""
     case = Case("linear", batches=2)
-    xs = torch.cat(case.batches)
-    ds = torch.utils.data.TensorDataset(xs, torch.zeros(len(xs), dtype=torch.long))
-    data = SimpleNamespace(train=ds, val=ds, test=ds, name="tokens")
+    data = _token_data(case)
     config = CompressConfig(tolerance=None, energy=1.0, error_aware=True, stats_batch_size=4,
                             finetune=TrainRecipe(epochs=0))
     stats = compress_model(case.model, data, config, progress=False, score=False).statistics
@@ -141,9 +144,7 @@ def test_a_given_plan_sets_the_ranks_the_pass_factors_at():
     """With a plan, the pass factors each earlier layer at the plan's rank: fc2's statistics are taken on the
     outputs of fc1 factored at rank 3, the fc1 the compressed model holds (no fine-tuning)."""
     case = Case("linear", batches=2)
-    xs = torch.cat(case.batches)
-    ds = torch.utils.data.TensorDataset(xs, torch.zeros(len(xs), dtype=torch.long))
-    data = SimpleNamespace(train=ds, val=ds, test=ds, name="tokens")
+    data = _token_data(case)
     plan = Plan("TokenMLP", {"fc1": LayerPlan("linear", 3), "fc2": LayerPlan("linear", 2)}, method="optimal")
     config = CompressConfig(tolerance=None, error_aware=True, stats_batch_size=4,
                             finetune=TrainRecipe(epochs=0))
@@ -152,7 +153,7 @@ def test_a_given_plan_sets_the_ranks_the_pass_factors_at():
     recorded = []
     hook = result.model.fc2.register_forward_pre_hook(lambda m, inputs: recorded.append(inputs[0].double()))
     with torch.no_grad():
-        result.model(xs)
+        result.model(torch.cat(case.batches))
     hook.remove()
     h = recorded[0].reshape(-1, recorded[0].shape[-1])
     reference = h.T @ h

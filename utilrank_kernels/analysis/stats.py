@@ -13,6 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch import nn
 
+from .._distributed import comm_device, process
 from .._files import SchemaError, atomic_path, open_safetensors, parse_json
 
 STATS_FORMAT = "utilrank.stats/1"
@@ -128,12 +129,12 @@ class Statistics:
 
     def all_reduce(self) -> None:
         """Sum the statistics over all processes of the default group, in place."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if process()[1] == 1:
             return
-        comm_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        device = comm_device()
         counts = torch.tensor([s.tokens for s in self.layers.values()] + [self.batches], dtype=torch.int64)
         for t in [counts] + [s.cov for s in self.layers.values()]:
-            buf = t if comm_device is None else t.to(comm_device)
+            buf = t.to(device)
             dist.all_reduce(buf)
             if buf is not t:
                 t.copy_(buf)
